@@ -1,0 +1,271 @@
+"""The calibration copy of a model: every BN normalizes with its batch statistics, as in training.
+
+Each BatchNormalization ``Y = BN(X, gamma, beta, mean, var)`` is replaced by::
+
+    Xc   = Cast(X, F)                      F = float64 for float64 X, else float32
+    X3   = Reshape(Xc, [0, C, -1])          (N, C, L): any rank (N,C), (N,C,L), (N,C,H,W), ...
+    mu   = ReduceMean(X3, axes=[0, 2])      per-channel batch mean            -> output
+    M2   = ReduceSumSquare(X3 - mu, [0, 2]) per-channel sum of squared deviations -> output
+    n    = Size(X)                          elements; n / C per channel       -> output
+    Y    = BN(X, gamma, beta, mu, M2 / (n / C))   inference-mode BN fed the biased batch variance
+
+so ``Y`` is exactly what a train-mode BN computes, without BN's ``training_mode`` attribute
+(onnxruntime's CUDA provider refuses it). Only per-channel vectors and one scalar per BN leave
+the session. Opset-7 BNs with ``spatial=0`` keep per-activation statistics: X is reshaped to
+(N, C*H*W...) and reduced over the batch axis only.
+
+The copy keeps only what the statistics need (the graph after the last BN is dropped) and, when
+the model was exported with a fixed batch size, frees the batch dimension where shape inference
+shows every BN input keeps it, so calibration can use real batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import ModelError
+from .rewrite import GraphEditor
+from .graph import (BATCHNORM, GraphIndex, attribute, default_opset, inferred_value_infos, is_batchnorm,
+                    node_label, subgraph_reads, tensor_dtype, unique_name)
+
+logger = logging.getLogger(__name__)
+
+FREE_BATCH = "bnpass_batch"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where the statistics of one BN come out of the calibration session."""
+
+    bn: str            # label of the BN node
+    position: int      # index of the BN among the model's BN nodes, in node order
+    mean: str          # output: per-channel batch mean
+    m2: str            # output: per-channel sum of squared deviations
+    size: str          # output: number of elements of X
+    channels: int      # number of statistics (C, or C*H*W... for spatial=0)
+
+
+@dataclass
+class CalibrationModel:
+    model: onnx.ModelProto
+    taps: list
+    fixed_batch: Optional[int]  # the batch size the data must have, None when free
+
+
+def batchnorm_nodes(model: onnx.ModelProto) -> list:
+    return [node for node in model.graph.node if is_batchnorm(node)]
+
+
+def _reduce(op: str, name: str, data: str, axes: list, keepdims: int, opset: int, nodes: list, inits: list):
+    # ReduceMean/ReduceSumSquare take axes as an attribute before opset 18, as an input from 18.
+    if opset >= 18:
+        axes_name = f"{name}/axes"
+        inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+        nodes.append(onnx.helper.make_node(op, [data, axes_name], [name], name=name, keepdims=keepdims))
+    else:
+        nodes.append(onnx.helper.make_node(op, [data], [name], name=name, axes=axes, keepdims=keepdims))
+
+
+def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
+    """The calibration copy of ``model`` (see the module docstring); ``model`` is not changed."""
+    opset = default_opset(model)
+    if opset < 7:
+        raise ModelError(f"opset {opset} is not supported: BatchNormalization needs opset 7 or later")
+    calibration = onnx.ModelProto()
+    calibration.CopyFrom(model)
+    graph = calibration.graph
+    index = GraphIndex(calibration)
+    value_infos = inferred_value_infos(model)
+    taken = index.all_names()
+    taps, compute_types, new_inits = [], [], []
+    new_nodes: list = []
+
+    for position, bn in enumerate(batchnorm_nodes(calibration)):
+        label = node_label(bn)
+        for extra in bn.output[1:]:
+            if extra and index.use_count(extra):
+                raise ModelError(f"BatchNormalization '{label}' is in training mode and its output '{extra}' "
+                                 "is used by the graph; bnpass cannot calibrate such a model")
+        x, mean_name = bn.input[0], bn.input[3]
+        param_dtype = tensor_dtype(index, mean_name, value_infos)
+        mean_constant = index.constant(mean_name)
+        if mean_constant is not None:
+            param_dtype, param_shape = mean_constant.value.dtype, list(mean_constant.value.shape)
+        else:
+            param_shape = _shape_of(value_infos, mean_name)
+        if param_dtype is None or param_shape is None or None in param_shape:
+            raise ModelError(f"cannot tell the shape and type of the running mean of BatchNormalization '{label}'")
+        x_dtype = tensor_dtype(index, x, value_infos) or param_dtype
+        compute = np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
+        per_activation = attribute(bn, "spatial", 1) == 0
+        channels = int(np.prod(param_shape))
+        prefix = unique_name(f"bnpass_calibration/{position}", taken)
+        nodes: list = []
+
+        def out(suffix):
+            return unique_name(f"{prefix}/{suffix}", taken)
+
+        data = x
+        if x_dtype != compute:
+            data = out("cast")
+            nodes.append(onnx.helper.make_node("Cast", [x], [data], name=data,
+                                               to=onnx.helper.np_dtype_to_tensor_dtype(compute)))
+        target = out("shape3d")
+        new_inits.append(numpy_helper.from_array(
+            np.array([0, -1] if per_activation else [0, channels, -1], dtype=np.int64), target))
+        flat = out("flat")
+        nodes.append(onnx.helper.make_node("Reshape", [data, target], [flat], name=flat))
+        axes = [0] if per_activation else [0, 2]
+        mean_kept = out("mean_kept")
+        _reduce("ReduceMean", mean_kept, flat, axes, 1, opset, nodes, new_inits)
+        centered = out("centered")
+        nodes.append(onnx.helper.make_node("Sub", [flat, mean_kept], [centered], name=centered))
+        m2 = out("m2")
+        _reduce("ReduceSumSquare", m2, centered, axes, 0, opset, nodes, new_inits)
+        param_shape_name = out("param_shape")
+        new_inits.append(numpy_helper.from_array(np.array(param_shape, dtype=np.int64), param_shape_name))
+        mean = out("mean")
+        nodes.append(onnx.helper.make_node("Reshape", [mean_kept, param_shape_name], [mean], name=mean))
+        size = out("size")
+        nodes.append(onnx.helper.make_node("Size", [x], [size], name=size))
+        channels_name = out("channels")
+        new_inits.append(numpy_helper.from_array(np.array(channels, dtype=np.int64), channels_name))
+        count = out("count")
+        nodes.append(onnx.helper.make_node("Div", [size, channels_name], [count], name=count))
+        count_float = out("count_float")
+        nodes.append(onnx.helper.make_node("Cast", [count], [count_float], name=count_float,
+                                           to=onnx.helper.np_dtype_to_tensor_dtype(compute)))
+        variance_flat = out("variance_flat")
+        nodes.append(onnx.helper.make_node("Div", [m2, count_float], [variance_flat], name=variance_flat))
+        variance = out("variance")
+        nodes.append(onnx.helper.make_node("Reshape", [variance_flat, param_shape_name], [variance], name=variance))
+        bn_mean, bn_variance = mean, variance
+        if param_dtype != compute:
+            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(param_dtype))
+            bn_mean, bn_variance = out("mean_cast"), out("variance_cast")
+            nodes.append(onnx.helper.make_node("Cast", [mean], [bn_mean], name=bn_mean, to=to))
+            nodes.append(onnx.helper.make_node("Cast", [variance], [bn_variance], name=bn_variance, to=to))
+        batch_norm = onnx.helper.make_node(
+            BATCHNORM, [x, bn.input[1], bn.input[2], bn_mean, bn_variance], [bn.output[0]],
+            name=bn.name, epsilon=attribute(bn, "epsilon", 1e-5))
+        if opset < 9:
+            batch_norm.attribute.append(onnx.helper.make_attribute("spatial", int(not per_activation)))
+        nodes.append(batch_norm)
+        new_nodes.append((bn, nodes))
+        compute_types.append(onnx.helper.np_dtype_to_tensor_dtype(compute))
+        taps.append(Tap(bn=label, position=position, mean=mean, m2=m2, size=size, channels=channels))
+
+    # Replace each BN by its nodes, in place, so the node list stays topologically sorted.
+    replacement = {id(bn): nodes for bn, nodes in new_nodes}
+    ordered = []
+    for node in graph.node:
+        ordered.extend(replacement.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_inits)
+
+    del graph.output[:]
+    for tap, compute_type in zip(taps, compute_types):
+        graph.output.append(onnx.helper.make_tensor_value_info(tap.mean, compute_type, None))
+        graph.output.append(onnx.helper.make_tensor_value_info(tap.m2, compute_type, None))
+        graph.output.append(onnx.helper.make_tensor_value_info(tap.size, TensorProto.INT64, []))
+    del graph.value_info[:]  # shapes of the original may no longer hold once the batch is free
+    _keep_only_what_outputs_need(calibration)
+    fixed_batch = _free_batch_dimension(calibration, taps)
+    return CalibrationModel(model=calibration, taps=taps, fixed_batch=fixed_batch)
+
+
+def _shape_of(value_infos: dict, name: str):
+    value = value_infos.get(name)
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _keep_only_what_outputs_need(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers no graph output depends on (the calibration copy only).
+
+    Every graph input the caller feeds stays, so feeds built for the model are accepted.
+    """
+    graph = model.graph
+    needed = {value.name for value in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            needed.update(subgraph_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    dropped = {t.name for t in graph.initializer if t.name not in needed}
+    initializers = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    inputs = [value for value in graph.input if value.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
+    """Make a fixed batch dimension of the inputs symbolic where the graph allows it.
+
+    Returns None when the batch is (now) free, or the fixed batch size data must be fed in.
+    Constant Reshape targets that spell the batch size out (``[1, -1]`` from ``x.view(1, -1)``)
+    become ``0`` ("copy this dimension"); then shape inference must show every BN input still
+    carrying the symbolic batch as its first dimension, or the copy keeps its fixed batch.
+    """
+    index = GraphIndex(model)
+    fixed = set()
+    for value in index.real_inputs():
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            fixed.add(dims[0].dim_value)
+    if not fixed:
+        return None
+    if len(fixed) > 1:
+        raise ModelError(f"the model inputs have different fixed batch sizes {sorted(fixed)}")
+    batch = fixed.pop()
+
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    editor = GraphEditor(candidate)
+    for value in editor.index.real_inputs():
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_param = FREE_BATCH
+    for node in [n for n in candidate.graph.node if n.op_type == "Reshape"]:
+        target = editor.index.constant(node.input[1])
+        if target is None or attribute(node, "allowzero", 0) or target.value.size == 0:
+            continue
+        if int(target.value.reshape(-1)[0]) == batch:
+            spelled_out = target.value.reshape(-1).copy()
+            spelled_out[0] = 0
+            editor.set_constant_input(node, 1, spelled_out.astype(target.value.dtype), f"{node.input[1]}_batch_free")
+    editor.remove_dead()
+
+    infos = inferred_value_infos(candidate)
+    sizes = {node.output[0]: node.input[0] for node in candidate.graph.node if node.op_type == "Size"}
+    for tap in taps:
+        shape = _dim_params(infos, sizes[tap.size])
+        if not shape or shape[0] != FREE_BATCH:
+            advice = " (batch statistics of single samples are poor)" if batch == 1 else ""
+            logger.warning("the model's batch dimension is fixed at %d and its graph depends on it; "
+                           "calibrating with batches of %d%s", batch, batch, advice)
+            return batch
+    model.CopyFrom(candidate)
+    logger.debug("freed the fixed batch dimension (%d) of the calibration copy", batch)
+    return None
+
+
+def _dim_params(value_infos: dict, name: str) -> list:
+    value = value_infos.get(name)
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]

@@ -1,0 +1,268 @@
+"""Read-only views of an ONNX graph: producers, consumers, constant values, tensor types.
+
+A :class:`GraphIndex` is a snapshot: rebuild it after editing the graph. Names used inside
+subgraphs (If/Loop/Scan bodies) that refer to the outer graph count as uses, so that nothing a
+subgraph reads is ever treated as private to one node.
+
+Constant values are followed through the places exporters put them: initializers, ``Constant``
+nodes, ``Identity`` chains and ``ConstantOfShape`` of a constant shape. An initializer that is also
+a graph input is only a *default* from IR version 4 on (the caller may feed another value), so it
+is a constant only in IR-3 models, where every initializer must be listed as a graph input.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+BATCHNORM = "BatchNormalization"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX operator set the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return entry.version
+    raise ValueError("model imports no default ONNX opset")
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node attribute, or ``default`` when the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == BATCHNORM and node.domain in DEFAULT_DOMAINS
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A name for messages: the node's name, or its op type and first output when unnamed."""
+    return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every name read by nodes of ``graph`` and of its nested subgraphs."""
+    for node in graph.node:
+        yield from (name for name in node.input if name)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _subgraph_reads(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _subgraph_reads(sub)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set:
+    """Names read inside the subgraphs of ``node`` (If/Loop/Scan bodies), outer scope included."""
+    names = set()
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            names.update(_subgraph_reads(attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for sub in attr.graphs:
+                names.update(_subgraph_reads(sub))
+    return names
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant value and where it comes from.
+
+    ``source`` is the name of the initializer or the Constant/ConstantOfShape output the chain
+    ends at; ``chain`` lists the names from the node input back to ``source`` (Identity hops).
+    """
+
+    value: np.ndarray
+    source: str
+    chain: tuple
+
+
+class GraphIndex:
+    """Producers, consumers and constants of the top-level graph of a model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.ir_version = model.ir_version
+        self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
+        self.graph_inputs = {value.name: value for value in self.graph.input}
+        self.graph_outputs = {value.name for value in self.graph.output}
+        self.producers: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list] = defaultdict(list)
+        self.subgraph_reads: set[str] = set()
+        for node in self.graph.node:
+            for name in node.output:
+                if name:
+                    self.producers[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+            self.subgraph_reads.update(subgraph_reads(node))
+
+    # --- uses -----------------------------------------------------------------------------
+    def use_count(self, name: str) -> int:
+        """How many times ``name`` is read: node inputs (with repeats), graph outputs, subgraphs."""
+        count = len(self.consumers.get(name, ()))
+        count += name in self.graph_outputs
+        count += name in self.subgraph_reads
+        return count
+
+    def is_private_to(self, name: str, node: onnx.NodeProto) -> bool:
+        """True when ``node`` is the only reader of ``name``, and reads it once."""
+        users = self.consumers.get(name, ())
+        return (
+            len(users) == 1
+            and users[0] is node
+            and list(node.input).count(name) == 1
+            and name not in self.graph_outputs
+            and name not in self.subgraph_reads
+        )
+
+    def is_overridable_input(self, name: str) -> bool:
+        """An initializer listed as a graph input in IR >= 4: a default the caller may replace."""
+        return name in self.graph_inputs and self.ir_version >= 4
+
+    def real_inputs(self) -> list:
+        """Graph inputs the caller must feed (those without an initializer)."""
+        return [value for value in self.graph.input if value.name not in self.initializers]
+
+    # --- constants ------------------------------------------------------------------------
+    def constant(self, name: str) -> Optional[Constant]:
+        """The constant value of tensor ``name``, or None when it is computed or fed at run time."""
+        chain = [name]
+        while name in self.producers and self.producers[name].op_type == "Identity":
+            name = self.producers[name].input[0]
+            chain.append(name)
+        value = self._source_value(name)
+        if value is None:
+            return None
+        return Constant(value=value, source=name, chain=tuple(chain))
+
+    def _source_value(self, name: str) -> Optional[np.ndarray]:
+        if name in self.initializers:
+            if self.is_overridable_input(name):
+                return None
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self.graph_inputs:
+            return None
+        node = self.producers.get(name)
+        if node is None or node.domain not in DEFAULT_DOMAINS:
+            return None
+        if node.op_type == "Constant":
+            return _constant_node_value(node)
+        if node.op_type == "ConstantOfShape":
+            shape = self.constant(node.input[0])
+            if shape is None:
+                return None
+            fill = attribute(node, "value")
+            fill_value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
+            return np.full(tuple(int(d) for d in shape.value.reshape(-1)), fill_value.reshape(-1)[0],
+                           dtype=fill_value.dtype)
+        return None
+
+    def constant_chain_is_private(self, constant: Constant, node: onnx.NodeProto) -> bool:
+        """True when every hop from ``node``'s input back to the source is read only once."""
+        reader = node
+        for name in constant.chain:
+            if not self.is_private_to(name, reader):
+                return False
+            reader = self.producers.get(name)
+        return True
+
+    # --- names ----------------------------------------------------------------------------
+    def all_names(self) -> set:
+        names = set(self.initializers) | set(self.graph_inputs) | set(self.graph_outputs)
+        names.update(value.name for value in self.graph.value_info)
+        for node in self.graph.node:
+            names.update(node.output)
+            names.add(node.name)
+        names.update(self.subgraph_reads)
+        return names
+
+
+def _constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value and string constants are never BN or weight parameters
+
+
+def unique_name(base: str, taken: set) -> str:
+    """``base`` itself when free, else ``base_1``, ``base_2``...; the result is added to ``taken``."""
+    name, suffix = base, 0
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    taken.add(name)
+    return name
+
+
+def tensor_dtype(model_index: GraphIndex, name: str, inferred: dict) -> Optional[np.dtype]:
+    """The numpy dtype of tensor ``name`` from initializers, graph I/O or inferred value infos."""
+    if name in model_index.initializers:
+        return onnx.helper.tensor_dtype_to_np_dtype(model_index.initializers[name].data_type)
+    value = inferred.get(name)
+    if value is not None and value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+        return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    return None
+
+
+def inferred_value_infos(model: onnx.ModelProto) -> dict:
+    """Value infos of every tensor onnx shape inference can type, by name (graph I/O included).
+
+    Inference runs on a copy without initializer data, so it costs little on large models.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for tensor in skeleton.graph.initializer:
+        _strip_data(tensor)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a convenience; a model it cannot handle still runs
+        inferred = skeleton
+    infos = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
+        infos[value.name] = value
+    for tensor in model.graph.initializer:
+        infos.setdefault(tensor.name, onnx.helper.make_tensor_value_info(
+            tensor.name, tensor.data_type, list(tensor.dims)))
+    return infos
+
+
+def _strip_data(tensor: onnx.TensorProto) -> None:
+    """Keep name, type and dims of an initializer but drop its payload (for shape inference)."""
+    # Shape inference reads constant values only for shape-like inputs (Reshape targets, ...),
+    # which are small int64 tensors: keep those.
+    if tensor.data_type == onnx.TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) <= 64:
+        return
+    dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, data_type
+    tensor.dims.extend(dims)
+
+
+def rank_of(infos: dict, name: str) -> Optional[int]:
+    value = infos.get(name)
+    if value is None or not value.type.HasField("tensor_type"):
+        return None
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return len(tensor_type.shape.dim)

@@ -1,0 +1,8 @@
+"""Graph passes: each a small class whose ``call(model)`` returns a :class:`PassResult`."""
+
+from .base import PassResult
+from .fold_batchnorm import FoldBatchNormPass, FoldResult
+from .reestimate_batchnorm import BatchNormStatistics, ReestimateBatchNormPass, ReestimateResult
+
+__all__ = ["PassResult", "FoldBatchNormPass", "FoldResult", "ReestimateBatchNormPass",
+           "ReestimateResult", "BatchNormStatistics"]

@@ -1,0 +1,60 @@
+"""Per-BN results -> the closing summary (text) and the ``--report`` file (JSON)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .passes import FoldResult, ReestimateResult
+
+
+def _summary(values: Optional[np.ndarray]) -> Optional[dict]:
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    return {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean())}
+
+
+def batchnorm_records(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:
+    """One JSON-ready record per BN of the input model, in node order."""
+    folded_into = dict(fold.folded) if fold else {}
+    records = []
+    for name in bn_names:
+        record = {"name": name}
+        stats = reestimate.stats.get(name) if reestimate else None
+        if stats is not None:
+            record["reestimated"] = stats.written
+            record["values_per_channel"] = stats.count
+            record["old"] = {"mean": _summary(stats.old_mean), "var": _summary(stats.old_var)}
+            record["new"] = {"mean": _summary(stats.mean), "var": _summary(stats.var)}
+            if not stats.written:
+                record["not_reestimated_because"] = stats.reason
+        else:
+            record["reestimated"] = False
+        if name in folded_into:
+            record["folded_into"] = folded_into[name]
+        elif fold is not None:
+            record["left_because"] = fold.skipped.get(name, "folding was not requested")
+        records.append(record)
+    return records
+
+
+def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult],
+                  stats_mode: str) -> list:
+    lines = []
+    if reestimate is not None:
+        written = sum(1 for s in reestimate.stats.values() if s.written)
+        lines.append(f"re-estimated {written} of {len(bn_names)} BatchNormalization nodes from "
+                     f"{reestimate.samples} samples ({reestimate.batches} batches of up to "
+                     f"{reestimate.batch_size}, {stats_mode} statistics, {reestimate.device}, "
+                     f"{reestimate.seconds:.1f} s)")
+        for name, stats in reestimate.stats.items():
+            if not stats.written:
+                lines.append(f"  not re-estimated: {name}: {stats.reason}")
+    if fold is not None:
+        lines.append(f"folded {len(fold.folded)} of {len(bn_names)} BatchNormalization nodes"
+                     + (f"; {len(fold.skipped)} left:" if fold.skipped else ""))
+        for name, reason in fold.skipped.items():
+            lines.append(f"  left {name}: {reason}")
+    return lines
