@@ -17,7 +17,7 @@ import onnx
 
 from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
-from .data import batched, planned_sample_count
+from .data import batched, model_input_specs
 from .errors import BnpassError
 from .graph import node_label
 from .model_io import load_model, save_model, uses_external_data
@@ -143,13 +143,8 @@ def run(args) -> int:
     reestimate = None
     unfolded = model
     if bn_names and not args.fold_only:
-        available = samples.sample_count
-        planned = planned_sample_count(args.num_samples, args.batch_size)
-        logger.info("calibration data: %d samples in '%s'; using %d (%d requested, rounded up to whole "
-                    "batches of %d)", available, args.data, min(available, planned), args.num_samples,
-                    args.batch_size)
         reestimate = ReestimateBatchNormPass(
-            samples.samples(), stats=args.stats, batch_size=args.batch_size, num_samples=args.num_samples,
+            samples, stats=args.stats, batch_size=args.batch_size, num_samples=args.num_samples,
             device=args.device, progress=not args.quiet).call(model)
         unfolded = reestimate.model
 
@@ -185,8 +180,6 @@ def run(args) -> int:
 
 def _first_batches(samples, batch_size: int, model):
     """Up to VERIFY_BATCHES batches of calibration data, at the model's fixed batch if it has one."""
-    from .data import model_input_specs
-
     fixed = {spec.shape[0] for spec in model_input_specs(model) if spec.shape and spec.shape[0] is not None}
     size = fixed.pop() if len(fixed) == 1 else batch_size
     for number, feed in enumerate(batched(samples.samples(), size, VERIFY_BATCHES * size)):

@@ -137,6 +137,9 @@ class ArrayFolder:
             raise DataError(f"{path}: arrays hold different numbers of samples {sorted(counts)}")
         return counts.pop()
 
+    def __iter__(self) -> Iterator[dict]:
+        return self.samples()
+
     def samples(self) -> Iterator[dict]:
         """Each sample as ``{input name: array without the batch axis}``, in file order."""
         for path in self.files:

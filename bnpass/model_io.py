@@ -51,6 +51,7 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> 
     external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; the model gets a normal file's mode
     data_name = os.path.basename(path) + ".data"
     try:
         if external_data:
@@ -75,6 +76,12 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> 
             if os.path.exists(leftover):
                 os.remove(leftover)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _first_line(error: BaseException) -> str:

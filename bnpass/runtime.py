@@ -81,8 +81,13 @@ def select_providers(device: str) -> list:
         return [CUDA, CPU]
     if device == "cuda":
         raise RuntimeUnavailableError(f"--device cuda: {reason}")
-    logger.info("using CPU: %s", reason)
+    _say_once(f"using CPU: {reason}")
     return [CPU]
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    logger.info("%s", message)
 
 
 def create_session(model: onnx.ModelProto, providers: list, *, optimize: bool = True):

@@ -92,8 +92,10 @@ class ReestimateBatchNormPass:
 
         available = getattr(self.samples, "sample_count", None)
         expected = min(limit, available) if available is not None else limit
-        logger.info("calibrating %d BatchNormalization nodes on %d samples (batches of %d, %s)",
-                    len(calibration.taps), expected, batch_size, session_device(session))
+        logger.info("calibrating %d BatchNormalization nodes on %d samples (%s%d requested, rounded up to "
+                    "whole batches of %d; %s)", len(calibration.taps), expected,
+                    "" if available is None else f"{available} available, ", self.num_samples, batch_size,
+                    session_device(session))
         samples = batches = 0
         progress = _progress_bar(math.ceil(expected / batch_size), self.progress)
         try:

@@ -1,0 +1,772 @@
+"""Builders for the tiny ONNX models the bnpass tests run on.
+
+Every model built here sets ``ir_version`` explicitly (10 unless asked otherwise): onnx 1.23 writes
+IR 14 by default, which onnxruntime 1.31 refuses.
+
+Fixtures follow the project's test rules: BatchNormalization statistics are non-trivial (random
+gamma, beta and mean; ``var = |randn| + 0.5``) and producers have random, non-zero biases, because
+trivial fixtures hide bias bugs. All randomness comes from a seeded ``np.random.default_rng``.
+
+Opset quirks the builders respect:
+
+- opset 7 BatchNormalization has ``spatial`` (default 1; 0 means per-activation C x D1 x ... params);
+- opsets 9-13 choose training mode by the number of outputs (1 = inference, 5 = training);
+- opsets 14/15 have ``training_mode``; with ``training_mode=1`` onnxruntime wants 3 outputs;
+- below opset 15 every BatchNormalization input has the dtype of X; opset 15 lets scale/B and
+  mean/var be another float type (onnxruntime implements fp16 X with fp32 params, not fp64 X with
+  fp32 params);
+- Gemm below opset 11 requires C.
+
+onnxruntime CPU kernel gaps (onnxruntime 1.31, checked when this file was written): Conv and
+ConvTranspose have no float64 kernel, and MaxPool-1 (opset 7) has no float64 kernel. float16 Conv,
+ConvTranspose, Gemm, MatMul and BatchNormalization all run on the CPU provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import helper, numpy_helper
+
+DEFAULT_IR_VERSION = 10
+INPUT_NAME = "x"
+OUTPUT_NAME = "y"
+BN_NODE_NAME = "bn"
+BN_PARAM_NAMES = ("scale", "bias", "mean", "var")
+
+PRODUCERS = ("conv", "conv_transpose", "gemm", "matmul")
+PRODUCER_OP_TYPES = {
+    "conv": "Conv",
+    "conv_transpose": "ConvTranspose",
+    "gemm": "Gemm",
+    "matmul": "MatMul",
+}
+PARAM_SOURCES = ("initializer", "constant_node", "identity_chain", "constant_behind_identity")
+
+
+def tensor_elem_type(dtype) -> int:
+    """ONNX TensorProto element type of a numpy dtype."""
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Random tensors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BatchNormParams:
+    """The four BatchNormalization parameter tensors, in ONNX input order after X."""
+
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"scale": self.scale, "bias": self.bias, "mean": self.mean, "var": self.var}
+
+
+def random_bn_params(shape, rng: np.random.Generator, dtype=np.float32) -> BatchNormParams:
+    """Non-trivial BN statistics: random gamma, beta, mean; var = |randn| + 0.5.
+
+    ``shape`` is ``(C,)`` normally, ``(C, D1, ...)`` for opset-7 ``spatial=0``.
+    gamma keeps its sign random and stays away from 0 so every channel matters.
+    """
+    shape = tuple(np.atleast_1d(shape))
+    gamma_magnitude = 0.5 + rng.random(shape)
+    gamma = gamma_magnitude * rng.choice([-1.0, 1.0], size=shape)
+    return BatchNormParams(
+        scale=gamma.astype(dtype),
+        bias=rng.standard_normal(shape).astype(dtype),
+        mean=rng.standard_normal(shape).astype(dtype),
+        var=(np.abs(rng.standard_normal(shape)) + 0.5).astype(dtype),
+    )
+
+
+def random_tensor(shape, rng: np.random.Generator, dtype=np.float32, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def random_weight(shape, rng: np.random.Generator, dtype=np.float32, fan_in: int | None = None) -> np.ndarray:
+    """Weights with variance 1/fan_in, so outputs stay O(1) (fp16 friendly)."""
+    if fan_in is None:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return random_tensor(shape, rng, dtype, scale=1.0 / np.sqrt(max(fan_in, 1)))
+
+
+def random_bias(num_channels: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
+    """Non-zero biases: |b| >= 0.25, random sign."""
+    magnitude = 0.25 + rng.random(num_channels)
+    return (magnitude * rng.choice([-1.0, 1.0], size=num_channels)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Graph assembly
+# --------------------------------------------------------------------------------------------
+
+
+class GraphBuilder:
+    """Accumulates nodes, initializers, inputs and outputs, then makes a checked ModelProto.
+
+    Constant tensors can be placed as initializers, Constant nodes, or behind Identity chains
+    (see :meth:`add_constant`), the way exporters write them.
+    """
+
+    def __init__(self, *, opset: int, ir_version: int = DEFAULT_IR_VERSION, graph_name: str = "tiny"):
+        self.opset = opset
+        self.ir_version = ir_version
+        self.graph_name = graph_name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[str] = []
+        self.declared_output_types: dict[str, onnx.ValueInfoProto] = {}
+
+    def add_input(self, name: str, dtype, shape: Sequence[int | str | None]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, tensor_elem_type(dtype), list(shape)))
+        return name
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def add_node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], *, name: str, **attributes):
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, **attributes))
+        return list(outputs)
+
+    def add_constant(self, name: str, array: np.ndarray, source: str = "initializer", *, identity_depth: int = 2) -> str:
+        """Place a constant tensor and return the name a consumer should read.
+
+        source:
+          - "initializer": an initializer called ``name``;
+          - "constant_node": a Constant node (named ``name + "_constant"``) whose output is ``name``;
+          - "identity_chain": initializer ``name + "_init"`` -> ``identity_depth`` Identity nodes;
+          - "constant_behind_identity": Constant node -> ``identity_depth`` Identity nodes.
+        """
+        if source == "initializer":
+            return self.add_initializer(name, array)
+        if source == "constant_node":
+            self.add_node(
+                "Constant", [], [name], name=f"{name}_constant", value=numpy_helper.from_array(np.asarray(array), name)
+            )
+            return name
+        if source in ("identity_chain", "constant_behind_identity"):
+            if identity_depth < 1:
+                raise ValueError("identity_depth must be >= 1")
+            if source == "identity_chain":
+                current = self.add_initializer(f"{name}_init", array)
+            else:
+                current = f"{name}_constant_out"
+                self.add_node(
+                    "Constant",
+                    [],
+                    [current],
+                    name=f"{name}_constant",
+                    value=numpy_helper.from_array(np.asarray(array), current),
+                )
+            for depth in range(identity_depth):
+                out = name if depth == identity_depth - 1 else f"{name}_identity{depth}"
+                self.add_node("Identity", [current], [out], name=f"{name}_identity{depth}_node")
+                current = out
+            return name
+        raise ValueError(f"unknown constant source {source!r}; expected one of {PARAM_SOURCES}")
+
+    def add_output(self, name: str, dtype=None, shape: Sequence[int] | None = None) -> str:
+        """Mark ``name`` a graph output; its type comes from shape inference unless given here."""
+        self.outputs.append(name)
+        if dtype is not None:
+            self.declared_output_types[name] = helper.make_tensor_value_info(
+                name, tensor_elem_type(dtype), list(shape)
+            )
+        return name
+
+    def build(self, *, initializers_as_inputs: bool | None = None) -> onnx.ModelProto:
+        """Make the model; graph output shapes and types come from onnx shape inference.
+
+        ``initializers_as_inputs`` (default: True when ir_version < 4, as IR 3 requires) also lists
+        every initializer as a graph input, the way IR-3 models carry them.
+        """
+        if initializers_as_inputs is None:
+            initializers_as_inputs = self.ir_version < 4
+        inputs = list(self.inputs)
+        if initializers_as_inputs:
+            input_names = {value.name for value in inputs}
+            for tensor in self.initializers:
+                if tensor.name not in input_names:
+                    inputs.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        outputs = [onnx.ValueInfoProto(name=name) for name in self.outputs]
+        graph = helper.make_graph(self.nodes, self.graph_name, inputs, outputs, self.initializers)
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="bnpass-tests"
+        )
+        model.ir_version = self.ir_version
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        inferred_outputs = {value.name: value for value in inferred.graph.output}
+        for output in model.graph.output:
+            declared = self.declared_output_types.get(output.name)
+            output.CopyFrom(declared if declared is not None else inferred_outputs[output.name])
+            if not output.type.tensor_type.HasField("shape"):
+                raise AssertionError(f"shape inference gave no shape for output {output.name!r}")
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def add_batchnorm(
+    builder: GraphBuilder,
+    x: str,
+    params: BatchNormParams,
+    *,
+    output: str = OUTPUT_NAME,
+    name: str = BN_NODE_NAME,
+    epsilon: float | None = None,
+    momentum: float | None = None,
+    spatial: int | None = None,
+    training_mode: int | None = None,
+    extra_outputs: int = 0,
+    param_source: str = "initializer",
+    runtime_params: Iterable[str] = (),
+) -> list[str]:
+    """Append a BatchNormalization node reading ``x``; return its output names.
+
+    ``runtime_params`` names BN params ("scale", "bias", "mean", "var") that become graph inputs
+    without an initializer (so they are not constants). ``extra_outputs`` adds that many named
+    extra outputs (2 for training_mode=1 at opset 14+, 4 for training at opsets 9-13); each
+    becomes a graph output too. Attributes left as None are omitted (ONNX defaults apply).
+    """
+    runtime_params = set(runtime_params)
+    unknown = runtime_params - set(BN_PARAM_NAMES)
+    if unknown:
+        raise ValueError(f"unknown BN params {sorted(unknown)}")
+    param_inputs = []
+    for param_name, array in params.as_dict().items():
+        tensor_name = f"{name}_{param_name}"
+        if param_name in runtime_params:
+            param_inputs.append(builder.add_input(tensor_name, array.dtype, array.shape))
+        else:
+            param_inputs.append(builder.add_constant(tensor_name, array, param_source))
+    attributes = {}
+    if epsilon is not None:
+        attributes["epsilon"] = epsilon
+    if momentum is not None:
+        attributes["momentum"] = momentum
+    if spatial is not None:
+        if builder.opset >= 9:
+            raise ValueError("'spatial' exists only up to opset 8")
+        attributes["spatial"] = spatial
+    if training_mode is not None:
+        if builder.opset < 14:
+            raise ValueError("'training_mode' exists from opset 14")
+        attributes["training_mode"] = training_mode
+    outputs = [output] + [f"{name}_extra_output{k}" for k in range(extra_outputs)]
+    builder.add_node("BatchNormalization", [x, *param_inputs], outputs, name=name, **attributes)
+    for extra in outputs[1:]:
+        # Older opsets' shape inference leaves BN's extra outputs untyped: declare them.
+        builder.add_output(extra, params.mean.dtype, params.mean.shape)
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# Producer -> BN models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProducerSpec:
+    """Shapes of one producer node; made by :func:`add_producer`."""
+
+    producer: str
+    node_name: str
+    output: str
+    out_channels: int
+    output_shape: tuple[int, ...]
+
+
+def add_producer(
+    builder: GraphBuilder,
+    producer: str,
+    x: str,
+    x_shape: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    out_channels: int,
+    dtype=np.float32,
+    bias: bool = True,
+    group: int = 1,
+    kernel: int = 3,
+    trans_b: int = 0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    node_name: str | None = None,
+    output: str | None = None,
+    weight_name: str | None = None,
+    bias_name: str | None = None,
+    weight_source: str = "initializer",
+    gemm_bias_shape: Sequence[int] | None = None,
+) -> ProducerSpec:
+    """Append one producer node ("conv", "conv_transpose", "gemm", "matmul") with random weights.
+
+    Conv: weight (C_out, C_in/group, k...), pads 1, stride 1 (output spatial size = input's).
+    ConvTranspose: weight (C_in, C_out/group, k...), stride 2, pads 1, output_padding 1
+    (output spatial size = 2 x input's). Gemm: A (N, K), B (K, C_out) or (C_out, K) for
+    ``trans_b=1``, C of shape ``gemm_bias_shape`` (default (C_out,)) when ``bias``.
+    MatMul: (N, K) x constant (K, C_out), no bias; a rank-3 input (N, T, K) gives a rank-3 output.
+    ``weight_source`` places the weight and bias (see :meth:`GraphBuilder.add_constant`).
+    """
+    if producer not in PRODUCERS:
+        raise ValueError(f"unknown producer {producer!r}; expected one of {PRODUCERS}")
+    node_name = node_name or producer
+    output = output or f"{node_name}_out"
+    weight_name = weight_name or f"{node_name}_weight"
+    bias_name = bias_name or f"{node_name}_bias"
+    x_shape = tuple(x_shape)
+    in_channels = x_shape[1]
+    spatial = x_shape[2:]
+    inputs = [x, weight_name]
+
+    if producer in ("conv", "conv_transpose"):
+        if not spatial:
+            raise ValueError("Conv/ConvTranspose input needs spatial dims")
+        if in_channels % group or out_channels % group:
+            raise ValueError(f"group {group} must divide C_in {in_channels} and C_out {out_channels}")
+        kernel_shape = [kernel] * len(spatial)
+        if producer == "conv":
+            weight_shape = (out_channels, in_channels // group, *kernel_shape)
+            fan_in = in_channels // group * kernel**len(spatial)
+            attributes = dict(kernel_shape=kernel_shape, pads=[1] * (2 * len(spatial)), group=group)
+            output_spatial = spatial
+        else:
+            weight_shape = (in_channels, out_channels // group, *kernel_shape)
+            fan_in = in_channels // group * kernel**len(spatial)
+            attributes = dict(
+                kernel_shape=kernel_shape,
+                strides=[2] * len(spatial),
+                pads=[1] * (2 * len(spatial)),
+                output_padding=[1] * len(spatial),
+                group=group,
+            )
+            output_spatial = tuple(2 * size for size in spatial)
+        inputs[1] = builder.add_constant(weight_name, random_weight(weight_shape, rng, dtype, fan_in=fan_in),
+                                         weight_source)
+        if bias:
+            inputs.append(builder.add_constant(bias_name, random_bias(out_channels, rng, dtype), weight_source))
+        output_shape = (x_shape[0], out_channels, *output_spatial)
+        builder.add_node(PRODUCER_OP_TYPES[producer], inputs, [output], name=node_name, **attributes)
+    elif producer == "gemm":
+        if len(x_shape) != 2:
+            raise ValueError("Gemm input must be rank 2")
+        if group != 1:
+            raise ValueError("Gemm has no groups")
+        if not bias and builder.opset < 11:
+            raise ValueError("Gemm below opset 11 requires C")
+        weight_shape = (out_channels, in_channels) if trans_b else (in_channels, out_channels)
+        inputs[1] = builder.add_constant(
+            weight_name, random_weight(weight_shape, rng, dtype, fan_in=in_channels), weight_source
+        )
+        if bias:
+            bias_shape = (out_channels,) if gemm_bias_shape is None else tuple(gemm_bias_shape)
+            bias_values = random_bias(int(np.prod(bias_shape)), rng, dtype).reshape(bias_shape)
+            inputs.append(builder.add_constant(bias_name, bias_values, weight_source))
+        attributes = {}
+        if trans_b:
+            attributes["transB"] = trans_b
+        if alpha is not None:
+            attributes["alpha"] = alpha
+        if beta is not None:
+            attributes["beta"] = beta
+        output_shape = (x_shape[0], out_channels)
+        builder.add_node("Gemm", inputs, [output], name=node_name, **attributes)
+    else:  # matmul
+        if len(x_shape) not in (2, 3):
+            raise ValueError("this builder's MatMul input is rank 2 or 3")
+        if group != 1 or bias:
+            raise ValueError("MatMul has no groups and no bias")
+        in_features = x_shape[-1]
+        inputs[1] = builder.add_constant(
+            weight_name, random_weight((in_features, out_channels), rng, dtype, fan_in=in_features), weight_source
+        )
+        output_shape = (*x_shape[:-1], out_channels)
+        builder.add_node("MatMul", inputs, [output], name=node_name)
+    return ProducerSpec(producer, node_name, output, out_channels, output_shape)
+
+
+def producer_input_shape(producer: str, *, batch: int = 2, in_channels: int = 4, spatial_dims: int = 2,
+                         spatial_size: int = 5) -> tuple[int, ...]:
+    if producer in ("conv", "conv_transpose"):
+        return (batch, in_channels, *([spatial_size] * spatial_dims))
+    return (batch, in_channels)
+
+
+def build_producer_bn_model(
+    producer: str = "conv",
+    *,
+    spatial_dims: int = 2,
+    bias: bool = True,
+    group: int = 1,
+    dtype=np.float32,
+    bn_param_dtype=None,
+    opset: int = 13,
+    ir_version: int = DEFAULT_IR_VERSION,
+    batch: int = 2,
+    in_channels: int = 4,
+    out_channels: int = 6,
+    spatial_size: int = 5,
+    input_shape: Sequence[int] | None = None,
+    kernel: int = 3,
+    trans_b: int = 0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    epsilon: float | None = None,
+    momentum: float | None = None,
+    spatial: int | None = None,
+    training_mode: int | None = None,
+    bn_extra_outputs: int = 0,
+    param_source: str = "initializer",
+    weight_source: str = "initializer",
+    gemm_bias_shape: Sequence[int] | None = None,
+    runtime_bn_params: Iterable[str] = (),
+    producer_output_also_graph_output: bool = False,
+    producer_output_also_consumed: bool = False,
+    initializers_as_inputs: bool | None = None,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> producer -> BatchNormalization -> y, with random weights, biases and BN statistics.
+
+    Node names: the producer node is called ``producer`` ("conv", "gemm", ...), the BN node
+    :data:`BN_NODE_NAME`. Graph input :data:`INPUT_NAME`, graph output :data:`OUTPUT_NAME`.
+
+    - ``input_shape``: overrides the input shape made from batch/in_channels/spatial_dims/spatial_size
+      (e.g. a rank-3 MatMul input).
+    - ``group``: Conv/ConvTranspose groups; pass ``group=in_channels`` (and out_channels a multiple)
+      for depthwise.
+    - ``bn_param_dtype``: dtype of the BN params (default: ``dtype``); only opset 15 allows another.
+    - ``spatial``: opset-7 BN ``spatial`` attribute; ``spatial=0`` gives (C, D1, ...) params.
+    - ``training_mode`` / ``bn_extra_outputs``: see :func:`add_batchnorm`.
+    - ``param_source``: where BN params live, see :meth:`GraphBuilder.add_constant`;
+      ``weight_source``: the same for the producer's weight and bias.
+    - ``gemm_bias_shape``: shape of Gemm's C (default (out_channels,)); C broadcasts to (N, C_out).
+    - ``runtime_bn_params``: BN params made graph inputs without initializer (not constant).
+    - ``producer_output_also_graph_output``: the producer's output is a graph output too.
+    - ``producer_output_also_consumed``: the producer's output also feeds a Relu whose output
+      ``relu_out`` is a graph output.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset, ir_version=ir_version)
+    x_shape = tuple(input_shape) if input_shape is not None else producer_input_shape(
+        producer, batch=batch, in_channels=in_channels, spatial_dims=spatial_dims, spatial_size=spatial_size
+    )
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    spec = add_producer(
+        builder, producer, INPUT_NAME, x_shape, rng,
+        out_channels=out_channels, dtype=dtype, bias=bias, group=group, kernel=kernel,
+        trans_b=trans_b, alpha=alpha, beta=beta, weight_source=weight_source, gemm_bias_shape=gemm_bias_shape,
+    )
+    param_shape = (spec.out_channels,) if spatial != 0 else spec.output_shape[1:]
+    params = random_bn_params(param_shape, rng, bn_param_dtype or dtype)
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(
+        builder, spec.output, params,
+        epsilon=epsilon, momentum=momentum, spatial=spatial, training_mode=training_mode,
+        extra_outputs=bn_extra_outputs, param_source=param_source, runtime_params=runtime_bn_params,
+    )
+    if producer_output_also_graph_output:
+        builder.add_output(spec.output)
+    if producer_output_also_consumed:
+        builder.add_node("Relu", [spec.output], ["relu_out"], name="relu")
+        builder.add_output("relu_out")
+    return builder.build(initializers_as_inputs=initializers_as_inputs)
+
+
+def build_bn_after_op_model(
+    op: str = "Relu", *, dtype=np.float32, opset: int = 13, channels: int = 4, seed: int = 0
+) -> onnx.ModelProto:
+    """A BN whose input comes from something BN cannot fold into.
+
+    op: "Relu" (x -> Conv -> Relu -> BN), "MaxPool" (x -> Conv -> MaxPool -> BN) or
+    "graph_input" (x -> BN). The Conv (where present) is named "conv"; the BN node ``bn``.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset)
+    x_shape = (2, channels, 6, 6)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    if op == "graph_input":
+        bn_input = INPUT_NAME
+    elif op in ("Relu", "MaxPool"):
+        spec = add_producer(builder, "conv", INPUT_NAME, x_shape, rng, out_channels=channels, dtype=dtype)
+        attributes = dict(kernel_shape=[2, 2], strides=[2, 2]) if op == "MaxPool" else {}
+        bn_input = builder.add_node(op, [spec.output], [f"{op.lower()}_out"], name=op.lower(), **attributes)[0]
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(builder, bn_input, random_bn_params((channels,), rng, dtype))
+    return builder.build()
+
+
+def build_shared_weight_model(
+    *, share_bias: bool = True, dtype=np.float32, opset: int = 13, seed: int = 0
+) -> onnx.ModelProto:
+    """Two Convs reading the same weight (and bias) initializers; only the first feeds a BN.
+
+    x -> conv (weight "shared_weight", bias "shared_bias") -> bn -> y
+    x -> conv_other (same initializers) -> y_other
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset)
+    x_shape = (2, 4, 5, 5)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    bias_names = ("shared_bias", "shared_bias") if share_bias else ("conv_bias", "conv_other_bias")
+    spec = add_producer(
+        builder, "conv", INPUT_NAME, x_shape, rng, out_channels=6, dtype=dtype,
+        weight_name="shared_weight", bias_name=bias_names[0],
+    )
+    # The second Conv reuses the first's weight: add the node by hand, not through add_producer.
+    other_inputs = [INPUT_NAME, "shared_weight", bias_names[1]]
+    if not share_bias:
+        builder.add_initializer(bias_names[1], random_bias(6, rng, dtype))
+    builder.add_node("Conv", other_inputs, ["y_other"], name="conv_other", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(builder, spec.output, random_bn_params((6,), rng, dtype))
+    builder.add_output("y_other")
+    return builder.build()
+
+
+def build_conv_bn_relu_chain_model(
+    *, blocks: int = 3, channels: int = 4, dtype=np.float32, opset: int = 13, seed: int = 0
+) -> onnx.ModelProto:
+    """``blocks`` x (Conv -> BN -> Relu): nodes conv{i}, bn{i}, relu{i}; output ``y``."""
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset)
+    x_shape = (2, channels, 6, 6)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    current = INPUT_NAME
+    for block in range(blocks):
+        spec = add_producer(
+            builder, "conv", current, x_shape, rng, out_channels=channels, dtype=dtype,
+            bias=block % 2 == 0, node_name=f"conv{block}",
+        )
+        bn_out = add_batchnorm(
+            builder, spec.output, random_bn_params((channels,), rng, dtype),
+            output=f"bn{block}_out", name=f"bn{block}",
+        )[0]
+        current = OUTPUT_NAME if block == blocks - 1 else f"relu{block}_out"
+        builder.add_node("Relu", [bn_out], [current], name=f"relu{block}")
+    builder.add_output(OUTPUT_NAME)
+    return builder.build()
+
+
+# --------------------------------------------------------------------------------------------
+# Running and inspecting models
+# --------------------------------------------------------------------------------------------
+
+
+def _numpy_dtype(elem_type: int):
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def graph_data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not initializers (the ones a caller must feed)."""
+    initializer_names = {tensor.name for tensor in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in initializer_names]
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 1, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Standard-normal feeds for every non-initializer graph input (all dims must be fixed).
+
+    A BN param fed at run time (a "var" input) gets |randn| + 0.5 so the model stays finite.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in graph_data_inputs(model):
+        tensor_type = value.type.tensor_type
+        shape = [dim.dim_value for dim in tensor_type.shape.dim]
+        array = rng.standard_normal(shape) * scale
+        if value.name.endswith("_var"):
+            array = np.abs(array) + 0.5
+        feeds[value.name] = array.astype(_numpy_dtype(tensor_type.elem_type))
+    return feeds
+
+
+def make_session(model: onnx.ModelProto) -> onnxruntime.InferenceSession:
+    """A CPU session with graph optimizations disabled, so onnxruntime cannot fold BN itself."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All graph outputs, in graph order, from onnxruntime CPU with optimizations disabled."""
+    return make_session(model).run(None, feeds)
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    """Number of nodes of ``op_type`` in the main graph."""
+    return sum(1 for node in model.graph.node if node.op_type == op_type)
+
+
+def upcast_model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every float16 tensor (initializers, Constant values, inputs, outputs) as float32.
+
+    float16 -> float32 is exact, so this runs the same math at ~1e-7 relative error: a reference
+    for float16 models that is ~10^4 x more accurate than float16 itself.
+    """
+    upcast = onnx.ModelProto()
+    upcast.CopyFrom(model)
+    float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def upcast_tensor(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == float16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+
+    for tensor in upcast.graph.initializer:
+        upcast_tensor(tensor)
+    for node in upcast.graph.node:
+        if node.op_type == "Cast":
+            raise NotImplementedError("upcast_model_to_float32 does not rewrite Cast nodes")
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                upcast_tensor(attribute.t)
+    for value in [*upcast.graph.input, *upcast.graph.output, *upcast.graph.value_info]:
+        if value.type.tensor_type.elem_type == float16:
+            value.type.tensor_type.elem_type = float32
+    return upcast
+
+
+def unused_initializers(model: onnx.ModelProto) -> list[str]:
+    """Initializers no node (or graph output) reads."""
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {value.name for value in model.graph.output}
+    return [tensor.name for tensor in model.graph.initializer if tensor.name not in used]
+
+
+def dead_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of nodes none of whose outputs reaches a graph output (transitively)."""
+    needed = {value.name for value in model.graph.output}
+    live = set()
+    for index in reversed(range(len(model.graph.node))):  # nodes are topologically sorted
+        node = model.graph.node[index]
+        if any(output and output in needed for output in node.output):
+            live.add(index)
+            needed.update(name for name in node.input if name)
+    return [node.name or f"#{index}" for index, node in enumerate(model.graph.node) if index not in live]
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    raise KeyError(name)
+
+
+def node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    for node in model.graph.node:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def float16_ulp(magnitude) -> np.ndarray:
+    """Spacing of float16 numbers at ``magnitude`` (one unit in the last place)."""
+    return np.spacing(np.abs(np.asarray(magnitude)).astype(np.float16)).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Output comparison at stated tolerances
+# --------------------------------------------------------------------------------------------
+
+# float32: elementwise rtol 1e-5, plus an absolute floor of 1e-6 x the output scale (max |output|)
+# for elements near zero (folding reorders a dot product; measured worst case 3.6e-7 x scale).
+FLOAT32_RTOL = 1e-5
+FLOAT32_ATOL_PER_SCALE = 1e-6
+# float64: the same argument, at float64 precision.
+FLOAT64_RTOL = 1e-12
+FLOAT64_ATOL_PER_SCALE = 1e-13
+# float16: compared with a float32 run of the *unfolded* model (exact upcast of every fp16 tensor;
+# its own error ~1e-7 is negligible). The unfolded fp16 model is within 0.5 ulp of that reference
+# (one rounding of its output). The folded model adds one rounding of each folded weight
+# (<= 0.5 ulp each, which a dot product of K terms accumulates), so it cannot match to 0.5 ulp;
+# measured worst case 1.07 ulp of the output scale. The bound is 2 fp16 ulp of the output scale.
+FLOAT16_ULPS_OF_SCALE = 2.0
+
+
+def assert_outputs_close(folded_model: onnx.ModelProto, original_model: onnx.ModelProto,
+                         feeds: dict[str, np.ndarray]) -> None:
+    """Folded and original models agree on every output at the tolerances above."""
+    original_outputs = run_onnxruntime(original_model, feeds)
+    folded_outputs = run_onnxruntime(folded_model, feeds)
+    names = [value.name for value in original_model.graph.output]
+    float16_reference = None
+    for index, (name, expected, actual) in enumerate(zip(names, original_outputs, folded_outputs)):
+        assert actual.dtype == expected.dtype, f"output {name!r}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"output {name!r}: shape {actual.shape} != {expected.shape}"
+        scale = float(np.max(np.abs(expected.astype(np.float64)))) or 1.0
+        if expected.dtype == np.float16:
+            if float16_reference is None:
+                float32_feeds = {key: value.astype(np.float32) if value.dtype == np.float16 else value
+                                 for key, value in feeds.items()}
+                float16_reference = run_onnxruntime(upcast_model_to_float32(original_model), float32_feeds)
+            reference = float16_reference[index].astype(np.float64)
+            scale = float(np.max(np.abs(reference))) or 1.0
+            ulp = float(float16_ulp(scale))
+            error = np.max(np.abs(actual.astype(np.float64) - reference))
+            original_error = np.max(np.abs(expected.astype(np.float64) - reference))
+            assert error <= FLOAT16_ULPS_OF_SCALE * ulp, (
+                f"output {name!r}: folded fp16 model is {error / ulp:.2f} ulp from the float32 reference "
+                f"(unfolded fp16 model: {original_error / ulp:.2f} ulp; bound {FLOAT16_ULPS_OF_SCALE} ulp "
+                f"of output scale {scale:.4g})"
+            )
+        elif expected.dtype == np.float64:
+            np.testing.assert_allclose(actual, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL_PER_SCALE * scale,
+                                       err_msg=f"output {name!r}")
+        elif expected.dtype == np.float32:
+            np.testing.assert_allclose(actual, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL_PER_SCALE * scale,
+                                       err_msg=f"output {name!r}")
+        else:
+            np.testing.assert_array_equal(actual, expected, err_msg=f"output {name!r}")
+
+
+def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """Value of tensor ``name`` if it is an initializer, a Constant output or behind Identity nodes."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    while True:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Identity":
+            name = node.input[0]
+            continue
+        if node is not None and node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return numpy_helper.to_array(attribute.t)
+        raise KeyError(f"{name!r} is not a constant tensor")
+
+
+def with_initializer_as_graph_input(model: onnx.ModelProto, name: str, *, keep_initializer: bool) -> onnx.ModelProto:
+    """A copy where initializer ``name`` is also (``keep_initializer``) or only a graph input.
+
+    From IR 4 on, an initializer listed as a graph input is a default the caller may override, so
+    either way the tensor is no longer a constant.
+    """
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    tensor = next(tensor for tensor in changed.graph.initializer if tensor.name == name)
+    changed.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    if not keep_initializer:
+        changed.graph.initializer.remove(tensor)
+    onnx.checker.check_model(changed, full_check=True)
+    return changed
+
+
+def with_inferred_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy carrying shape-inferred ``value_info`` for every intermediate tensor, as exporters write."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    assert len(inferred.graph.value_info) > 0
+    return inferred

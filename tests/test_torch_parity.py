@@ -1,0 +1,91 @@
+"""Parity with PyTorch: a torch model exported with BN kept, re-estimated by bnpass with
+``--stats batch-mean``, matches ``torch.optim.swa_utils.update_bn`` on the same batches."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import bnpass
+from builders import run_onnxruntime
+
+
+class SmallNet(nn.Module):
+    """Conv2d + BN, depthwise Conv2d + BN, Linear + BatchNorm1d: the layer kinds of the issue."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.bn3 = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv(x)))
+        x = torch.relu(self.bn2(self.depthwise(x)))
+        x = nn.functional.max_pool2d(x, 2).flatten(1)
+        return self.head(torch.relu(self.bn3(self.fc(x))))
+
+
+def stale_model(seed=0) -> SmallNet:
+    torch.manual_seed(seed)
+    model = SmallNet()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+            module.running_mean.uniform_(-1, 1)       # stale statistics, as after compression
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def export(model: nn.Module) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(2, 3, 8, 8),), buffer, dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                      opset_version=13, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    exported = onnx.load_from_string(buffer.getvalue())
+    exported.ir_version = 10
+    return exported
+
+
+@pytest.fixture(scope="module")
+def calibration_data():
+    rng = np.random.default_rng(7)
+    offsets = rng.uniform(-1, 1, size=(1, 3, 1, 1))
+    return (rng.standard_normal((100, 3, 8, 8)) * 1.5 + offsets).astype(np.float32)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_batch_mean_statistics_match_update_bn(calibration_data):
+    model = stale_model()
+    onnx_model = export(model)
+    assert sum(n.op_type == "BatchNormalization" for n in onnx_model.graph.node) == 3
+
+    batches = [torch.from_numpy(calibration_data[i:i + 32]) for i in range(0, 100, 32)]  # 32, 32, 32, 4
+    torch.optim.swa_utils.update_bn(batches, model)
+    torch_bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    result = bnpass.reestimate_batchnorms(onnx_model, [calibration_data], stats="batch-mean", batch_size=32)
+    assert result.batches == 4 and result.samples == 100
+    for torch_bn, stats in zip(torch_bns, result.stats.values()):
+        np.testing.assert_allclose(stats.mean, torch_bn.running_mean.double().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.var, torch_bn.running_var.double().numpy(), rtol=1e-5)
+
+    # End to end: the folded model computes what the re-estimated torch model computes.
+    folded = bnpass.fold_batchnorms(result.model)
+    assert not folded.skipped and len(folded.folded) == 3
+    onnx.checker.check_model(folded.model, full_check=True)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(calibration_data)).numpy()
+    got = run_onnxruntime(folded.model, {"input": calibration_data})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
