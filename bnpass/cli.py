@@ -7,6 +7,7 @@ file written); 2 bad command line (argparse); 130 interrupted (no output file wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -98,12 +99,19 @@ class _Formatter(logging.Formatter):
         return message
 
 
-def _configure_logging(args) -> None:
+@contextlib.contextmanager
+def _logging_to_stderr(args):
+    """Route bnpass's log records to stderr for one CLI run, then restore the logger as it was."""
+    saved = logger.handlers[:], logger.propagate, logger.level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
 def _check_paths(args) -> None:
@@ -211,9 +219,9 @@ def _write_report(args, bn_names, reestimate, fold, difference, seconds) -> None
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args)
     try:
-        return run(args)
+        with _logging_to_stderr(args):
+            return run(args)
     except BnpassError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

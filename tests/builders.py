@@ -506,30 +506,58 @@ def build_bn_after_op_model(
     return builder.build()
 
 
-def build_shared_weight_model(
-    *, share_bias: bool = True, dtype=np.float32, opset: int = 13, seed: int = 0
-) -> onnx.ModelProto:
-    """Two Convs reading the same weight (and bias) initializers; only the first feeds a BN.
+SHARING_LAYOUTS = ("initializer", "identity_on_one_path", "common_identity", "constant_node")
 
-    x -> conv (weight "shared_weight", bias "shared_bias") -> bn -> y
-    x -> conv_other (same initializers) -> y_other
+
+def build_shared_weight_model(
+    *, share_bias: bool = True, shared_through: str = "initializer", dtype=np.float32, opset: int = 13,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """Two Convs reading the same weight (and bias) tensors; only the first, ``conv``, feeds a BN.
+
+    x -> conv -> bn -> y;  x -> conv_other -> y_other. ``shared_through`` says how they share:
+
+    - "initializer": both read the initializers "shared_weight" / "shared_bias";
+    - "identity_on_one_path": conv reads Identity(shared initializer), conv_other the initializer;
+    - "common_identity": both read the same Identity output of the shared initializer;
+    - "constant_node": both read the output of the same Constant node.
     """
+    if shared_through not in SHARING_LAYOUTS:
+        raise ValueError(f"unknown sharing layout {shared_through!r}; expected one of {SHARING_LAYOUTS}")
     rng = np.random.default_rng(seed)
     builder = GraphBuilder(opset=opset)
     x_shape = (2, 4, 5, 5)
     builder.add_input(INPUT_NAME, dtype, x_shape)
-    bias_names = ("shared_bias", "shared_bias") if share_bias else ("conv_bias", "conv_other_bias")
-    spec = add_producer(
-        builder, "conv", INPUT_NAME, x_shape, rng, out_channels=6, dtype=dtype,
-        weight_name="shared_weight", bias_name=bias_names[0],
-    )
-    # The second Conv reuses the first's weight: add the node by hand, not through add_producer.
-    other_inputs = [INPUT_NAME, "shared_weight", bias_names[1]]
+    values = {
+        "shared_weight": random_weight((6, 4, 3, 3), rng, dtype),
+        "shared_bias": random_bias(6, rng, dtype),
+        "conv_bias": random_bias(6, rng, dtype),
+        "conv_other_bias": random_bias(6, rng, dtype),
+    }
+    shared = ["shared_weight", "shared_bias"] if share_bias else ["shared_weight"]
+    conv_reads = {"weight": "shared_weight", "bias": "shared_bias" if share_bias else "conv_bias"}
+    other_reads = {"weight": "shared_weight", "bias": "shared_bias" if share_bias else "conv_other_bias"}
+    for name in shared:
+        role = "weight" if name.endswith("weight") else "bias"
+        if shared_through == "constant_node":
+            builder.add_constant(name, values[name], "constant_node")
+        else:
+            builder.add_initializer(name, values[name])
+        if shared_through in ("identity_on_one_path", "common_identity"):
+            builder.add_node("Identity", [name], [f"{name}_identity"], name=f"{name}_identity_node")
+            conv_reads[role] = f"{name}_identity"
+            if shared_through == "common_identity":
+                other_reads[role] = f"{name}_identity"
     if not share_bias:
-        builder.add_initializer(bias_names[1], random_bias(6, rng, dtype))
-    builder.add_node("Conv", other_inputs, ["y_other"], name="conv_other", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        builder.add_initializer("conv_bias", values["conv_bias"])
+        builder.add_initializer("conv_other_bias", values["conv_other_bias"])
+    conv_attributes = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    builder.add_node("Conv", [INPUT_NAME, conv_reads["weight"], conv_reads["bias"]], ["conv_out"], name="conv",
+                     **conv_attributes)
+    builder.add_node("Conv", [INPUT_NAME, other_reads["weight"], other_reads["bias"]], ["y_other"],
+                     name="conv_other", **conv_attributes)
     builder.add_output(OUTPUT_NAME)
-    add_batchnorm(builder, spec.output, random_bn_params((6,), rng, dtype))
+    add_batchnorm(builder, "conv_out", random_bn_params((6,), rng, dtype))
     builder.add_output("y_other")
     return builder.build()
 
