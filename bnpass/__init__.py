@@ -12,11 +12,12 @@ Python API::
 from __future__ import annotations
 
 import os
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import onnx
 
-from .data import ArrayFolder, feeds_from_batches, model_input_specs
+from .data import feeds_from_batches, model_input_specs, open_folder
+from .images import ImageOptions
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .passes import (BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass,
                      ReestimateResult)
@@ -24,34 +25,35 @@ from .passes import (BatchNormStatistics, FoldBatchNormPass, FoldResult, Reestim
 __version__ = "0.1.0"
 
 __all__ = [
-    "reestimate_batchnorms", "fold_batchnorms", "calibration_samples",
+    "reestimate_batchnorms", "fold_batchnorms", "calibration_samples", "ImageOptions",
     "FoldResult", "ReestimateResult", "BatchNormStatistics",
     "BnpassError", "ModelError", "DataError", "RuntimeUnavailableError",
 ]
 
 
-def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, Iterable]):
-    """Samples for ``model`` from a folder of .npy/.npz files or an iterable of batches.
+def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, Iterable],
+                        image_options: Optional[ImageOptions] = None):
+    """Samples for ``model`` from a folder (arrays or images) or an iterable of batches.
 
     A batch is a dict ``{input name: array}`` or, for single-input models, an array; samples
     (arrays without the batch axis) are accepted too. Folders are checked before anything runs.
     """
     specs = model_input_specs(model)
     if isinstance(data, (str, os.PathLike)):
-        return ArrayFolder(data, specs)
+        return open_folder(data, specs, image_options)
     return feeds_from_batches(data, specs)
 
 
 def reestimate_batchnorms(model: onnx.ModelProto, data, *, stats: str = "pooled", batch_size: int = 32,
-                          num_samples: int = 2000, device: str = "auto",
-                          progress: bool = False) -> ReestimateResult:
+                          num_samples: int = 2000, device: str = "auto", progress: bool = False,
+                          image_options: Optional[ImageOptions] = None) -> ReestimateResult:
     """Recompute every BN's mean and variance from ``data``; ``model`` is left unchanged.
 
     ``stats``: ``"pooled"`` (mean and biased variance over all calibration values) or
     ``"batch-mean"`` (mean of batch means and of unbiased batch variances, as
     ``torch.optim.swa_utils.update_bn``). ``num_samples`` is rounded up to whole batches.
     """
-    samples = calibration_samples(model, data)
+    samples = calibration_samples(model, data, image_options)
     return ReestimateBatchNormPass(samples, stats=stats, batch_size=batch_size, num_samples=num_samples,
                                    device=device, progress=progress).call(model)
 

@@ -18,8 +18,11 @@ import onnx
 
 from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
-from .data import batched, model_input_specs
-from .errors import BnpassError
+from .config import check_sample_sizes, read_nncf_config
+from .data import LoaderSource, batched, model_input_specs
+from .errors import BnpassError, DataError
+from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
+from .images import describe as describe_images
 from .graph import node_label
 from .model_io import load_model, save_model, uses_external_data
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
@@ -31,6 +34,7 @@ from .verify import compare_models
 logger = logging.getLogger("bnpass")
 
 VERIFY_BATCHES = 4
+DEFAULT_NUM_SAMPLES = 2000  # NNCF's default num_bn_adaptation_samples
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +45,26 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _size(text: str) -> tuple:
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HEIGHTxWIDTH, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", metavar="DIR",
                       help="folder of .npy (one sample, or a batch) or .npz (one array per input name) files, "
                            "read in sorted order")
+    data.add_argument("--loader", metavar="FILE.py:FUNCTION",
+                      help="a Python function returning an iterable of samples or batches (arrays, or dicts "
+                           "by input name), instead of --data")
     data.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                       help="calibration batch size (default: 32)")
-    data.add_argument("--num-samples", type=_positive_int, default=2000, metavar="N",
-                      help="samples to calibrate on, rounded up to whole batches as NNCF does (default: 2000)")
+    data.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
+                      help=f"samples to calibrate on, rounded up to whole batches as NNCF does "
+                           f"(default: {DEFAULT_NUM_SAMPLES}, or the --config file's)")
+    data.add_argument("--config", metavar="NNCF.json",
+                      help="NNCF config: num_bn_adaptation_samples (0 disables re-estimation) and "
+                           "input_info.sample_size (checked against the model); flags win")
+
+    images = parser.add_argument_group("Images (when --data holds .jpg/.png/.bmp/.webp files)")
+    images.add_argument("--resize", type=_positive_int, metavar="N",
+                        help="resize the shorter side to N pixels (default: crop size / 0.875)")
+    images.add_argument("--crop", type=_size, metavar="HxW",
+                        help="center-crop size (default: the model input's height and width)")
+    images.add_argument("--color", choices=COLORS, help="channel order (default: rgb, or gray for 1-channel models)")
+    images.add_argument("--no-scale", dest="scale", action="store_false",
+                        help="keep pixel values in 0..255 (default: scale to 0..1)")
+    images.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                        help="per-channel mean subtracted after scaling (default: 0)")
+    images.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                        help="per-channel std divided by after the mean (default: 1)")
+    images.add_argument("--layout", choices=LAYOUTS, help="default: from the model input's shape")
 
     stats = parser.add_argument_group("Statistics")
     stats.add_argument("--stats", choices=STATS_MODES, default="pooled",
@@ -131,10 +176,12 @@ def _check_paths(args) -> None:
         report_folder = os.path.dirname(os.path.abspath(args.report))
         if os.path.isdir(args.report) or not os.path.isdir(report_folder) or not os.access(report_folder, os.W_OK):
             raise BnpassError(f"cannot write the report to '{args.report}'")
-    if not args.fold_only and not args.data:
-        raise BnpassError("--data DIR is required to re-estimate statistics (or use --fold-only)")
-    if args.verify and not args.data:
-        raise BnpassError("--verify needs --data: it compares the models on calibration batches")
+    if args.data and args.loader:
+        raise BnpassError("give either --data or --loader, not both")
+    if not args.fold_only and not (args.data or args.loader):
+        raise BnpassError("--data DIR (or --loader) is required to re-estimate statistics (or use --fold-only)")
+    if args.verify and not (args.data or args.loader):
+        raise BnpassError("--verify needs --data or --loader: it compares the models on calibration batches")
     if args.verify and args.no_fold:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
 
@@ -143,16 +190,22 @@ def run(args) -> int:
     started = time.perf_counter()
     _check_paths(args)
     model = load_model(args.input)
+    specs = model_input_specs(model)
+    num_samples = _num_samples(args, specs)
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
-    samples = calibration_samples(model, args.data) if args.data else None  # checks every file first
+    samples = _samples(args, model)  # a folder is checked file by file here, before any compute
     if not bn_names:
         logger.warning("'%s' has no BatchNormalization node; writing an unchanged copy", args.input)
 
     reestimate = None
     unfolded = model
-    if bn_names and not args.fold_only:
+    if bn_names and not args.fold_only and num_samples > 0:
+        available = getattr(samples, "sample_count", None)
+        if available is not None and available < args.batch_size:
+            raise DataError(f"'{args.data}' holds {available} samples, fewer than one batch of {args.batch_size}: "
+                            "add data or lower --batch-size")
         reestimate = ReestimateBatchNormPass(
-            samples, stats=args.stats, batch_size=args.batch_size, num_samples=args.num_samples,
+            samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
             device=args.device, progress=not args.quiet).call(model)
         unfolded = reestimate.model
 
@@ -171,7 +224,7 @@ def run(args) -> int:
         feeds = _first_batches(samples, args.batch_size, model)
         difference = compare_models(unfolded, result, feeds, providers)
 
-    save_model(result, args.output, external_data=uses_external_data(model))
+    save_model(result, args.output, external_data=uses_external_data(args.input))
     seconds = time.perf_counter() - started
 
     if args.report:
@@ -186,11 +239,37 @@ def run(args) -> int:
     return 0
 
 
+def _num_samples(args, specs) -> int:
+    """--num-samples, else the NNCF config's num_bn_adaptation_samples, else the default."""
+    if args.config:
+        settings = read_nncf_config(args.config)
+        check_sample_sizes(settings, specs, args.config)
+        if args.num_samples is None and settings.num_samples is not None:
+            if settings.num_samples == 0:
+                logger.info("'%s' sets num_bn_adaptation_samples to 0: statistics are not re-estimated",
+                            args.config)
+            return settings.num_samples
+    return args.num_samples or DEFAULT_NUM_SAMPLES
+
+
+def _samples(args, model):
+    if args.loader:
+        return LoaderSource(args.loader, model_input_specs(model))
+    if not args.data:
+        return None
+    options = ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale,
+                           mean=args.mean, std=args.std, layout=args.layout)
+    samples = calibration_samples(model, args.data, options)
+    if isinstance(samples, ImageFolder):
+        logger.info("%s", describe_images(samples.preprocessing))
+    return samples
+
+
 def _first_batches(samples, batch_size: int, model):
     """Up to VERIFY_BATCHES batches of calibration data, at the model's fixed batch if it has one."""
     fixed = {spec.shape[0] for spec in model_input_specs(model) if spec.shape and spec.shape[0] is not None}
     size = fixed.pop() if len(fixed) == 1 else batch_size
-    for number, feed in enumerate(batched(samples.samples(), size, VERIFY_BATCHES * size)):
+    for feed in batched(samples, size, VERIFY_BATCHES * size):
         if next(iter(feed.values())).shape[0] != size and fixed:
             break
         yield feed
@@ -198,7 +277,7 @@ def _first_batches(samples, batch_size: int, model):
 
 def _write_report(args, bn_names, reestimate, fold, difference, seconds) -> None:
     report = {
-        "input": args.input, "output": args.output, "stats": None if args.fold_only else args.stats,
+        "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
         "seconds": round(seconds, 3),
         "samples": reestimate.samples if reestimate else 0,
         "batches": reestimate.batches if reestimate else 0,

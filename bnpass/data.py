@@ -84,23 +84,41 @@ def _fit(array: np.ndarray, spec: InputSpec, where: str) -> tuple:
     return is_batch, spec.dtype
 
 
-class ArrayFolder:
-    """Samples from the ``.npy``/``.npz`` files of a folder (format in the module docstring)."""
+def open_folder(folder, specs: list, image_options=None):
+    """The sample source for ``--data DIR``: an :class:`ArrayFolder` or an image folder.
 
-    def __init__(self, folder, specs: list):
-        self.folder = os.fspath(folder)
+    Files of other types are skipped with a warning; a folder mixing arrays and images is an error.
+    """
+    from .images import ImageFolder, ImageOptions, is_image
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise DataError(f"calibration data folder '{folder}' {what}")
+    names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    arrays = [os.path.join(folder, n) for n in names if n.lower().endswith(ARRAY_SUFFIXES)]
+    images = [os.path.join(folder, n) for n in names if is_image(n)]
+    ignored = [n for n in names if not n.lower().endswith(ARRAY_SUFFIXES) and not is_image(n)]
+    if ignored:
+        logger.warning("ignoring %d file(s) in '%s' that are neither arrays (.npy/.npz) nor images (first: %s)",
+                       len(ignored), folder, ignored[0])
+    if arrays and images:
+        raise DataError(f"calibration data folder '{folder}' mixes arrays ({os.path.basename(arrays[0])}) and "
+                        f"images ({os.path.basename(images[0])}); keep one kind")
+    if images:
+        return ImageFolder(folder, images, specs, image_options or ImageOptions())
+    if not arrays:
+        raise DataError(f"calibration data folder '{folder}' has no .npy, .npz or image files")
+    return ArrayFolder(folder, arrays, specs)
+
+
+class ArrayFolder:
+    """Samples from ``.npy``/``.npz`` files (format in the module docstring)."""
+
+    def __init__(self, folder: str, files: list, specs: list):
+        self.folder = folder
         self.specs = specs
-        if not os.path.isdir(self.folder):
-            what = "does not exist" if not os.path.exists(self.folder) else "is not a folder"
-            raise DataError(f"calibration data folder '{self.folder}' {what}")
-        names = sorted(os.listdir(self.folder))
-        self.files = [os.path.join(self.folder, n) for n in names if n.lower().endswith(ARRAY_SUFFIXES)]
-        ignored = [n for n in names if not n.lower().endswith(ARRAY_SUFFIXES) and not n.startswith(".")]
-        if ignored:
-            logger.warning("ignoring %d file(s) in '%s' that are not .npy/.npz (first: %s)",
-                           len(ignored), self.folder, ignored[0])
-        if not self.files:
-            raise DataError(f"calibration data folder '{self.folder}' has no .npy or .npz files")
+        self.files = files
         if any(f.lower().endswith(".npy") for f in self.files) and len(specs) != 1:
             names = ", ".join(s.name for s in specs)
             raise DataError(f"the model has {len(specs)} inputs ({names}): give .npz files with one array "
@@ -149,7 +167,7 @@ class ArrayFolder:
                 array = arrays[spec.name]
                 is_batch, dtype = _fit(array, spec, path)
                 array = array if is_batch else array[None]
-                fitted[spec.name] = np.asarray(array, dtype=dtype)
+                fitted[spec.name] = _finite(np.asarray(array, dtype=dtype), path)
             for position in range(next(iter(fitted.values())).shape[0]):
                 yield {name: array[position] for name, array in fitted.items()}
 
@@ -166,10 +184,72 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
                 raise DataError(f"batch {number}: no array for model input '{spec.name}'")
             array = np.asarray(batch[spec.name])
             is_batch, dtype = _fit(array, spec, f"batch {number}")
-            batch = {**batch, spec.name: np.asarray(array if is_batch else array[None], dtype=dtype)}
+            batch = {**batch, spec.name: _finite(np.asarray(array if is_batch else array[None], dtype=dtype),
+                                                 f"batch {number}")}
         count = batch[specs[0].name].shape[0]
         for position in range(count):
             yield {spec.name: batch[spec.name][position] for spec in specs}
+
+
+class LoaderSource:
+    """Samples from a user function, ``--loader path/to/file.py:function``.
+
+    The function takes no arguments and returns an iterable of samples or batches: arrays (for
+    single-input models) or dicts ``{input name: array}``. Whatever it raises is reported as a
+    data error naming the loader.
+    """
+
+    def __init__(self, reference: str, specs: list):
+        path, _, function_name = reference.rpartition(":")
+        if not path or not function_name:
+            raise DataError(f"--loader '{reference}': expected path/to/file.py:function")
+        if not os.path.isfile(path):
+            raise DataError(f"--loader '{reference}': file '{path}' does not exist")
+        self.reference = reference
+        self.specs = specs
+        module = self._guarded(lambda: _import_file(path), "failed to import:")
+        function = getattr(module, function_name, None)
+        if not callable(function):
+            raise DataError(f"--loader '{reference}': '{path}' has no function '{function_name}'")
+        self.function = function
+
+    def _guarded(self, action, what: str):
+        try:
+            return action()
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(f"--loader '{self.reference}' {what} {type(error).__name__}: {error}") from None
+
+    def _items(self):
+        iterable = self._guarded(self.function, "raised")
+        iterator = self._guarded(lambda: iter(iterable), "did not return an iterable:")
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:
+                raise DataError(f"--loader '{self.reference}' raised {type(error).__name__}: {error}") from None
+            yield item
+
+    def __iter__(self) -> Iterator[dict]:
+        return feeds_from_batches(self._items(), self.specs)
+
+
+def _import_file(path: str):
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location(f"bnpass_loader_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _finite(array: np.ndarray, where: str) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise DataError(f"{where}: the data contains NaN or Inf")
+    return array
 
 
 def batched(samples: Iterable, batch_size: int, limit: Optional[int]) -> Iterator[dict]:

@@ -40,7 +40,9 @@ def load_model(path) -> onnx.ModelProto:
     return model
 
 
-def uses_external_data(model: onnx.ModelProto) -> bool:
+def uses_external_data(path) -> bool:
+    """True when the model file at ``path`` keeps tensors in external data files."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
@@ -57,7 +59,7 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> 
         if external_data:
             temporary_data = os.path.basename(temporary) + ".data"
             onnx.save(model, temporary, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=temporary_data, size_threshold=1024)
+                      location=temporary_data, size_threshold=0)
             # The model names its data file; point it at the final name, then move both.
             saved = onnx.load(temporary, load_external_data=False)
             for tensor in saved.graph.initializer:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +103,61 @@ def _write_not_onnx(workspace):
     (workspace / "model.onnx").write_text("this is not a model")
 
 
+def _truncate_model(workspace):
+    data = (workspace / "model.onnx").read_bytes()
+    (workspace / "model.onnx").write_bytes(data[: len(data) // 2])
+
+
+def _break_model(workspace):
+    model = onnx.load(workspace / "model.onnx")
+    model.graph.node[0].input[0] = "no_such_tensor"
+    onnx.save(model, workspace / "model.onnx")
+
+
+def _folder(workspace, name, files):
+    folder = workspace / name
+    folder.mkdir()
+    for file_name, content in files.items():
+        if isinstance(content, np.ndarray):
+            np.save(folder / file_name, content)
+        else:
+            (folder / file_name).write_bytes(content)
+
+
+def _write_loader(workspace):
+    (workspace / "loader.py").write_text("def broken():\n    raise ValueError('camera offline')\n")
+
+
 ERROR_CASES = [
-    # (id, arguments, setup, words the message must contain)
+    # (id, arguments, setup, words the last stderr line must contain)
     ("missing model", ["missing.onnx", "out.onnx", "--data", "calib"], None, "missing.onnx' does not exist"),
     ("not onnx", ["model.onnx", "out.onnx", "--data", "calib"], _write_not_onnx, "not a readable ONNX model"),
+    ("truncated model", ["model.onnx", "out.onnx", "--data", "calib"], _truncate_model, "not a readable ONNX model"),
+    ("model fails checker", ["model.onnx", "out.onnx", "--data", "calib"], _break_model, "fails the ONNX checker"),
     ("missing data", ["model.onnx", "out.onnx", "--data", "nowhere"], None, "'nowhere' does not exist"),
-    ("no data given", ["model.onnx", "out.onnx"], None, "--data DIR is required"),
+    ("empty data folder", ["model.onnx", "out.onnx", "--data", "empty"],
+     lambda w: _folder(w, "empty", {}), "'empty' has no .npy, .npz or image files"),
+    ("only unknown files", ["model.onnx", "out.onnx", "--data", "odd"],
+     lambda w: _folder(w, "odd", {"notes.txt": b"hello"}), "'odd' has no .npy, .npz or image files"),
+    ("no data given", ["model.onnx", "out.onnx"], None, "--data DIR (or --loader) is required"),
     ("output is input", ["model.onnx", "model.onnx", "--data", "calib"], None, "is the input model"),
     ("output is a folder", ["model.onnx", "calib", "--data", "calib"], None, "is a folder"),
     ("output folder missing", ["model.onnx", "no/such/out.onnx", "--data", "calib"], None, "does not exist"),
     ("data shape", ["model.onnx", "out.onnx", "--data", "calib"], _write_bad_shape,
-     "zz_bad.npy: array of shape [4, 1, 9, 9] does not fit input 'input'"),
+     "zz_bad.npy: array of shape [4, 1, 9, 9] does not fit input 'input' float32[?, 1, 8, 8] (axis 2 is 9"),
+    ("data dtype", ["model.onnx", "out.onnx", "--data", "ints"],
+     lambda w: _folder(w, "ints", {"a.npy": np.zeros((40, 1, 8, 8), np.int32)}),
+     "a.npy: array of dtype int32 does not fit input 'input' float32[?, 1, 8, 8]"),
+    ("NaN in data", ["model.onnx", "out.onnx", "--data", "nan"],
+     lambda w: _folder(w, "nan", {"a.npy": np.full((40, 1, 8, 8), np.nan, np.float32)}),
+     "a.npy: the data contains NaN or Inf"),
+    ("fewer samples than a batch", ["model.onnx", "out.onnx", "--data", "calib", "--batch-size", "1000"], None,
+     "holds 512 samples, fewer than one batch of 1000"),
+    ("unreadable image", ["model.onnx", "out.onnx", "--data", "images"],
+     lambda w: _folder(w, "images", {"a.png": b"not a png"}), "a.png: cannot read as an image"),
+    ("loader raises", ["model.onnx", "out.onnx", "--loader", "loader.py:broken"], _write_loader,
+     "--loader 'loader.py:broken' raised ValueError: camera offline"),
+    ("loader missing", ["model.onnx", "out.onnx", "--loader", "nowhere.py:f"], None, "'nowhere.py' does not exist"),
 ]
 
 
@@ -129,6 +175,43 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(workspace, case):
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in workspace.iterdir()) == listing  # no output, no leftovers
     assert (workspace / "model.onnx").read_bytes() == before
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
+def test_unwritable_output_folder_is_an_error(workspace):
+    locked = workspace / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    done = run_cli("model.onnx", "locked/out.onnx", "--data", "calib", cwd=workspace)
+    assert done.returncode == 1 and "is not writable" in done.stderr
+
+
+def test_ctrl_c_during_calibration_leaves_no_output(workspace):
+    (workspace / "slow.py").write_text(
+        "import numpy as np, pathlib, time\n"
+        "def samples():\n"
+        "    pathlib.Path('started').touch()\n"
+        "    for _ in range(1000):\n"
+        "        time.sleep(0.05)\n"
+        "        yield np.zeros((1, 8, 8), np.float32)\n")
+    process = subprocess.Popen([sys.executable, "-m", "bnpass", "model.onnx", "out.onnx", "--loader", "slow.py:samples"],
+                               cwd=workspace, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (workspace / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "error: interrupted; no output written" in stderr
+    assert "Traceback" not in stderr
+    assert not any(p.name.startswith(("out.onnx", ".out.onnx")) for p in workspace.iterdir())
+
+
+def test_unknown_files_beside_arrays_are_skipped_with_a_warning(workspace):
+    (workspace / "calib" / "README.txt").write_text("calibration images of 2026")
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", cwd=workspace)
+    assert done.returncode == 0 and "warning: ignoring 1 file(s)" in done.stderr
 
 
 def test_cuda_asked_for_where_it_cannot_load_is_an_error(workspace):

@@ -232,9 +232,16 @@ def test_a_batch_the_graph_depends_on_stays_fixed_with_a_warning(caplog):
     np.testing.assert_allclose(result.stats["bn"].mean, mixed.mean((0, 1)), rtol=1e-6, atol=1e-7)
 
 
-def test_non_finite_statistics_are_an_error():
+def test_non_finite_data_is_an_error():
     data = make_data(16)
     data[3, 1, 2, 2] = np.nan
+    with pytest.raises(bnpass.DataError, match="NaN or Inf"):
+        bnpass.reestimate_batchnorms(direct_bn_model(), [data], batch_size=8)
+
+
+def test_non_finite_statistics_are_an_error():
+    """Finite data whose squares overflow float32 gives an infinite variance: refuse to write it."""
+    data = make_data(16) * np.float32(1e20)
     with pytest.raises(bnpass.DataError, match="not finite"):
         bnpass.reestimate_batchnorms(direct_bn_model(), [data], batch_size=8)
 

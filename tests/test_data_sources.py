@@ -1,0 +1,221 @@
+"""Calibration data the way pipelines have it: images, Python loaders, NNCF configs, dynamic
+shapes, multi-input models, external data. References are numpy on the raw data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import bnpass
+from bnpass.cli import main
+from bnpass.config import read_nncf_config
+from builders import GraphBuilder, add_batchnorm, random_bn_params
+
+
+def input_bn_model(shape, *, dtype=np.float32, channel_axis_last=False):
+    """x -> (Transpose to NCHW when the input is NHWC) -> BN -> y: the BN sees the data itself."""
+    builder = GraphBuilder(opset=13)
+    builder.add_input("x", dtype, shape)
+    source = "x"
+    if channel_axis_last:
+        builder.add_node("Transpose", ["x"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2])
+        source = "nchw"
+    channels = shape[3] if channel_axis_last else shape[1]
+    add_batchnorm(builder, source, random_bn_params((channels,), np.random.default_rng(0), dtype))
+    builder.add_output("y")
+    return builder.build()
+
+
+def pooled(data_nchw):
+    data = np.asarray(data_nchw, dtype=np.float64)
+    axes = (0,) + tuple(range(2, data.ndim))
+    return data.mean(axis=axes), data.var(axis=axes)
+
+
+def write_images(folder, count=5, size=(10, 12), mode="RGB", seed=0):
+    """PNG files of random pixels; returns their pixel arrays (H, W[, C]) in file order."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for index in range(count):
+        shape = (size[0], size[1], 3) if mode == "RGB" else size
+        pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(os.path.join(folder, f"img_{index:03d}.png"))
+        arrays.append(pixels)
+    return arrays
+
+
+# --- images -----------------------------------------------------------------------------------
+
+def test_images_are_center_cropped_scaled_and_normalized(tmp_path):
+    pixels = write_images(tmp_path / "images", size=(10, 12))
+    model = input_bn_model(["N", 3, 6, 8])
+    options = bnpass.ImageOptions(resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))  # 10 = no resize
+    result = bnpass.reestimate_batchnorms(model, tmp_path / "images", batch_size=2, image_options=options)
+    crops = np.stack([p[2:8, 2:10] for p in pixels]).astype(np.float64) / 255.0  # center 6x8 of 10x12
+    crops = (crops - [0.5, 0.4, 0.3]) / [0.2, 0.25, 0.5]
+    mean, var = pooled(crops.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(result.stats["bn"].var, var, rtol=1e-6)
+
+
+def test_images_bgr_nhwc_without_scaling(tmp_path):
+    pixels = write_images(tmp_path / "images", size=(8, 8))
+    model = input_bn_model(["N", 8, 8, 3], channel_axis_last=True)
+    options = bnpass.ImageOptions(resize=8, color="bgr", scale=False)
+    result = bnpass.reestimate_batchnorms(model, tmp_path / "images", batch_size=5, image_options=options)
+    mean, var = pooled(np.stack(pixels)[..., ::-1].transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(result.stats["bn"].var, var, rtol=1e-6)
+
+
+def test_grayscale_model_reads_images_as_one_channel(tmp_path):
+    pixels = write_images(tmp_path / "images", size=(16, 16), mode="L")
+    model = input_bn_model(["N", 1, 16, 16])
+    result = bnpass.reestimate_batchnorms(model, tmp_path / "images", batch_size=5,
+                                          image_options=bnpass.ImageOptions(resize=16))
+    mean, var = pooled(np.stack(pixels)[:, None] / 255.0)
+    np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(result.stats["bn"].var, var, rtol=1e-6)
+
+
+def test_images_are_resized_by_their_shorter_side_before_the_crop(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    # A horizontal ramp, value 5 * column, 20x40. Resizing the shorter side to 10 halves it
+    # (10x20; a symmetric filter keeps a linear ramp linear: column j holds 5 * (2j + 0.5), which
+    # Pillow rounds to the 8-bit 10j + 3), and
+    # the center 10x10 crop keeps columns 5..14. Without the resize the crop would hold original
+    # columns 15..24, with a quarter of the variance.
+    ramp = np.tile((np.arange(40) * 5).astype(np.uint8), (20, 1))
+    Image.fromarray(np.stack([ramp] * 3, axis=-1)).save(folder / "a.png")
+    Image.fromarray(np.stack([ramp] * 3, axis=-1)).save(folder / "b.png")
+    model = input_bn_model(["N", 3, 10, 10])
+    result = bnpass.reestimate_batchnorms(model, folder, batch_size=2, image_options=bnpass.ImageOptions(resize=10))
+    expected = (10 * np.arange(5, 15) + 3) / 255
+    np.testing.assert_allclose(result.stats["bn"].mean, [expected.mean()] * 3, rtol=1e-3)
+    np.testing.assert_allclose(result.stats["bn"].var, [expected.var()] * 3, rtol=1e-2)
+
+
+# --- loaders, configs, shapes -------------------------------------------------------------------
+
+def test_python_loader_of_samples_and_batches(tmp_path):
+    data = np.random.default_rng(3).standard_normal((20, 3, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "data.npy", data)
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np, os\n"
+        "def samples():\n"
+        "    data = np.load(os.path.join(os.path.dirname(__file__), 'data.npy'))\n"
+        "    yield from data[:7]\n"                       # samples, as arrays
+        "    yield {'x': data[7:20]}\n")                  # then one batch, as a dict
+    model = input_bn_model(["N", 3, 4, 4])
+    onnx.save(model, tmp_path / "model.onnx")
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--loader",
+                 f"{tmp_path / 'loader.py'}:samples", "--no-fold", "--batch-size", "8", "-q"]) == 0
+    out = onnx.load(tmp_path / "out.onnx")
+    mean = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == "bn_mean")
+    np.testing.assert_allclose(mean, pooled(data)[0], rtol=1e-6)
+
+
+def test_nncf_config_with_comments_sets_the_sample_count(tmp_path):
+    config = tmp_path / "nncf.json"
+    config.write_text("""{
+      // as NNCF users write it
+      "input_info": {"sample_size": [1, 3, 4, 4]},
+      "compression": [
+        {"algorithm": "magnitude_sparsity", /* block comment */
+         "initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 12}},
+         "params": {"sparsity_target": 0.5, "url": "http://not/a/comment"},},
+        {"algorithm": "quantization"},
+      ],
+    }""")
+    settings = read_nncf_config(str(config))
+    assert settings.num_samples == 12 and settings.sample_sizes == [[1, 3, 4, 4]]
+    model = input_bn_model(["N", 3, 4, 4])
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(0).standard_normal((40, 3, 4, 4)).astype(np.float32))
+    report = tmp_path / "report.json"
+    args = [str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+            "--config", str(config), "--batch-size", "8", "--report", str(report), "-q"]
+    assert main(args) == 0
+    import json
+
+    assert json.loads(report.read_text())["samples"] == 16  # 12 rounded up to whole batches of 8
+    assert main(args + ["--num-samples", "30"]) == 0          # the flag wins
+    assert json.loads(report.read_text())["samples"] == 32
+
+
+def test_nncf_config_zero_samples_disables_reestimation(tmp_path, capsys):
+    config = tmp_path / "nncf.json"
+    config.write_text('{"compression": {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}}}')
+    model = input_bn_model(["N", 3, 4, 4])
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.ones((40, 3, 4, 4), np.float32))
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+                 "--config", str(config), "--no-fold"]) == 0
+    assert "re-estimated" not in capsys.readouterr().out
+    assert onnx.load(tmp_path / "out.onnx").SerializeToString() == model.SerializeToString()
+
+
+def test_nncf_config_sample_size_must_fit_the_model(tmp_path, capsys):
+    config = tmp_path / "nncf.json"
+    config.write_text('{"input_info": [{"sample_size": [1, 3, 224, 224]}]}')
+    onnx.save(input_bn_model(["N", 3, 4, 4]), tmp_path / "model.onnx")
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--fold-only",
+                 "--config", str(config)]) == 1
+    assert "sample_size [1, 3, 224, 224] does not fit model input 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_dynamic_spatial_sizes_are_batched_by_shape(tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    arrays = [rng.standard_normal((3, 4 + 2 * (i % 2), 5)).astype(np.float32) for i in range(9)]
+    for index, array in enumerate(arrays):
+        np.save(folder / f"{index:02d}.npy", array)
+    model = input_bn_model(["N", 3, "H", "W"])
+    result = bnpass.reestimate_batchnorms(model, folder, batch_size=4)
+    assert result.batches == 9  # the size changes at every sample: each batch holds one
+    values = np.concatenate([a.reshape(3, -1) for a in arrays], axis=1).astype(np.float64)
+    np.testing.assert_allclose(result.stats["bn"].mean, values.mean(1), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result.stats["bn"].var, values.var(1), rtol=1e-6)
+
+
+def test_multi_input_model_from_npz_files(tmp_path):
+    builder = GraphBuilder(opset=13)
+    builder.add_input("a", np.float32, ["N", 3, 4])
+    builder.add_input("b", np.float32, ["N", 3, 4])
+    builder.add_node("Mul", ["a", "b"], ["ab"], name="mul")
+    add_batchnorm(builder, "ab", random_bn_params((3,), np.random.default_rng(0)))
+    builder.add_output("y")
+    model = builder.build()
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((10, 3, 4)).astype(np.float32), rng.standard_normal((10, 3, 4)).astype(np.float32)
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "part1.npz", a=a[:6], b=b[:6])
+    np.savez(tmp_path / "calib" / "part2.npz", a=a[6:], b=b[6:])
+    result = bnpass.reestimate_batchnorms(model, tmp_path / "calib", batch_size=4)
+    mean, var = pooled(a.astype(np.float64) * b)
+    np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.stats["bn"].var, var, rtol=1e-5)
+
+
+def test_model_with_external_data_is_written_with_external_data(tmp_path):
+    model = input_bn_model(["N", 3, 4, 4])
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32))
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+                 "--batch-size", "8", "--no-fold", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["calib", "model.onnx", "model.onnx.data", "out.onnx", "out.onnx.data"]
+    written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
