@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-import onnx
 
 from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
@@ -215,15 +214,13 @@ def run(args) -> int:
         fold = FoldBatchNormPass().call(unfolded)
         result = fold.model
 
-    # A model bnpass writes must pass the checker; anything else is a bug in bnpass.
-    onnx.checker.check_model(result, full_check=True)
-
     difference = None
     if args.verify and fold is not None:
         providers = select_providers(args.device)
         feeds = _first_batches(samples, args.batch_size, model)
         difference = compare_models(unfolded, result, feeds, providers)
 
+    # save_model checks the written file (onnx.checker, full): a failure there is a bug in bnpass.
     save_model(result, args.output, external_data=uses_external_data(args.input))
     seconds = time.perf_counter() - started
 

@@ -46,8 +46,13 @@ def uses_external_data(path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> None:
-    """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when asked or needed."""
+def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, check: bool = True) -> None:
+    """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when asked or needed.
+
+    With ``check``, the written file must pass ``onnx.checker`` (full check) before it replaces
+    anything: a model bnpass cannot vouch for is never left at ``path``. Saving with external data
+    moves ``model``'s tensors out of the proto (onnx's own behaviour): save last.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
@@ -60,6 +65,8 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> 
             temporary_data = os.path.basename(temporary) + ".data"
             onnx.save(model, temporary, save_as_external_data=True, all_tensors_to_one_file=True,
                       location=temporary_data, size_threshold=0)
+            if check:
+                onnx.checker.check_model(temporary, full_check=True)
             # The model names its data file; point it at the final name, then move both.
             saved = onnx.load(temporary, load_external_data=False)
             for tensor in saved.graph.initializer:
@@ -72,6 +79,8 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False) -> 
         else:
             with open(temporary, "wb") as stream:
                 stream.write(model.SerializeToString())
+            if check:
+                onnx.checker.check_model(temporary, full_check=True)
         os.replace(temporary, path)
     except BaseException:
         for leftover in (temporary, temporary + ".data"):

@@ -219,3 +219,25 @@ def test_model_with_external_data_is_written_with_external_data(tmp_path):
     written = onnx.load(tmp_path / "out.onnx", load_external_data=False)
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in written.graph.initializer)
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, monkeypatch):
+    """The >2 GiB path, with the limit lowered so a small model takes it."""
+    from bnpass import model_io
+
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100)
+    model = input_bn_model(["N", 3, 4, 4])
+    model_io.save_model(model, tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
+    loaded = model_io.load_model(tmp_path / "out.onnx")
+    assert [t.name for t in loaded.graph.initializer] == [t.name for t in input_bn_model(["N", 3, 4, 4]).graph.initializer]
+
+
+def test_a_model_failing_the_checker_is_never_written(tmp_path):
+    from bnpass import model_io
+
+    model = input_bn_model(["N", 3, 4, 4])
+    model.graph.node[0].input[0] = "undefined"
+    with pytest.raises(onnx.checker.ValidationError):
+        model_io.save_model(model, tmp_path / "out.onnx")
+    assert os.listdir(tmp_path) == []
