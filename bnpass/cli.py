@@ -23,7 +23,7 @@ from .errors import BnpassError, DataError
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .graph import node_label
-from .model_io import load_model, save_model, uses_external_data
+from .model_io import read_model, save_model
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
 from .report import batchnorm_records, summary_lines
 from .runtime import DEVICES, select_providers
@@ -188,7 +188,7 @@ def _check_paths(args) -> None:
 def run(args) -> int:
     started = time.perf_counter()
     _check_paths(args)
-    model = load_model(args.input)
+    model, external_data = read_model(args.input)
     specs = model_input_specs(model)
     num_samples = _num_samples(args, specs)
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
@@ -221,7 +221,7 @@ def run(args) -> int:
         difference = compare_models(unfolded, result, feeds, providers)
 
     # save_model checks the written file (onnx.checker, full): a failure there is a bug in bnpass.
-    save_model(result, args.output, external_data=uses_external_data(args.input))
+    save_model(result, args.output, external_data=external_data)
     seconds = time.perf_counter() - started
 
     if args.report:

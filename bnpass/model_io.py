@@ -20,30 +20,34 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 def load_model(path) -> onnx.ModelProto:
     """Read and check an ONNX model, with its external data."""
+    return read_model(path)[0]
+
+
+def read_model(path) -> tuple:
+    """``(model, external)``: the checked model with its tensors loaded, and whether the file
+    kept them as external data (so the output can be written the same way)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelError(f"model file '{path}' does not exist")
     if os.path.isdir(path):
         raise ModelError(f"model path '{path}' is a folder, not an ONNX file")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        if external:
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError, TypeError) as error:
         raise ModelError(f"'{path}' is not a readable ONNX model ({_first_line(error)})") from None
     except OSError as error:
-        raise ModelError(f"cannot read '{path}': {error.strerror or error}") from None
+        raise ModelError(f"cannot read '{path}' or its external data: {error.strerror or error}") from None
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"'{path}' is not an ONNX model (it holds no graph)")
     try:
-        onnx.checker.check_model(path)
+        # In memory when it fits one protobuf; a larger model is checked from its files.
+        onnx.checker.check_model(model if model.ByteSize() <= PROTOBUF_LIMIT else path)
     except onnx.checker.ValidationError as error:
         raise ModelError(f"'{path}' fails the ONNX checker: {_first_line(error)}") from None
-    return model
-
-
-def uses_external_data(path) -> bool:
-    """True when the model file at ``path`` keeps tensors in external data files."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return model, external
 
 
 def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, check: bool = True) -> None:
