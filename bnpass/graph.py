@@ -1,8 +1,11 @@
 """Read-only views of an ONNX graph: producers, consumers, constant values, tensor types.
 
-A :class:`GraphIndex` is a snapshot: rebuild it after editing the graph. Names used inside
-subgraphs (If/Loop/Scan bodies) that refer to the outer graph count as uses, so that nothing a
-subgraph reads is ever treated as private to one node.
+A :class:`GraphIndex` describes the graph as it was when built. Edits made through
+:class:`bnpass.rewrite.GraphEditor` keep it up to date incrementally (``register_node`` /
+``unregister_node`` and friends, each O(inputs + outputs) of the node touched), so a pass that
+makes one edit per BatchNormalization stays linear in the graph size; anything else that edits the
+graph must build a new index. Names used inside subgraphs (If/Loop/Scan bodies) that refer to the
+outer graph count as uses, so that nothing a subgraph reads is ever treated as private to one node.
 
 Constant values are followed through the places exporters put them: initializers, ``Constant``
 nodes, ``Identity`` chains and ``ConstantOfShape`` of a constant shape. An initializer that is also
@@ -12,7 +15,7 @@ is a constant only in IR-3 models, where every initializer must be listed as a g
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -98,15 +101,73 @@ class GraphIndex:
         self.graph_outputs = {value.name for value in self.graph.output}
         self.producers: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list] = defaultdict(list)
-        self.subgraph_reads: set[str] = set()
+        # name -> number of nodes whose subgraphs read it (a multiset, so removals can be undone)
+        self.subgraph_reads: Counter = Counter()
+        self._taken: Optional[set] = None  # every name in use, built on first need
         for node in self.graph.node:
-            for name in node.output:
-                if name:
-                    self.producers[name] = node
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
-            self.subgraph_reads.update(subgraph_reads(node))
+            self.register_node(node)
+
+    # --- incremental updates (GraphEditor calls these around each edit) --------------------
+    def register_node(self, node: onnx.NodeProto) -> None:
+        """Record ``node`` (already in the graph, or about to be) as producer and consumer."""
+        for name in node.output:
+            if name:
+                self.producers[name] = node
+        for name in node.input:
+            if name:
+                self.consumers[name].append(node)
+        reads = subgraph_reads(node)
+        self.subgraph_reads.update(reads)
+        if self._taken is not None:
+            self._taken.update(node.output)
+            self._taken.add(node.name)
+            self._taken.update(reads)
+
+    def unregister_node(self, node: onnx.NodeProto) -> None:
+        """Forget ``node`` as producer and consumer (before removing or rewriting it).
+
+        Names stay reserved in :meth:`reserve_name`'s set: a name once used is never handed out
+        again by this index, which is all uniqueness needs.
+        """
+        for name in node.output:
+            if name and self.producers.get(name) is node:
+                del self.producers[name]
+        for name in set(node.input):
+            if name and name in self.consumers:
+                remaining = [user for user in self.consumers[name] if user is not node]
+                if remaining:
+                    self.consumers[name] = remaining
+                else:
+                    del self.consumers[name]
+        reads = subgraph_reads(node)
+        if reads:
+            self.subgraph_reads.subtract(reads)
+            for name in reads:
+                if self.subgraph_reads[name] <= 0:
+                    del self.subgraph_reads[name]
+
+    def register_initializer(self, tensor: onnx.TensorProto) -> None:
+        self.initializers[tensor.name] = tensor
+        if self._taken is not None:
+            self._taken.add(tensor.name)
+
+    def unregister_initializer(self, name: str) -> None:
+        self.initializers.pop(name, None)
+
+    def register_graph_input(self, value: onnx.ValueInfoProto) -> None:
+        self.graph_inputs[value.name] = value
+        if self._taken is not None:
+            self._taken.add(value.name)
+
+    def unregister_graph_input(self, name: str) -> None:
+        self.graph_inputs.pop(name, None)
+
+    def reserve_name(self, base: str) -> str:
+        """A name no tensor, node or graph I/O of this graph uses (see :func:`unique_name`); it is
+        reserved, so later calls never return it again."""
+        if self._taken is None:
+            self._taken = self.all_names()
+        return unique_name(base, self._taken)
 
     # --- uses -----------------------------------------------------------------------------
     def use_count(self, name: str) -> int:

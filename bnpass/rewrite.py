@@ -1,4 +1,4 @@
-"""Graph edits shared by the passes: give a node input a new constant value, drop what died.
+"""Graph edits shared by the passes: give a node input a new constant value, rewire, drop what died.
 
 Rules (STYLE.md, "never mutate a shared tensor"):
 
@@ -8,25 +8,41 @@ Rules (STYLE.md, "never mutate a shared tensor"):
   its other readers;
 * in IR < 4 models every initializer must also be a graph input, so a new initializer is listed
   there too, and a graph input that only served a removed initializer goes with it.
+
+Every edit keeps the editor's :class:`~bnpass.graph.GraphIndex` up to date in place (the node
+touched is unregistered, changed and registered again), so an edit costs O(size of the node), not
+O(size of the graph), and a pass making one edit per BatchNormalization stays linear. Removed nodes,
+initializers and graph inputs leave the index at once but the protobuf lists only at
+:meth:`GraphEditor.flush` (called by :meth:`GraphEditor.remove_dead`), in one sweep: deleting from a
+protobuf list one element at a time costs O(list length) each. Code that changes the graph behind
+the editor's back must call :meth:`GraphEditor.invalidate`; code that reads ``model.graph`` directly
+between edits must call :meth:`GraphEditor.flush` first.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, unique_name
+from .graph import GraphIndex
 
 
 class GraphEditor:
-    """Edits one model in place, keeping a :class:`GraphIndex` of it up to date on demand."""
+    """Edits one model in place, keeping a :class:`GraphIndex` of it up to date."""
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self._index = None
+        self._index: Optional[GraphIndex] = None
         self._detached: set = set()  # names that may have lost their last reader
+        self._value_info: Optional[dict] = None  # name -> [ValueInfoProto], built on first need
+        # Removed from the index, still to delete from the protobuf lists: id(message) -> message.
+        self._removed_nodes: dict = {}
+        self._removed_initializers: dict = {}
+        self._removed_inputs: dict = {}
 
     @property
     def index(self) -> GraphIndex:
@@ -35,10 +51,25 @@ class GraphEditor:
         return self._index
 
     def invalidate(self) -> None:
+        """Forget the index (for callers that edited the graph directly); the next use rebuilds it."""
+        self.flush()
         self._index = None
+        self._value_info = None
+
+    def flush(self) -> None:
+        """Delete removed nodes, initializers and graph inputs from the protobuf lists (one sweep each)."""
+        for container, removed in ((self.graph.node, self._removed_nodes),
+                                   (self.graph.initializer, self._removed_initializers),
+                                   (self.graph.input, self._removed_inputs)):
+            if removed:
+                positions = [i for i, item in enumerate(container) if id(item) in removed]
+                for position in reversed(positions):
+                    del container[position]
+                removed.clear()
 
     def fresh_name(self, base: str) -> str:
-        return unique_name(base, self.index.all_names())
+        """``base`` or ``base_1``, ``base_2``...: a name nothing in the graph uses; it is reserved."""
+        return self.index.reserve_name(base)
 
     # --- constants ------------------------------------------------------------------------
     def set_constant_input(self, node: onnx.NodeProto, position: int, value: np.ndarray,
@@ -53,65 +84,115 @@ class GraphEditor:
             if current is not None and index.constant_chain_is_private(current, node):
                 self._overwrite_source(current.source, value)
                 return
-            self._detached.add(node.input[position])
+        self.set_input(node, position, self.add_initializer(value, name_hint))
+
+    def add_initializer(self, value: np.ndarray, name_hint: str) -> str:
+        """Store ``value`` as a new initializer with a fresh name (IR < 4: also a graph input)."""
         name = self.fresh_name(name_hint)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        self.graph.initializer.append(tensor)
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        tensor = self.graph.initializer[-1]  # the stored copy, which later edits must change
+        self.index.register_initializer(tensor)
         if self.model.ir_version < 4:
             self.graph.input.append(onnx.helper.make_tensor_value_info(
                 name, tensor.data_type, list(tensor.dims)))
-        while len(node.input) <= position:
-            node.input.append("")
-        node.input[position] = name
-        self.invalidate()
+            self.index.register_graph_input(self.graph.input[-1])
+        return name
 
     def _overwrite_source(self, source: str, value: np.ndarray) -> None:
         index = self.index
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), source)
         if source in index.initializers:
-            tensor = index.initializers[source]
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), source))
-            self._retype_declarations(source, tensor)
-        else:  # a Constant or ConstantOfShape node: replace it by a Constant of the new value
+            index.initializers[source].CopyFrom(tensor)
+        else:  # a Constant or ConstantOfShape node: it becomes a Constant of the new value
             producer = index.producers[source]
-            tensor = numpy_helper.from_array(np.ascontiguousarray(value), source)
             replacement = onnx.helper.make_node("Constant", [], [source], name=producer.name, value=tensor)
-            producer.CopyFrom(replacement)
-            self._retype_declarations(source, tensor)
-        self.invalidate()
+            self.replace_node(producer, replacement)
+        self._retype_declarations(source, tensor)
 
     def _retype_declarations(self, name: str, tensor: onnx.TensorProto) -> None:
         """Keep graph-input and value-info declarations of ``name`` in step with its new value."""
         declared = onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims))
-        for value in self.graph.input:
-            if value.name == name:
-                value.type.CopyFrom(declared.type)
-        for value in list(self.graph.value_info):
-            if value.name == name:
-                self.graph.value_info.remove(value)
+        graph_input = self.index.graph_inputs.get(name)
+        if graph_input is not None:
+            graph_input.type.CopyFrom(declared.type)
+        for value in self._value_info_by_name().pop(name, ()):
+            self.graph.value_info.remove(value)
+
+    def _value_info_by_name(self) -> dict:
+        if self._value_info is None:
+            self._value_info = {}
+            for value in self.graph.value_info:
+                self._value_info.setdefault(value.name, []).append(value)
+        return self._value_info
 
     # --- nodes ----------------------------------------------------------------------------
+    def set_input(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        """Make ``node.input[position]`` read ``name`` (``position`` may extend the input list)."""
+        index = self.index
+        old = node.input[position] if position < len(node.input) else ""
+        index.unregister_node(node)
+        while len(node.input) <= position:
+            node.input.append("")
+        node.input[position] = name
+        index.register_node(node)
+        if old and old != name:
+            self._detached.add(old)
+
+    def set_output(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        """Rename output ``position`` of ``node``; the caller makes sure nothing reads the old name."""
+        index = self.index
+        index.unregister_node(node)
+        node.output[position] = name
+        index.register_node(node)
+
+    def insert_node(self, node: onnx.NodeProto, *, after: onnx.NodeProto) -> onnx.NodeProto:
+        """Insert a copy of ``node`` right after ``after`` (keeping topological order); return it.
+
+        O(graph size), to find ``after``: fine for the rare edit that adds a node.
+        """
+        position = next(i for i, existing in enumerate(self.graph.node) if existing is after) + 1
+        self.graph.node.insert(position, node)
+        stored = self.graph.node[position]
+        self.index.register_node(stored)
+        return stored
+
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._detached.update(name for name in node.input if name)
-        self.graph.node.remove(node)
-        self.invalidate()
+        self.index.unregister_node(node)
+        self._removed_nodes[id(node)] = node
 
     def replace_node(self, old: onnx.NodeProto, new: onnx.NodeProto) -> onnx.NodeProto:
         """Put ``new`` in ``old``'s place in the node list (keeping topological order)."""
         self._detached.update(name for name in old.input if name)
+        self.index.unregister_node(old)
         old.CopyFrom(new)
-        self.invalidate()
+        self.index.register_node(old)
         return old
 
+    @staticmethod
+    def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+        """Set (add or replace) a non-graph attribute of ``node``."""
+        GraphEditor.remove_attribute(node, name)
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+    @staticmethod
+    def remove_attribute(node: onnx.NodeProto, name: str) -> None:
+        for attr in node.attribute:
+            if attr.name == name:
+                node.attribute.remove(attr)
+                return
+
+    # --- cleanup --------------------------------------------------------------------------
     def remove_dead(self) -> None:
         """Remove what the edits left without readers: nodes, initializers, stale declarations.
 
         Only names detached by this editor are considered, so dead code the model already had is
         left as it was.
         """
+        index = self.index
         pending = set(self._detached)
         self._detached.clear()
         while pending:
-            index = self.index
             name = pending.pop()
             if index.use_count(name):
                 continue
@@ -119,15 +200,19 @@ class GraphEditor:
             if producer is not None:
                 if all(index.use_count(out) == 0 for out in producer.output if out):
                     pending.update(inp for inp in producer.input if inp)
-                    self.graph.node.remove(producer)
-                    self.invalidate()
+                    index.unregister_node(producer)
+                    self._removed_nodes[id(producer)] = producer
                 continue
             if name in index.initializers and not index.is_overridable_input(name):
-                self.graph.initializer.remove(index.initializers[name])
+                tensor = index.initializers[name]
+                self._removed_initializers[id(tensor)] = tensor
+                index.unregister_initializer(name)
                 # In IR < 4 the initializer's graph input is part of how it is stored.
                 if self.model.ir_version < 4 and name in index.graph_inputs:
-                    self.graph.input.remove(index.graph_inputs[name])
-                self.invalidate()
+                    value = index.graph_inputs[name]
+                    self._removed_inputs[id(value)] = value
+                    index.unregister_graph_input(name)
+        self.flush()
         self.drop_stale_value_info()
 
     def drop_stale_value_info(self) -> None:
@@ -135,3 +220,4 @@ class GraphEditor:
         for value in list(self.graph.value_info):
             if value.name not in produced:
                 self.graph.value_info.remove(value)
+        self._value_info = None

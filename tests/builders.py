@@ -798,3 +798,316 @@ def with_inferred_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     assert len(inferred.graph.value_info) > 0
     return inferred
+
+
+# --------------------------------------------------------------------------------------------
+# Patterns beyond producer -> BN (tests/test_fold_patterns.py)
+# --------------------------------------------------------------------------------------------
+
+ADD_PRODUCERS = ("conv", "conv_transpose", "gemm", "matmul")
+QUANTIZED_PRODUCERS = ("conv", "conv_transpose", "gemm", "matmul")
+FORWARD_LAYERS = ("conv", "gemm", "matmul")
+
+
+def channel_bias_shape(producer: str, out_channels: int, spatial_dims: int = 2) -> tuple[int, ...]:
+    """The usual shape of a per-channel constant added to the producer's output: (C, 1, 1) after a
+    2-D Conv/ConvTranspose (what exporters write for a bias), (C,) after a rank-2 Gemm/MatMul."""
+    if producer in ("conv", "conv_transpose"):
+        return (out_channels,) + (1,) * spatial_dims
+    return (out_channels,)
+
+
+def build_producer_add_bn_model(
+    producer: str = "conv",
+    *,
+    add_shape: Sequence[int] | None = None,
+    constant_first: bool = False,
+    bias: bool = False,
+    group: int = 1,
+    dtype=np.float32,
+    bn_param_dtype=None,
+    opset: int = 13,
+    ir_version: int = DEFAULT_IR_VERSION,
+    add_source: str = "initializer",
+    producer_output_also_consumed: bool = False,
+    add_output_also_consumed: bool = False,
+    batch: int = 3,
+    in_channels: int = 4,
+    out_channels: int = 6,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> producer -> Add(constant) -> BatchNormalization -> y.
+
+    The Add node is ``add``, its constant ``add_constant`` (shape ``add_shape``, default
+    :func:`channel_bias_shape`; random, non-zero), read as the Add's first input when
+    ``constant_first``. ``bias`` gives the producer its own bias too (MatMul has none).
+    ``producer_output_also_consumed`` / ``add_output_also_consumed``: that tensor also feeds a Relu
+    whose output ``relu_out`` is a graph output.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset, ir_version=ir_version)
+    x_shape = producer_input_shape(producer, batch=batch, in_channels=in_channels)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    spec = add_producer(builder, producer, INPUT_NAME, x_shape, rng, out_channels=out_channels, dtype=dtype,
+                        bias=bias and producer != "matmul", group=group)
+    shape = tuple(add_shape) if add_shape is not None else channel_bias_shape(producer, out_channels)
+    values = random_bias(int(np.prod(shape)), rng, dtype).reshape(shape)
+    constant = builder.add_constant("add_constant", values, add_source)
+    inputs = [constant, spec.output] if constant_first else [spec.output, constant]
+    builder.add_node("Add", inputs, ["add_out"], name="add")
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(builder, "add_out", random_bn_params((out_channels,), rng, bn_param_dtype or dtype))
+    for tensor, flag in ((spec.output, producer_output_also_consumed), ("add_out", add_output_also_consumed)):
+        if flag:
+            builder.add_node("Relu", [tensor], ["relu_out"], name="relu")
+            builder.add_output("relu_out")
+    return builder.build()
+
+
+def random_quantized(shape, rng: np.random.Generator, dtype=np.int8, *, low: int | None = None,
+                     high: int | None = None) -> np.ndarray:
+    """Random integers in [low, high] (default: the dtype's range without its minimum, as
+    narrow-range symmetric quantizers write)."""
+    info = np.iinfo(dtype)
+    low = info.min + 1 if low is None else low
+    high = info.max if high is None else high
+    return rng.integers(low, high, size=shape, endpoint=True).astype(dtype)
+
+
+def build_quantized_weight_bn_model(
+    producer: str = "conv",
+    *,
+    per_axis: bool = False,
+    quantized_dtype=np.int8,
+    zero_point: int | None = 0,
+    quantized_range: tuple[int, int] | None = None,
+    scale_dtype=np.float32,
+    gamma_sign: str = "random",
+    bias: bool = True,
+    quantized_bias: bool = False,
+    group: int = 1,
+    trans_b: int = 0,
+    opset: int = 13,
+    ir_version: int = DEFAULT_IR_VERSION,
+    shared: str | None = None,
+    batch: int = 3,
+    in_channels: int = 4,
+    out_channels: int = 6,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> producer(x, DequantizeLinear(w_quantized, w_scale, w_zero_point), bias) -> BN -> y.
+
+    The DequantizeLinear node is ``dequantize``; its integer weight ``w_quantized`` (``quantized_range``,
+    default: the dtype's range without its minimum), scale ``w_scale`` (per tensor, or per output
+    channel with ``per_axis``; dtype ``scale_dtype``), zero point ``w_zero_point`` (``None``: no zero
+    point input). The activations, bias and BN params have the scale's dtype. ``gamma_sign``:
+    "random", "positive" or "negative". ``quantized_bias``: the bias is
+    DequantizeLinear(int32, scale) (node ``bias_dequantize``), as onnxruntime's quantizer writes it.
+    ``shared``: "dequantize_output" (a second producer ``other`` reads the same DequantizeLinear output),
+    "quantized" / "scale" (a second DequantizeLinear reads the same integer weight / scale, feeding
+    ``other``); ``other``'s output ``y_other`` is a graph output.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(scale_dtype)
+    builder = GraphBuilder(opset=opset, ir_version=ir_version)
+    x_shape = producer_input_shape(producer, batch=batch, in_channels=in_channels)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    if producer == "conv":
+        weight_shape, axis, attributes = (out_channels, in_channels // group, 3, 3), 0, dict(
+            kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=group)
+        op = "Conv"
+    elif producer == "conv_transpose":
+        weight_shape, axis, attributes = (in_channels, out_channels // group, 3, 3), 1, dict(
+            kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], group=group)
+        op = "ConvTranspose"
+    elif producer == "gemm":
+        weight_shape = (out_channels, in_channels) if trans_b else (in_channels, out_channels)
+        axis, attributes, op = (0 if trans_b else 1), (dict(transB=trans_b) if trans_b else {}), "Gemm"
+    elif producer == "matmul":
+        weight_shape, axis, attributes, op = (in_channels, out_channels), 1, {}, "MatMul"
+    else:
+        raise ValueError(f"unknown producer {producer!r}")
+    low, high = quantized_range if quantized_range is not None else (None, None)
+    quantized = random_quantized(weight_shape, rng, quantized_dtype, low=low, high=high)
+    centered_magnitude = float(np.max(np.abs(quantized.astype(np.float64) - (zero_point or 0))))
+    fan_in = int(np.prod(weight_shape)) // weight_shape[axis]
+    # Scales that give the dequantized weight a variance of about 1/fan_in.
+    base = 1.0 / (np.sqrt(fan_in) * centered_magnitude / np.sqrt(3))
+    scale_shape = (weight_shape[axis],) if per_axis else ()
+    w_scale = (base * (0.75 + 0.5 * rng.random(scale_shape))).astype(dtype)
+    builder.add_initializer("w_quantized", quantized)
+    builder.add_initializer("w_scale", w_scale)
+    dq_inputs = ["w_quantized", "w_scale"]
+    if zero_point is not None:
+        builder.add_initializer("w_zero_point", np.full(scale_shape, zero_point, dtype=quantized_dtype))
+        dq_inputs.append("w_zero_point")
+    dq_attributes = dict(axis=axis) if per_axis else {}
+    builder.add_node("DequantizeLinear", dq_inputs, ["w"], name="dequantize", **dq_attributes)
+    inputs = [INPUT_NAME, "w"]
+    if bias and producer != "matmul":
+        bias_values = random_bias(out_channels, rng, dtype)
+        if quantized_bias:
+            bias_scale = np.asarray(np.float32(1e-4)).astype(dtype)
+            builder.add_initializer("b_quantized", np.round(bias_values / bias_scale).astype(np.int32))
+            builder.add_initializer("b_scale", bias_scale)
+            builder.add_node("DequantizeLinear", ["b_quantized", "b_scale"], ["b"], name="bias_dequantize")
+            inputs.append("b")
+        else:
+            inputs.append(builder.add_initializer("b", bias_values))
+    builder.add_node(op, inputs, ["producer_out"], name=producer, **attributes)
+    builder.add_output(OUTPUT_NAME)
+    params = random_bn_params((out_channels,), rng, dtype)
+    if gamma_sign != "random":
+        sign = 1.0 if gamma_sign == "positive" else -1.0
+        params.scale = (np.abs(params.scale.astype(np.float64)) * sign).astype(dtype)
+    add_batchnorm(builder, "producer_out", params)
+    if shared is not None:
+        if shared == "dequantize_output":
+            other_weight = "w"
+        elif shared in ("quantized", "scale"):
+            other_inputs = list(dq_inputs)
+            if shared == "quantized":
+                other_inputs[1] = builder.add_initializer("other_scale", (w_scale * 1.5).astype(dtype))
+            else:
+                other_inputs[0] = builder.add_initializer(
+                    "other_quantized", random_quantized(weight_shape, rng, quantized_dtype, low=low, high=high))
+            builder.add_node("DequantizeLinear", other_inputs, ["other_w"], name="other_dequantize", **dq_attributes)
+            other_weight = "other_w"
+        else:
+            raise ValueError(f"unknown sharing {shared!r}")
+        builder.add_node(op, [INPUT_NAME, other_weight], ["y_other"], name="other", **attributes)
+        builder.add_output("y_other")
+    return builder.build()
+
+
+def build_bn_then_layer_model(
+    layer: str = "conv",
+    *,
+    before: str = "input",
+    pads: Sequence[int] | None = None,
+    auto_pad: str | None = None,
+    kernel: int = 3,
+    strides: Sequence[int] | None = None,
+    group: int = 1,
+    bias: bool = True,
+    trans_a: int = 0,
+    trans_b: int = 0,
+    alpha: float | None = None,
+    beta: float | None = None,
+    gemm_bias_shape: Sequence[int] | None = None,
+    dtype=np.float32,
+    bn_param_dtype=None,
+    opset: int = 13,
+    ir_version: int = DEFAULT_IR_VERSION,
+    param_source: str = "initializer",
+    bn_output_also_consumed: bool = False,
+    batch: int = 3,
+    channels: int = 4,
+    out_channels: int = 6,
+    spatial_size: int = 6,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """[x -> Relu ->] BatchNormalization -> layer -> y: a BN that can only fold forward.
+
+    ``before``: "input" (the BN reads the graph input ``x``) or "relu" (``x -> relu -> bn``).
+    ``layer``: "conv" (no padding unless ``pads`` / ``auto_pad`` say so; ``group`` groups),
+    "gemm" (``trans_a``, ``trans_b``, ``alpha``, ``beta``, C of ``gemm_bias_shape``) or "matmul".
+    The layer node is called ``layer``. ``bn_output_also_consumed``: the BN output also feeds a Relu
+    whose output ``relu_out`` is a graph output.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset, ir_version=ir_version)
+    if layer == "conv":
+        x_shape = (batch, channels, spatial_size, spatial_size)
+    elif trans_a:
+        x_shape = (channels, batch)  # BN normalizes axis 1 of its input, which Gemm reads transposed
+    else:
+        x_shape = (batch, channels)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    bn_input = INPUT_NAME
+    if before == "relu":
+        bn_input = builder.add_node("Relu", [INPUT_NAME], ["relu_before_out"], name="relu_before")[0]
+    elif before != "input":
+        raise ValueError(f"unknown 'before' {before!r}")
+    bn_channels = x_shape[1]
+    add_batchnorm(builder, bn_input, random_bn_params((bn_channels,), rng, bn_param_dtype or dtype),
+                  output="bn_out", param_source=param_source)
+    if layer == "conv":
+        if channels % group or out_channels % group:
+            raise ValueError("group must divide both channel counts")
+        weight = random_weight((out_channels, channels // group, kernel, kernel), rng, dtype)
+        inputs = ["bn_out", builder.add_initializer("layer_weight", weight)]
+        if bias:
+            inputs.append(builder.add_initializer("layer_bias", random_bias(out_channels, rng, dtype)))
+        attributes = dict(kernel_shape=[kernel, kernel], group=group)
+        if pads is not None:
+            attributes["pads"] = list(pads)
+        if auto_pad is not None:
+            attributes["auto_pad"] = auto_pad
+        if strides is not None:
+            attributes["strides"] = list(strides)
+        builder.add_node("Conv", inputs, [OUTPUT_NAME], name="layer", **attributes)
+    elif layer == "gemm":
+        in_features = x_shape[0] if trans_a else x_shape[1]
+        weight_shape = (out_channels, in_features) if trans_b else (in_features, out_channels)
+        inputs = ["bn_out", builder.add_initializer("layer_weight", random_weight(weight_shape, rng, dtype,
+                                                                                 fan_in=in_features))]
+        if bias:
+            shape = tuple(gemm_bias_shape) if gemm_bias_shape is not None else (out_channels,)
+            inputs.append(builder.add_initializer(
+                "layer_bias", random_bias(int(np.prod(shape)), rng, dtype).reshape(shape)))
+        attributes = {}
+        for key, value in (("transA", trans_a), ("transB", trans_b), ("alpha", alpha), ("beta", beta)):
+            if value:
+                attributes[key] = value
+        builder.add_node("Gemm", inputs, [OUTPUT_NAME], name="layer", **attributes)
+    elif layer == "matmul":
+        weight = random_weight((channels, out_channels), rng, dtype, fan_in=channels)
+        builder.add_node("MatMul", ["bn_out", builder.add_initializer("layer_weight", weight)], [OUTPUT_NAME],
+                         name="layer")
+    else:
+        raise ValueError(f"unknown layer {layer!r}")
+    builder.add_output(OUTPUT_NAME)
+    if bn_output_also_consumed:
+        builder.add_node("Relu", ["bn_out"], ["relu_out"], name="relu")
+        builder.add_output("relu_out")
+    return builder.build()
+
+
+def add_constant_of_shape(builder: GraphBuilder, name: str, shape: Sequence[int], fill: float, dtype=np.float32) -> str:
+    """A ``ConstantOfShape`` node (``name + "_fill"``) filling ``shape`` with ``fill``; its shape is the
+    int64 initializer ``name + "_shape"`` (the way onnx's light test models store weights)."""
+    shape_name = builder.add_initializer(f"{name}_shape", np.asarray(shape, dtype=np.int64))
+    builder.add_node("ConstantOfShape", [shape_name], [name], name=f"{name}_fill",
+                     value=numpy_helper.from_array(np.asarray([fill], dtype=dtype), "value"))
+    return name
+
+
+def build_constant_of_shape_params_model(
+    producer: str = "conv", *, dtype=np.float32, opset: int = 13, ir_version: int = DEFAULT_IR_VERSION,
+    weight_from_constant_of_shape: bool = False, seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> producer -> BN -> y where the BN's mean and var are ``ConstantOfShape`` outputs (fills 0.3
+    and 1.7; gamma and beta random initializers), and with ``weight_from_constant_of_shape`` the
+    producer's weight too (fill 0.02, like onnx's light models; its bias stays random)."""
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=opset, ir_version=ir_version)
+    x_shape = producer_input_shape(producer, batch=3)
+    builder.add_input(INPUT_NAME, dtype, x_shape)
+    spec = add_producer(builder, producer, INPUT_NAME, x_shape, rng, out_channels=6, dtype=dtype,
+                        bias=producer != "matmul")
+    if weight_from_constant_of_shape:
+        weight = builder.initializers.pop(next(i for i, t in enumerate(builder.initializers)
+                                               if t.name == f"{spec.node_name}_weight"))
+        add_constant_of_shape(builder, weight.name, list(weight.dims), 0.02, dtype)
+        builder.nodes.insert(0, builder.nodes.pop())  # before the producer that reads it
+    params = random_bn_params((6,), rng, dtype)
+    # Shape inference cannot see through ConstantOfShape weights: declare the output.
+    builder.add_output(OUTPUT_NAME, dtype, spec.output_shape)
+    inputs = [spec.output,
+              builder.add_initializer("bn_scale", params.scale),
+              builder.add_initializer("bn_bias", params.bias),
+              add_constant_of_shape(builder, "bn_mean", (6,), 0.3, dtype),
+              add_constant_of_shape(builder, "bn_var", (6,), 1.7, dtype)]
+    builder.add_node("BatchNormalization", inputs, [OUTPUT_NAME], name=BN_NODE_NAME)
+    return builder.build()

@@ -1,20 +1,45 @@
-"""FoldBatchNormPass: fold inference-mode BatchNormalization into the layer that produces its input.
+"""FoldBatchNormPass: fold inference-mode BatchNormalization into a neighbouring layer.
 
+Inference-mode BN is the per-channel affine map ``BN(x) = scale * x + shift`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale`` (:mod:`bnpass.folding`).
 Match, check, rewrite. For each BatchNormalization node:
 
-* **match** the producer of its input: Conv (1-3D, any group), ConvTranspose (any group),
-  Gemm (any transA/transB, alpha, beta, with or without C) or MatMul with a constant 2-D weight
-  and a rank-2 output (the BN channel axis 1 is then the weight's output axis);
-* **check** that the fold is exact and safe, or name the reason it is not: the BN runs in
-  inference mode with per-channel (``spatial=1``) constant parameters, the producer's output is
-  read by the BN alone, and its weight (and bias) are constants with the BN's channel count;
-* **rewrite**: the producer's weight and bias are replaced by folded values (math in
-  :mod:`bnpass.folding`, float64, cast once to each tensor's own dtype), the producer takes over
-  the BN's output name, and the BN is removed. MatMul gets an Add of the folded bias.
+**Backward** (the usual fold), into the layer producing its input:
 
-A weight or bias read by anything else is never changed in place: the producer gets a private
-copy. Parameters no longer read by anything are removed. A BN that cannot fold stays, and the
-reason is reported in :attr:`FoldResult.skipped`.
+* Conv (1-3D, any group), ConvTranspose (any group), Gemm (any transA/transB, alpha, beta, with or
+  without C), or MatMul with a constant 2-D weight and a rank-2 output (BN's channel axis 1 is then
+  the weight's output axis): W'[c] = W[c] * scale[c], b'[c] = b[c] * scale[c] + shift[c];
+* the same layer followed by an ``Add`` of a constant that broadcasts along the channel axis only
+  ((C,1,1) or (1,C,1,1) after a 2-D Conv, (C,) or (1,C) after a rank-2 MatMul/Gemm, or one number):
+  the constant joins the bias before folding, b' = (b + a) * scale + shift. Conv/ConvTranspose/Gemm
+  absorb the Add into their bias; after a MatMul the Add stays, with the folded bias as its constant;
+* a weight that is ``DequantizeLinear(q, q_scale, zero_point)`` of constants: the fold is exact in the
+  scale alone, q_scale'[c] = q_scale[c] * |scale[c]|, along the weight's output-channel axis (0 for
+  Conv, 1 for ConvTranspose with group 1, 1 or 0 for Gemm by transB, 1 for MatMul); a per-tensor
+  scale (and zero point) becomes per-axis, which needs opset 13. Integers are kept, except that a
+  channel with a negative factor is mirrored around its zero point (q' = 2 zp - q) so every scale
+  keeps its sign (TensorRT refuses non-positive scales); when a mirrored value would not fit the
+  integer type, the BN stays. A bias behind DequantizeLinear is folded in float (it cannot stay an
+  exact int32 multiple of its scale).
+
+**Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
+
+* Conv without padding (pads all 0, auto_pad NOTSET/VALID, or SAME with a 1x1 kernel), any group:
+  W'[o, j] = W[o, j] * scale[c], b'[o] = b[o] + sum_{j,k} W[o, j, k] * shift[c], c the input channel
+  g(o) * C_in/group + j; padding is excluded because a padded zero of BN(x) is not a zero of x;
+* Gemm with transA = 0: rows of B' scaled, C' = beta * C + alpha * shift @ B';
+* MatMul with a rank-2 input and a constant 2-D weight: rows of W scaled, plus an Add of shift @ W.
+
+**Checks**: the BN runs in inference mode with per-channel (``spatial=1``) constant parameters and
+a positive ``var + eps``; the tensors between the BN and the layer are read by nothing else; the
+weight (and bias) are constants with matching channel counts; every folded value is finite in its
+dtype. Otherwise the BN stays and the reason is reported in :attr:`FoldResult.skipped`.
+
+**Rewrite**: values are computed in float64 and cast once to the dtype of the tensor they replace.
+A constant read by anything else is never changed in place: the layer (or a private copy of its
+DequantizeLinear) gets its own. The folded BN (and absorbed Add) are removed, the layer takes over
+the BN's output name, and parameters nothing reads any more are removed. Folds repeat until none
+applies, so the pass is idempotent: run again on its output it reports ``modified=False``.
 """
 
 from __future__ import annotations
@@ -27,32 +52,25 @@ import numpy as np
 import onnx
 
 from .. import folding
-from ..graph import GraphIndex, attribute, default_opset, inferred_value_infos, is_batchnorm, node_label, rank_of
+from ..graph import (DEFAULT_DOMAINS, GraphIndex, attribute, default_opset, inferred_value_infos, is_batchnorm,
+                     node_label, rank_of)
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
 
 logger = logging.getLogger(__name__)
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FORWARD_LAYERS = ("Conv", "Gemm", "MatMul")
 PARAM_NAMES = ("scale", "B", "input_mean", "input_var")
+QUANTIZED_WEIGHT_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
+PER_AXIS_DEQUANTIZE_OPSET = 13
 
 
 @dataclass
 class FoldResult(PassResult):
-    folded: list = field(default_factory=list)   # (bn name, producer name) per folded BN
+    folded: list = field(default_factory=list)   # (bn name, layer name) per folded BN
     skipped: dict = field(default_factory=dict)  # bn name -> reason it stayed
-
-
-@dataclass
-class _Fold:
-    """What a checked fold needs: the two nodes, BN as (scale, shift), the producer's constants."""
-
-    bn: onnx.NodeProto
-    producer: onnx.NodeProto
-    scale: np.ndarray
-    shift: np.ndarray
-    weight: np.ndarray
-    bias: Optional[np.ndarray]
+    patterns: dict = field(default_factory=dict)  # bn name -> what it folded as, e.g. "Conv->Add->BN", "BN->Gemm"
 
 
 class FoldBatchNormPass:
@@ -61,26 +79,196 @@ class FoldBatchNormPass:
     def call(self, model: onnx.ModelProto) -> FoldResult:
         model = copy_model(model)
         editor = GraphEditor(model)
-        opset = default_opset(model)
-        # Shape inference is only needed for the rank of MatMul inputs.
-        has_matmul = any(node.op_type == "MatMul" for node in model.graph.node)
-        value_infos = inferred_value_infos(model) if has_matmul else {}
-        folded, skipped = [], {}
-        for bn in [node for node in model.graph.node if is_batchnorm(node)]:
-            plan = check_fold(bn, editor.index, opset, value_infos)
-            if isinstance(plan, str):
-                skipped[node_label(bn)] = plan
-                logger.debug("left %s: %s", node_label(bn), plan)
-                continue
-            folded.append((node_label(bn), node_label(plan.producer)))
-            rewrite_fold(plan, editor)
+        context = _Context(editor)
+        folded, reasons, patterns = [], {}, {}
+        pending = [node for node in model.graph.node if is_batchnorm(node)]
+        while pending:  # a fold can make another possible (BN -> BN -> Conv): repeat until none does
+            remaining = []
+            for bn in pending:
+                plan = plan_fold(bn, editor.index, context)
+                if isinstance(plan, str):
+                    reasons[id(bn)] = plan
+                    remaining.append(bn)
+                    continue
+                folded.append((node_label(bn), node_label(plan.layer)))
+                patterns[node_label(bn)] = plan.pattern
+                plan.apply(editor)
+            if len(remaining) == len(pending):
+                break
+            pending = remaining
+        skipped = {node_label(bn): reasons[id(bn)] for bn in pending}
+        for name, reason in skipped.items():
+            logger.debug("left %s: %s", name, reason)
         if folded:
             editor.remove_dead()
-        return FoldResult(model=model, modified=bool(folded), folded=folded, skipped=skipped)
+        return FoldResult(model=model, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns)
 
 
-def check_fold(bn: onnx.NodeProto, index: GraphIndex, opset: int, value_infos: dict) -> Union[_Fold, str]:
-    """A :class:`_Fold` when ``bn`` can fold exactly into its input's producer, else the reason."""
+class _Context:
+    """Model-wide facts the checks need: the opset, and tensor ranks from shape inference (lazily:
+    only MatMul folds need them)."""
+
+    def __init__(self, editor: GraphEditor):
+        self.editor = editor
+        self.opset = default_opset(editor.model)
+        self._value_infos: Optional[dict] = None
+
+    def rank(self, name: str) -> Optional[int]:
+        """The rank of tensor ``name`` (folds keep every tensor's shape, so one inference serves)."""
+        if self._value_infos is None:
+            self.editor.flush()  # shape inference reads the protobuf graph
+            self._value_infos = inferred_value_infos(self.editor.model)
+        return rank_of(self._value_infos, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans: what a checked fold writes. Values are final (folded, cast to their tensor's dtype).
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _QuantizedWeight:
+    """``DequantizeLinear(q, q_scale, zero_point)`` feeding a layer's weight input."""
+
+    dequantize: onnx.NodeProto
+    quantized: np.ndarray
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    axis: Optional[int]      # the per-axis quantization axis (normalized), None when per-tensor
+    dtype: np.dtype          # the DequantizeLinear output type
+
+    @property
+    def shape(self):
+        return self.quantized.shape
+
+
+@dataclass
+class _QuantizedUpdate:
+    """New DequantizeLinear inputs: per-axis scale and zero point, mirrored integers if any."""
+
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    quantized: Optional[np.ndarray]  # None: the integers stay as they are
+    axis: int
+
+
+@dataclass
+class _BackwardFold:
+    """BN folded into the layer before it (through an optional bias Add)."""
+
+    bn: onnx.NodeProto
+    layer: onnx.NodeProto
+    weight: Union[np.ndarray, _QuantizedUpdate]
+    dequantize: Optional[onnx.NodeProto]
+    bias: np.ndarray
+    add: Optional[onnx.NodeProto] = None
+    add_constant_position: int = 1
+
+    @property
+    def pattern(self) -> str:
+        weight = "DequantizeLinear->" if self.dequantize is not None else ""
+        add = "->Add" if self.add is not None else ""
+        return f"{weight}{self.layer.op_type}{add}->BN"
+
+    def apply(self, editor: GraphEditor) -> None:
+        bn, layer = self.bn, self.layer
+        output = bn.output[0]
+        base = layer.name or output
+        if isinstance(self.weight, _QuantizedUpdate):
+            _write_quantized_weight(editor, layer, self.dequantize, self.weight, base)
+        else:
+            editor.set_constant_input(layer, 1, self.weight, f"{base}.weight_folded")
+        if layer.op_type == "MatMul":
+            if self.add is None:  # a new Add of the folded bias takes over the BN's place and output
+                add = onnx.helper.make_node("Add", [bn.input[0]], [output],
+                                            name=editor.fresh_name(f"{base}.bias_add"))
+                add = editor.replace_node(bn, add)
+                editor.set_constant_input(add, 1, self.bias, f"{base}.bias_folded")
+                return
+            editor.set_constant_input(self.add, self.add_constant_position, self.bias, f"{base}.bias_folded")
+            editor.remove_node(bn)
+            editor.set_output(self.add, 0, output)
+            return
+        editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
+        if layer.op_type == "Gemm":
+            editor.remove_attribute(layer, "beta")  # the folded C already carries beta: beta = 1
+        if self.add is not None:
+            editor.remove_node(self.add)
+        editor.remove_node(bn)
+        editor.set_output(layer, 0, output)
+
+
+@dataclass
+class _ForwardFold:
+    """BN folded into the one layer that reads its output."""
+
+    bn: onnx.NodeProto
+    layer: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def pattern(self) -> str:
+        return f"BN->{self.layer.op_type}"
+
+    def apply(self, editor: GraphEditor) -> None:
+        bn, layer = self.bn, self.layer
+        base = layer.name or layer.output[0]
+        editor.set_constant_input(layer, 1, self.weight, f"{base}.weight_folded")
+        if layer.op_type == "MatMul":  # MatMul has no bias: an Add of the folded bias follows it
+            output = layer.output[0]
+            editor.set_output(layer, 0, editor.fresh_name(f"{base}.unbiased"))
+            bias = editor.add_initializer(self.bias, f"{base}.bias_folded")
+            add = onnx.helper.make_node("Add", [layer.output[0], bias], [output],
+                                        name=editor.fresh_name(f"{base}.bias_add"))
+            editor.insert_node(add, after=layer)
+        else:
+            editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
+            if layer.op_type == "Gemm":
+                editor.remove_attribute(layer, "beta")
+        editor.set_input(layer, 0, bn.input[0])  # before removing the BN, whose input it reads
+        editor.remove_node(bn)
+
+
+def _write_quantized_weight(editor: GraphEditor, layer, dequantize, update: _QuantizedUpdate, base: str) -> None:
+    index = editor.index
+    if not index.is_private_to(dequantize.output[0], layer):
+        # Another node reads the dequantized weight: give this layer its own DequantizeLinear.
+        copy = onnx.NodeProto()
+        copy.CopyFrom(dequantize)
+        copy.name = editor.fresh_name(f"{dequantize.name or 'DequantizeLinear'}.{base}")
+        copy.output[0] = editor.fresh_name(f"{dequantize.output[0]}.{base}")
+        dequantize = editor.insert_node(copy, after=dequantize)
+        editor.set_input(layer, 1, dequantize.output[0])
+    editor.set_constant_input(dequantize, 1, update.q_scale, f"{base}.weight_scale_folded")
+    if update.zero_point is not None:
+        editor.set_constant_input(dequantize, 2, update.zero_point, f"{base}.weight_zero_point_folded")
+    if update.quantized is not None:
+        editor.set_constant_input(dequantize, 0, update.quantized, f"{base}.weight_quantized_folded")
+    editor.set_attribute(dequantize, "axis", update.axis)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks
+# ------------------------------------------------------------------------------------------------
+
+
+def plan_fold(bn: onnx.NodeProto, index: GraphIndex, context: _Context) -> Union[_BackwardFold, _ForwardFold, str]:
+    """How ``bn`` folds (backward when it can, else forward), or the reason it cannot."""
+    affine = check_batchnorm(bn, index, context.opset)
+    if isinstance(affine, str):
+        return affine
+    backward = check_backward_fold(bn, affine, index, context)
+    if not isinstance(backward, str):
+        return backward
+    forward = check_forward_fold(bn, affine, index, context)
+    if not isinstance(forward, str):
+        return forward
+    return f"{backward}; nor can it fold into the layer after it: {forward}"
+
+
+def check_batchnorm(bn: onnx.NodeProto, index: GraphIndex, opset: int):
+    """``(scale, shift)`` (float64, per channel) of an inference-mode per-channel BN, else the reason."""
     if opset < 7:
         return f"opset {opset} BatchNormalization is not supported (opset 7 or later is)"
     if any(bn.output[1:]):
@@ -89,107 +277,386 @@ def check_fold(bn: onnx.NodeProto, index: GraphIndex, opset: int, value_infos: d
         return "training_mode=1: it normalizes with batch statistics at inference"
     if attribute(bn, "spatial", 1) == 0:
         return "spatial=0: per-activation statistics cannot fold into per-channel weights"
-
     params = []
     for position, label in enumerate(PARAM_NAMES, start=1):
         constant = index.constant(bn.input[position])
         if constant is None:
             return f"its {label} '{bn.input[position]}' is not a constant"
+        if not np.issubdtype(constant.value.dtype, np.floating):
+            return f"its {label} '{bn.input[position]}' is {constant.value.dtype}, not floating point"
         params.append(constant.value)
     channels = params[2].size
     if any(p.size != channels for p in params):
         return "its parameters have different sizes " + str([p.size for p in params])
+    epsilon = attribute(bn, "epsilon", 1e-5)
+    with np.errstate(all="ignore"):
+        scale, shift = folding.batchnorm_affine(*params, epsilon)
+    bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(shift)))
+    if bad.size:
+        return f"var + epsilon is not positive (or a parameter is not finite) for channel(s) {_few(bad)}"
+    return scale, shift
 
+
+def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> Union[_BackwardFold, str]:
+    """A plan to fold ``bn`` into the layer producing its input (maybe through a bias Add), or why not."""
+    scale, shift = affine
+    channels = scale.size
     x = bn.input[0]
     producer = index.producers.get(x)
     if producer is None:
-        return f"its input '{x}' is a graph input, not the output of a layer"
-    if producer.op_type not in FOLDABLE_PRODUCERS or producer.domain not in ("", "ai.onnx"):
+        return _unproduced_reason(x, index)
+    if producer.domain not in DEFAULT_DOMAINS:
+        return f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'"
+    add, add_position, add_value = None, 1, None
+    layer = producer
+    if producer.op_type == "Add":
+        match = _match_bias_add(producer, index)
+        if isinstance(match, str):
+            return match
+        add = producer
+        layer, add_position, add_value = match
+    elif producer.op_type not in FOLDABLE_PRODUCERS:
         return (f"its input comes from {producer.op_type} '{node_label(producer)}' "
-                "(folds only into Conv, ConvTranspose, Gemm or MatMul)")
-    if x in index.graph_outputs:
-        return f"'{x}', the output of {node_label(producer)}, is also a graph output"
+                "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
     if index.use_count(x) != 1:
-        return f"'{x}', the output of {node_label(producer)}, is also read by other nodes"
+        return _shared_reason(x, producer, index)
+    if add is not None and index.use_count(layer.output[0]) != 1:
+        return _shared_reason(layer.output[0], layer, index)
+    op, label = layer.op_type, node_label(layer)
 
-    weight = index.constant(producer.input[1])
-    if weight is None:
-        return f"the weight '{producer.input[1]}' of {producer.op_type} '{node_label(producer)}' is not a constant"
-    weight = weight.value
-    if not np.issubdtype(weight.dtype, np.floating):
-        return f"the weight of '{node_label(producer)}' is {weight.dtype}, not floating point"
-    bias = None
-    if len(producer.input) > 2 and producer.input[2]:
-        bias = index.constant(producer.input[2])
-        if bias is None:
-            return f"the bias '{producer.input[2]}' of '{node_label(producer)}' is not a constant"
-        bias = bias.value
-
-    out_channels = _output_channels(producer, weight, index, value_infos)
+    weight = _layer_weight(layer, index, context)
+    if isinstance(weight, str):
+        return weight
+    bias = _layer_bias(layer, index)
+    if isinstance(bias, str):
+        return bias
+    out_channels = _output_channels(layer, weight.shape, context)
     if isinstance(out_channels, str):
         return out_channels
     if out_channels != channels:
-        return f"'{node_label(producer)}' has {out_channels} output channels but the BN has {channels}"
-    if producer.op_type in ("Conv", "ConvTranspose") and bias is not None and bias.size != channels:
-        return f"the bias of '{node_label(producer)}' has {bias.size} values for {channels} channels"
+        return f"{op} '{label}' has {out_channels} output channels but the BN has {channels}"
+    if op in ("Conv", "ConvTranspose") and bias is not None and bias.size != channels:
+        return f"the bias of {op} '{label}' has {bias.size} values for {channels} channels"
+    group = attribute(layer, "group", 1) if op == "ConvTranspose" else 1
+    out_axis = _output_axis(layer)
 
-    scale, shift = folding.batchnorm_affine(*params, attribute(bn, "epsilon", 1e-5))
-    return _Fold(bn=bn, producer=producer, scale=scale, shift=shift, weight=weight, bias=bias)
+    # The bias before BN, in float64: the layer's own (Gemm: beta * C) plus the Add's constant.
+    total_bias = None if bias is None else bias.astype(np.float64)
+    if op == "Gemm" and total_bias is not None:
+        total_bias = total_bias * np.float64(attribute(layer, "beta", 1.0))
+    if add is not None:
+        rank = len(weight.shape) if op in ("Conv", "ConvTranspose") else 2
+        per_channel = folding.channel_vector(add_value, channels, rank=rank, axis=1)
+        if per_channel is None:
+            return (f"the constant '{add.input[add_position]}' of shape {list(add_value.shape)} added by "
+                    f"'{node_label(add)}' is not one value per channel of {op} '{label}''s rank-{rank} output")
+        total_bias = per_channel if total_bias is None else total_bias + per_channel
+
+    if isinstance(weight, _QuantizedWeight):
+        if op == "ConvTranspose" and group != 1:
+            return (f"the weight of ConvTranspose '{label}' (group {group}) is quantized: its output channels "
+                    "do not lie along one weight axis, so no per-axis scale can express the fold")
+        new_weight = _fold_quantized_weight(weight, scale, out_axis, layer)
+    else:
+        new_weight = _cast_finite(folding.scale_output_channels(weight, scale, axis=out_axis, group=group),
+                                  weight.dtype, f"the folded weight of {op} '{label}'")
+    if isinstance(new_weight, str):
+        return new_weight
+    weight_dtype = weight.dtype  # a DequantizeLinear's output type for a quantized weight
+    if op == "MatMul":
+        bias_dtype = add_value.dtype if add is not None else weight_dtype
+    else:
+        bias_dtype = bias.dtype if bias is not None else add_value.dtype if add is not None else weight_dtype
+    new_bias = _cast_finite(folding.fold_bias(total_bias, scale, shift), bias_dtype,
+                            f"the folded bias of {op} '{label}'")
+    if isinstance(new_bias, str):
+        return new_bias
+    if op == "MatMul" and add is not None and add_value.size == channels:
+        new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
+    return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
+                         dequantize=weight.dequantize if isinstance(weight, _QuantizedWeight) else None,
+                         bias=new_bias, add=add, add_constant_position=add_position)
 
 
-def _output_channels(producer, weight, index, value_infos) -> Union[int, str]:
-    label = node_label(producer)
-    if producer.op_type == "Conv":
-        return weight.shape[0]
-    if producer.op_type == "ConvTranspose":
-        return weight.shape[1] * attribute(producer, "group", 1)
-    if producer.op_type == "Gemm":
-        return weight.shape[0] if attribute(producer, "transB", 0) else weight.shape[1]
+def check_forward_fold(bn, affine, index: GraphIndex, context: _Context) -> Union[_ForwardFold, str]:
+    """A plan to fold ``bn`` into the one layer reading its output, or why not."""
+    scale, shift = affine
+    channels = scale.size
+    y = bn.output[0]
+    if y in index.graph_outputs:
+        return f"its output '{y}' is a graph output"
+    readers = index.consumers.get(y, [])
+    if not readers:
+        return f"nothing reads its output '{y}'"
+    if index.use_count(y) != 1:
+        return f"its output '{y}' is read by {index.use_count(y)} nodes or subgraph uses"
+    layer = readers[0]
+    op, label = layer.op_type, node_label(layer)
+    if op not in FORWARD_LAYERS or layer.domain not in DEFAULT_DOMAINS:
+        return f"its output goes to {op} '{label}' (folds forward only into Conv, Gemm or MatMul)"
+    if layer.input[0] != y:
+        return f"{op} '{label}' reads its output as a parameter, not as data"
+    weight = index.constant(layer.input[1])
+    if weight is None:
+        if _is_dequantize(index.producers.get(layer.input[1])):
+            return (f"the weight of {op} '{label}' is quantized: scaling its input channels cannot be expressed "
+                    "in a per-output-channel DequantizeLinear scale")
+        return f"the weight '{layer.input[1]}' of {op} '{label}' is not a constant"
+    weight = weight.value
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"the weight of {op} '{label}' is {weight.dtype}, not floating point"
+    bias = _layer_bias(layer, index)
+    if isinstance(bias, str):
+        return bias
+
+    if op == "Conv":
+        padding = _conv_padding(layer, weight)
+        if padding:
+            return (f"Conv '{label}' pads its input ({padding}): a padded zero after the BN is not a zero "
+                    "before it, so the fold would be wrong at the borders")
+        group = attribute(layer, "group", 1)
+        in_channels = weight.shape[1] * group
+        if in_channels != channels:
+            return f"Conv '{label}' has {in_channels} input channels but the BN has {channels}"
+        new_weight, new_bias = folding.fold_conv_input(weight, bias, scale, shift, group=group)
+    elif op == "Gemm":
+        if attribute(layer, "transA", 0):
+            return f"Gemm '{label}' has transA=1: the BN channels become rows of the output, not weights"
+        trans_b = bool(attribute(layer, "transB", 0))
+        in_channels = weight.shape[1] if trans_b else weight.shape[0]
+        if in_channels != channels:
+            return f"Gemm '{label}' has {in_channels} input features but the BN has {channels}"
+        new_weight, new_bias = folding.fold_gemm_input(weight, bias, scale, shift, trans_b=trans_b,
+                                                       alpha=attribute(layer, "alpha", 1.0),
+                                                       beta=attribute(layer, "beta", 1.0))
+    else:  # MatMul: the BN channel axis 1 is the contracted axis only for a rank-2 input
+        if weight.ndim != 2:
+            return f"the weight of MatMul '{label}' has rank {weight.ndim}, not 2"
+        rank = context.rank(bn.input[0])
+        if rank != 2:
+            return (f"MatMul '{label}' reads a rank-{rank if rank is not None else '?'} input, so the BN "
+                    "channel axis is not the contracted axis")
+        if weight.shape[0] != channels:
+            return f"MatMul '{label}' has {weight.shape[0]} input features but the BN has {channels}"
+        new_weight, new_bias = folding.fold_matmul_input(weight, scale, shift)
+    new_weight = _cast_finite(new_weight, weight.dtype, f"the folded weight of {op} '{label}'")
+    if isinstance(new_weight, str):
+        return new_weight
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    new_bias = _cast_finite(new_bias, bias_dtype, f"the folded bias of {op} '{label}'")
+    if isinstance(new_bias, str):
+        return new_bias
+    return _ForwardFold(bn=bn, layer=layer, weight=new_weight, bias=new_bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Check helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _unproduced_reason(name: str, index: GraphIndex) -> str:
+    if name in index.initializers and not index.is_overridable_input(name):
+        return f"its input '{name}' is a constant, not the output of a layer"
+    return f"its input '{name}' is a graph input, not the output of a layer"
+
+
+def _shared_reason(name: str, producer, index: GraphIndex) -> str:
+    if name in index.graph_outputs:
+        return f"'{name}', the output of {node_label(producer)}, is also a graph output"
+    return f"'{name}', the output of {node_label(producer)}, is also read by other nodes"
+
+
+def _match_bias_add(add: onnx.NodeProto, index: GraphIndex):
+    """``(layer, constant position, constant value)`` when ``add`` adds a float constant to the
+    output of a foldable layer, else the reason."""
+    if len(add.input) == 2:
+        for position in (1, 0):
+            constant = index.constant(add.input[position])
+            layer = index.producers.get(add.input[1 - position])
+            if (constant is not None and layer is not None and layer.op_type in FOLDABLE_PRODUCERS
+                    and layer.domain in DEFAULT_DOMAINS and np.issubdtype(constant.value.dtype, np.floating)):
+                return layer, position, constant.value
+    return (f"its input comes from Add '{node_label(add)}', which does not add a constant to the output of a "
+            "Conv, ConvTranspose, Gemm or MatMul")
+
+
+def _is_dequantize(node) -> bool:
+    return node is not None and node.op_type == "DequantizeLinear" and node.domain in DEFAULT_DOMAINS
+
+
+def _layer_weight(layer, index: GraphIndex, context: _Context) -> Union[np.ndarray, _QuantizedWeight, str]:
+    """The layer's weight: a float constant, a DequantizeLinear of constants, or the reason it is neither."""
+    op, label, name = layer.op_type, node_label(layer), layer.input[1]
+    constant = index.constant(name)
+    if constant is not None:
+        if not np.issubdtype(constant.value.dtype, np.floating):
+            return f"the weight of {op} '{label}' is {constant.value.dtype}, not floating point"
+        return constant.value
+    dequantize = index.producers.get(name)
+    if not _is_dequantize(dequantize):
+        return f"the weight '{name}' of {op} '{label}' is not a constant"
+    dq_label = f"DequantizeLinear '{node_label(dequantize)}'"
+    if context.opset < PER_AXIS_DEQUANTIZE_OPSET:
+        return (f"the weight of {op} '{label}' comes from {dq_label}, and a per-channel scale needs opset "
+                f"{PER_AXIS_DEQUANTIZE_OPSET} (the model imports opset {context.opset})")
+    if attribute(dequantize, "block_size", 0):
+        return f"{dq_label} uses blocked quantization"
+    inputs = list(dequantize.input) + [""] * (3 - len(dequantize.input))
+    constants = [index.constant(n) if n else None for n in inputs]
+    if constants[0] is None or constants[1] is None or (inputs[2] and constants[2] is None):
+        return f"the inputs of {dq_label}, which makes the weight of {op} '{label}', are not all constants"
+    quantized, q_scale, zero_point = (None if c is None else c.value for c in constants)
+    if quantized.dtype not in QUANTIZED_WEIGHT_TYPES:
+        return f"{dq_label} dequantizes {quantized.dtype} (bnpass folds int8/uint8/int16/uint16/int32 weights)"
+    if not np.issubdtype(q_scale.dtype, np.floating):
+        return f"the scale of {dq_label} is {q_scale.dtype}"
+    if q_scale.size == 1 and q_scale.ndim <= 1:
+        axis = None
+    elif q_scale.ndim == 1:
+        axis = attribute(dequantize, "axis", 1)
+        axis = axis + quantized.ndim if axis < 0 else axis
+    else:
+        return f"the scale of {dq_label} has shape {list(q_scale.shape)}"
+    if zero_point is not None and zero_point.shape != q_scale.shape:
+        return f"the zero point and scale of {dq_label} have different shapes"
+    output_type = attribute(dequantize, "output_dtype", 0)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(output_type) if output_type else q_scale.dtype
+    return _QuantizedWeight(dequantize=dequantize, quantized=quantized, q_scale=q_scale, zero_point=zero_point,
+                            axis=axis, dtype=np.dtype(dtype))
+
+
+def _layer_bias(layer, index: GraphIndex) -> Union[None, np.ndarray, str]:
+    """The layer's bias (Conv/ConvTranspose B, Gemm C) as a float constant, None when absent.
+
+    A bias made by DequantizeLinear of constants is dequantized (exactly, in float64) and returned
+    in the DequantizeLinear's output type: the folded bias is written in float.
+    """
+    if len(layer.input) < 3 or not layer.input[2]:
+        return None
+    name, label = layer.input[2], node_label(layer)
+    constant = index.constant(name)
+    if constant is not None:
+        if not np.issubdtype(constant.value.dtype, np.floating):
+            return f"the bias of '{label}' is {constant.value.dtype}, not floating point"
+        return constant.value
+    dequantize = index.producers.get(name)
+    if _is_dequantize(dequantize):
+        value = _dequantized_value(dequantize, index)
+        if value is not None:
+            return value
+    return f"the bias '{name}' of '{label}' is not a constant"
+
+
+def _dequantized_value(dequantize, index: GraphIndex) -> Optional[np.ndarray]:
+    """``(q - zero_point) * scale`` of a DequantizeLinear whose inputs are constants (per tensor or per
+    axis), in its output type; None otherwise."""
+    if attribute(dequantize, "block_size", 0):
+        return None
+    values = [index.constant(n) if n else None for n in dequantize.input]
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    quantized, q_scale = values[0].value, values[1].value
+    zero_point = values[2].value if len(values) > 2 else np.zeros_like(q_scale, dtype=np.int64)
+    if quantized.dtype not in QUANTIZED_WEIGHT_TYPES or not np.issubdtype(q_scale.dtype, np.floating):
+        return None
+    shape = [1] * quantized.ndim
+    if q_scale.size != 1:
+        if q_scale.ndim != 1 or quantized.ndim == 0:
+            return None
+        axis = attribute(dequantize, "axis", 1)
+        shape[axis + quantized.ndim if axis < 0 else axis] = -1
+    value = ((quantized.astype(np.float64) - zero_point.astype(np.float64).reshape(shape))
+             * q_scale.astype(np.float64).reshape(shape))
+    output_type = attribute(dequantize, "output_dtype", 0)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(output_type) if output_type else q_scale.dtype
+    return value.astype(dtype)
+
+
+def _output_axis(layer) -> int:
+    """The weight axis enumerating output channels (within a group, for ConvTranspose)."""
+    if layer.op_type == "Conv":
+        return 0
+    if layer.op_type == "Gemm":
+        return 0 if attribute(layer, "transB", 0) else 1
+    return 1  # ConvTranspose (C_in, C_out/group, k...) and MatMul (K, N)
+
+
+def _output_channels(layer, weight_shape, context: _Context) -> Union[int, str]:
+    op, label = layer.op_type, node_label(layer)
+    if op == "Conv":
+        return weight_shape[0]
+    if op == "ConvTranspose":
+        return weight_shape[1] * attribute(layer, "group", 1)
+    if op == "Gemm":
+        return weight_shape[0] if attribute(layer, "transB", 0) else weight_shape[1]
     # MatMul: BN normalizes axis 1, which is the weight's output axis only for rank-2 outputs.
-    if weight.ndim != 2:
-        return f"the weight of MatMul '{label}' has rank {weight.ndim}, not 2"
-    rank = rank_of(value_infos, producer.input[0])
+    if len(weight_shape) != 2:
+        return f"the weight of MatMul '{label}' has rank {len(weight_shape)}, not 2"
+    rank = context.rank(layer.input[0])
     if rank is None:
-        return f"the rank of '{producer.input[0]}', the input of MatMul '{label}', is unknown"
+        return f"the rank of '{layer.input[0]}', the input of MatMul '{label}', is unknown"
     if rank != 2:
         return (f"MatMul '{label}' has a rank-{rank} input, so the BN channel axis is not "
                 "the weight's output axis")
-    return weight.shape[1]
+    return weight_shape[1]
 
 
-def rewrite_fold(plan: _Fold, editor: GraphEditor) -> None:
-    """Replace the producer's weight/bias by the folded values and remove the BN."""
-    bn, producer = plan.bn, plan.producer
-    weight_dtype = plan.weight.dtype
-    bias_dtype = plan.bias.dtype if plan.bias is not None else weight_dtype
-    base = producer.name or bn.output[0]
-    op = producer.op_type
-    if op == "Conv":
-        weight, bias = folding.fold_conv(plan.weight, plan.bias, plan.scale, plan.shift)
-    elif op == "ConvTranspose":
-        weight, bias = folding.fold_conv_transpose(plan.weight, plan.bias, plan.scale, plan.shift,
-                                                   group=attribute(producer, "group", 1))
-    elif op == "Gemm":
-        weight, bias = folding.fold_gemm(plan.weight, plan.bias, plan.scale, plan.shift,
-                                         trans_b=bool(attribute(producer, "transB", 0)),
-                                         beta=attribute(producer, "beta", 1.0))
-        _remove_attribute(producer, "beta")  # the folded C already carries beta: beta = 1
-    else:  # MatMul: the folded bias needs an Add, which takes over the BN's place and output
-        weight, bias = folding.fold_matmul(plan.weight, plan.scale, plan.shift)
-        editor.set_constant_input(producer, 1, weight.astype(weight_dtype), f"{base}.weight_folded")
-        add = onnx.helper.make_node("Add", [bn.input[0]], [bn.output[0]],
-                                    name=editor.fresh_name(f"{base}.bias_add"))
-        add = editor.replace_node(bn, add)
-        editor.set_constant_input(add, 1, bias.astype(weight_dtype), f"{base}.bias_folded")
-        return
-    editor.set_constant_input(producer, 1, weight.astype(weight_dtype), f"{base}.weight_folded")
-    editor.set_constant_input(producer, 2, bias.astype(bias_dtype), f"{base}.bias_folded")
-    producer.output[0] = bn.output[0]
-    editor.remove_node(bn)
+def _fold_quantized_weight(weight: _QuantizedWeight, scale: np.ndarray, out_axis: int,
+                           layer) -> Union[_QuantizedUpdate, str]:
+    """New DequantizeLinear scale, zero point (and mirrored integers) for output channels along ``out_axis``."""
+    dq_label = f"DequantizeLinear '{node_label(weight.dequantize)}'"
+    channels = scale.size
+    if weight.axis is not None and weight.axis != out_axis:
+        return (f"{dq_label} quantizes the weight of {layer.op_type} '{node_label(layer)}' per channel along "
+                f"axis {weight.axis}, but its output channels lie along axis {out_axis}")
+    if weight.axis is not None and weight.q_scale.size != channels:
+        return f"{dq_label} has {weight.q_scale.size} scales for {channels} channels"
+    zero = np.flatnonzero(scale == 0)
+    if zero.size:
+        return f"gamma is 0 for channel(s) {_few(zero)}: the folded scale would be 0"
+    q_scale = _cast_finite(folding.fold_quantized_scale(weight.q_scale, scale), weight.q_scale.dtype,
+                           f"the folded scale of {dq_label}")
+    if isinstance(q_scale, str):
+        return q_scale
+    if np.any(q_scale == 0):
+        return f"the folded scale of {dq_label} underflows to 0 in {q_scale.dtype}"
+    zero_point = None
+    if weight.zero_point is not None:
+        zero_point = np.broadcast_to(weight.zero_point.reshape(-1), (channels,)).astype(weight.zero_point.dtype)
+    mirror = scale < 0
+    quantized = None
+    if mirror.any():
+        quantized, overflowing = folding.mirror_quantized_channels(
+            weight.quantized, 0 if zero_point is None else zero_point, mirror, axis=out_axis)
+        if quantized is None:
+            return (f"the BN scale is negative for channel(s) {_few(np.flatnonzero(mirror))}; keeping the "
+                    f"{dq_label} scale positive means mirroring those channels' integers around the zero point, "
+                    f"which overflows {weight.quantized.dtype} in channel(s) {_few(overflowing)}")
+    return _QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, quantized=quantized, axis=out_axis)
 
 
-def _remove_attribute(node: onnx.NodeProto, name: str) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            node.attribute.remove(attr)
-            return
+def _conv_padding(conv, weight: np.ndarray) -> str:
+    """A description of the zero padding ``conv`` applies, or "" when it applies none."""
+    auto_pad = attribute(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        kernel = attribute(conv, "kernel_shape", None) or list(weight.shape[2:])
+        return "" if all(k == 1 for k in kernel) else f"auto_pad={auto_pad}"
+    if auto_pad == "VALID":
+        return ""
+    pads = attribute(conv, "pads", None) or []
+    return f"pads={list(pads)}" if any(pads) else ""
+
+
+def _cast_finite(value: np.ndarray, dtype, what: str) -> Union[np.ndarray, str]:
+    """``value`` cast once to ``dtype``, or the reason when that is not finite (overflow)."""
+    with np.errstate(all="ignore"):
+        cast = np.asarray(value).astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        return f"{what} is not finite in {np.dtype(dtype)} (overflow)"
+    return cast
+
+
+def _few(indices) -> str:
+    indices = [int(i) for i in indices]
+    return ", ".join(map(str, indices[:8])) + (f" ... ({len(indices)} in all)" if len(indices) > 8 else "")
