@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("Data")
     data.add_argument("--data", metavar="DIR",
-                      help="folder of .npy (one sample, or a batch) or .npz (one array per input name) files, "
-                           "read in sorted order")
+                      help="folder of .npy (one sample, or a batch), .npz (one array per input name) or image "
+                           "files, read in sorted order")
     data.add_argument("--loader", metavar="FILE.py:FUNCTION",
                       help="a Python function returning an iterable of samples or batches (arrays, or dicts "
                            "by input name), instead of --data")
