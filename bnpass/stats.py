@@ -1,7 +1,9 @@
 """Per-channel moments, streamed over calibration batches and merged exactly in float64.
 
 Each batch contributes, per channel, its element count n_b, mean m_b and sum of squared
-deviations from that mean M2_b = sum (x - m_b)^2 (computed by the calibration graph).
+deviations from that mean M2_b = sum (x - m_b)^2. The calibration graph returns the biased batch
+variance v_b = M2_b / n_b (float32, or float64 for float64 models); M2_b = v_b * n_b is formed
+here, in float64, so it carries the variance's relative precision.
 
 ``pooled`` (default) is the mean and *biased* variance of every element of every batch, as if all
 batches had been concatenated (fvcore's PreciseBN). Batches merge with Chan et al.'s formula::
@@ -56,6 +58,11 @@ class ChannelMoments:
             self.smallest_batch = min(self.smallest_batch, n_b)
         self.count += n_b
         self.batches += 1
+
+    def add_batch_variance(self, batch_mean, batch_var, batch_count: int) -> None:
+        """Add a batch given by its mean and *biased* variance (``M2_b / n_b``)."""
+        batch_m2 = np.asarray(batch_var, dtype=np.float64) * int(batch_count)
+        self.add_batch(batch_mean, batch_m2, batch_count)
 
     def result(self, mode: str):
         """``(mean, var)`` in float64 for the aggregation ``mode`` (see module docstring)."""
