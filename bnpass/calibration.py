@@ -40,8 +40,8 @@ from onnx import TensorProto, numpy_helper
 
 from .errors import ModelError
 from .rewrite import GraphEditor
-from .graph import (BATCHNORM, GraphIndex, attribute, default_opset, inferred_value_infos, is_batchnorm,
-                    node_label, subgraph_reads, tensor_dtype, unique_name)
+from .graph import (BATCHNORM, GraphIndex, attribute, copy_fields, default_opset, inferred_value_infos,
+                    is_batchnorm, node_label, subgraph_reads, tensor_dtype, unique_name, weightless_copy)
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
     if opset < 7:
         raise ModelError(f"opset {opset} is not supported: BatchNormalization needs opset 7 or later")
     index = GraphIndex(model)  # read only: the calibration copy is assembled at the end, once
-    value_infos = inferred_value_infos(weightless_copy(model))
+    value_infos = inferred_value_infos(model)
     taken = index.all_names()
     taps, compute_types, new_inits = [], [], []
     new_nodes: list = []
@@ -201,46 +201,13 @@ def _assemble(model: onnx.ModelProto, nodes: list, initializers: list, outputs: 
     kept.reverse()
     dropped = {tensor.name for tensor in initializers if tensor.name not in needed}
     result = onnx.ModelProto()
-    _copy_fields(model, result, skip=("graph",))
-    _copy_fields(model.graph, result.graph, skip=("node", "initializer", "input", "output", "value_info"))
+    copy_fields(model, result, skip=("graph",))
+    copy_fields(model.graph, result.graph, skip=("node", "initializer", "input", "output", "value_info"))
     result.graph.input.extend(value for value in model.graph.input if value.name not in dropped)
     result.graph.node.extend(kept)
     result.graph.initializer.extend(tensor for tensor in initializers if tensor.name not in dropped)
     result.graph.output.extend(outputs)
     return result
-
-
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` without its initializers' payloads: what shape inference reads, cheaply.
-
-    Initializers keep name, type and dims; small int64 ones (shapes, Reshape targets) keep their
-    values too. Nothing large is copied, so this costs little on a model of any size.
-    """
-    skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip=("graph",))
-    _copy_fields(model.graph, skeleton.graph, skip=("initializer",))
-    for tensor in model.graph.initializer:
-        if tensor.data_type == TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) <= 64:
-            skeleton.graph.initializer.append(tensor)
-        else:
-            stripped = skeleton.graph.initializer.add()
-            stripped.name, stripped.data_type = tensor.name, tensor.data_type
-            stripped.dims.extend(tensor.dims)
-    return skeleton
-
-
-def _copy_fields(source, target, *, skip=()) -> None:
-    """Copy every set field of protobuf message ``source`` into ``target``, but those in ``skip``."""
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        destination = getattr(target, field.name)
-        if hasattr(destination, "extend"):        # repeated field
-            destination.extend(value)
-        elif hasattr(destination, "CopyFrom"):    # message field
-            destination.CopyFrom(value)
-        else:                                     # scalar field
-            setattr(target, field.name, value)
 
 
 def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:

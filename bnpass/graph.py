@@ -288,16 +288,12 @@ def tensor_dtype(model_index: GraphIndex, name: str, inferred: dict) -> Optional
 def inferred_value_infos(model: onnx.ModelProto) -> dict:
     """Value infos of every tensor onnx shape inference can type, by name (graph I/O included).
 
-    Inference runs on a copy without initializer data, so it costs little on large models.
+    Inference runs on a :func:`weightless_copy`, so it costs little on large models.
     """
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for tensor in skeleton.graph.initializer:
-        _strip_data(tensor)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False, data_prop=True)
     except Exception:  # inference is a convenience; a model it cannot handle still runs
-        inferred = skeleton
+        inferred = model
     infos = {}
     for value in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
         infos[value.name] = value
@@ -307,16 +303,37 @@ def inferred_value_infos(model: onnx.ModelProto) -> dict:
     return infos
 
 
-def _strip_data(tensor: onnx.TensorProto) -> None:
-    """Keep name, type and dims of an initializer but drop its payload (for shape inference)."""
-    # Shape inference reads constant values only for shape-like inputs (Reshape targets, ...),
-    # which are small int64 tensors: keep those.
-    if tensor.data_type == onnx.TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) <= 64:
-        return
-    dims, data_type, name = list(tensor.dims), tensor.data_type, tensor.name
-    tensor.Clear()
-    tensor.name, tensor.data_type = name, data_type
-    tensor.dims.extend(dims)
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without its initializers' payloads: what shape inference reads, cheaply.
+
+    Initializers keep name, type and dims; small int64 ones (shapes, Reshape targets) keep their
+    values too. Nothing large is copied, so this costs little on a model of any size.
+    """
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip=("graph",))
+    copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) <= 64:
+            skeleton.graph.initializer.append(tensor)
+        else:
+            stripped = skeleton.graph.initializer.add()
+            stripped.name, stripped.data_type = tensor.name, tensor.data_type
+            stripped.dims.extend(tensor.dims)
+    return skeleton
+
+
+def copy_fields(source, target, *, skip=()) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target``, but those in ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        destination = getattr(target, field.name)
+        if hasattr(destination, "extend"):        # repeated field
+            destination.extend(value)
+        elif hasattr(destination, "CopyFrom"):    # message field
+            destination.CopyFrom(value)
+        else:                                     # scalar field
+            setattr(target, field.name, value)
 
 
 def rank_of(infos: dict, name: str) -> Optional[int]:

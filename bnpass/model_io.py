@@ -11,9 +11,12 @@ import os
 import tempfile
 
 import google.protobuf.message
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import ModelError
+from .graph import copy_fields
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -44,31 +47,86 @@ def read_model(path) -> tuple:
         raise ModelError(f"'{path}' is not an ONNX model (it holds no graph)")
     try:
         # In memory when it fits one protobuf; a larger model is checked from its files.
-        onnx.checker.check_model(model if model.ByteSize() <= PROTOBUF_LIMIT else path)
+        onnx.checker.check_model(path if exceeds_protobuf_limit(model) else model)
     except onnx.checker.ValidationError as error:
         raise ModelError(f"'{path}' fails the ONNX checker: {_first_line(error)}") from None
     return model, external
+
+
+def exceeds_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot be serialized as one protobuf (2 GiB).
+
+    Sums the initializer payloads first: ``ByteSize()`` serializes the whole model to count it,
+    so it is only asked when the payloads alone come near the limit.
+    """
+    payload = sum(_payload_bytes(tensor) for tensor in model.graph.initializer)
+    if payload < PROTOBUF_LIMIT - 2**26:
+        return False
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING:
+        return len(tensor.raw_data)
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors (shapes, scalars) stay inline, as onnx does
+
+
+def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) -> None:
+    """Write ``model`` to ``path`` with each initializer payload of 1 KiB or more in
+    ``<folder>/<data_name>`` (no data file when there is none).
+
+    Unlike ``onnx.save(..., save_as_external_data=True)`` this leaves ``model`` unchanged, and
+    it never holds a second copy of the weights: the protobuf written holds only references.
+    Small tensors stay inline, where shape inference can read them (Reshape targets).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip=("graph",))
+    copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    data_path = os.path.join(folder, data_name)
+    with open(data_path, "wb") as data:
+        for tensor in model.graph.initializer:
+            # Strings cannot be stored externally; small tensors are not worth it.
+            if tensor.data_type == onnx.TensorProto.STRING or _payload_bytes(tensor) < EXTERNAL_THRESHOLD:
+                skeleton.graph.initializer.append(tensor)
+                continue
+            payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+            offset = data.tell()
+            data.write(payload)
+            stored = skeleton.graph.initializer.add()
+            stored.name, stored.data_type = tensor.name, tensor.data_type
+            stored.dims.extend(tensor.dims)
+            stored.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = stored.external_data.add()
+                entry.key, entry.value = key, value
+    if os.path.getsize(data_path) == 0:
+        os.remove(data_path)
+    with open(path, "wb") as stream:
+        stream.write(skeleton.SerializeToString())
 
 
 def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, check: bool = True) -> None:
     """Write ``model`` to ``path`` atomically; tensors go to ``<name>.data`` when asked or needed.
 
     With ``check``, the written file must pass ``onnx.checker`` (full check) before it replaces
-    anything: a model bnpass cannot vouch for is never left at ``path``. Saving with external data
-    moves ``model``'s tensors out of the proto (onnx's own behaviour): save last.
+    anything: a model bnpass cannot vouch for is never left at ``path``. ``model`` is not changed.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or exceeds_protobuf_limit(model)
     handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
     os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; the model gets a normal file's mode
     data_name = os.path.basename(path) + ".data"
+    temporary_data = temporary + ".data"
     try:
         if external_data:
-            temporary_data = os.path.basename(temporary) + ".data"
-            onnx.save(model, temporary, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=temporary_data, size_threshold=0)
+            write_with_external_data(model, temporary, os.path.basename(temporary_data))
             if check:
                 onnx.checker.check_model(temporary, full_check=True)
             # The model names its data file; point it at the final name, then move both.
@@ -79,7 +137,8 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, che
                         entry.value = data_name
             with open(temporary, "wb") as stream:
                 stream.write(saved.SerializeToString())
-            os.replace(os.path.join(folder, temporary_data), os.path.join(folder, data_name))
+            if os.path.exists(temporary_data):
+                os.replace(temporary_data, os.path.join(folder, data_name))
         else:
             with open(temporary, "wb") as stream:
                 stream.write(model.SerializeToString())
@@ -87,7 +146,7 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, che
                 onnx.checker.check_model(temporary, full_check=True)
         os.replace(temporary, path)
     except BaseException:
-        for leftover in (temporary, temporary + ".data"):
+        for leftover in (temporary, temporary_data):
             if os.path.exists(leftover):
                 os.remove(leftover)
         raise

@@ -19,12 +19,14 @@ import contextlib
 import functools
 import logging
 import os
+import tempfile
 from typing import Optional, Union
 
 import numpy as np
 import onnx
 
 from .errors import RuntimeUnavailableError
+from .model_io import exceeds_protobuf_limit, write_with_external_data
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,12 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
+        # Over 2 GiB a model cannot be passed as one protobuf: onnxruntime reads it from files.
+        with tempfile.TemporaryDirectory(prefix="bnpass-session-") as folder:
+            path = os.path.join(folder, "model.onnx")
+            write_with_external_data(model, path, "model.onnx.data")
+            return ort.InferenceSession(path, options, providers=providers)
     serialized = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(serialized, options, providers=providers)
 

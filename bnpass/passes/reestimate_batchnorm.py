@@ -168,12 +168,12 @@ class StatisticsSession:
     def __init__(self, calibration: CalibrationModel, providers: list, *, threads: Optional[int] = None,
                  optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False):
         self.taps, self.fixed_batch = calibration.taps, calibration.fixed_batch
-        serialized = calibration.model.SerializeToString()
+        model = calibration.model
         if release_model:
             calibration.model = None
-        self.session = create_session(serialized, providers, optimize=optimize, threads=threads,
+        self.session = create_session(model, providers, optimize=optimize, threads=threads,
                                       memory_pattern=False, profile_prefix=profile_prefix)
-        del serialized
+        del model
         self.device = session_device(self.session)
         names = [name for tap in self.taps for name in (tap.mean, tap.var, tap.size)]
         self.runner = BatchRunner(self.session, names)
