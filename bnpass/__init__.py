@@ -46,7 +46,8 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
 
 def reestimate_batchnorms(model: onnx.ModelProto, data, *, stats: str = "pooled", batch_size: int = 32,
                           num_samples: int = 2000, device: str = "auto", progress: bool = False,
-                          image_options: Optional[ImageOptions] = None) -> ReestimateResult:
+                          image_options: Optional[ImageOptions] = None,
+                          threads: Optional[int] = None) -> ReestimateResult:
     """Recompute every BN's mean and variance from ``data``; ``model`` is left unchanged.
 
     ``stats``: ``"pooled"`` (mean and biased variance over all calibration values) or
@@ -55,7 +56,7 @@ def reestimate_batchnorms(model: onnx.ModelProto, data, *, stats: str = "pooled"
     """
     samples = calibration_samples(model, data, image_options)
     return ReestimateBatchNormPass(samples, stats=stats, batch_size=batch_size, num_samples=num_samples,
-                                   device=device, progress=progress).call(model)
+                                   device=device, progress=progress, threads=threads).call(model)
 
 
 def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:

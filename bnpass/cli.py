@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("Runtime")
     runtime.add_argument("--device", choices=DEVICES, default="auto",
                          help="auto uses CUDA when its provider really loads, else CPU (default: auto)")
+    runtime.add_argument("--threads", type=_positive_int, metavar="N",
+                         help="onnxruntime intra-op threads (default: onnxruntime's, one per physical core)")
 
     folding = parser.add_argument_group("Folding")
     mode = folding.add_mutually_exclusive_group()
@@ -205,7 +207,7 @@ def run(args) -> int:
                             "add data or lower --batch-size")
         reestimate = ReestimateBatchNormPass(
             samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
-            device=args.device, progress=not args.quiet).call(model)
+            device=args.device, progress=not args.quiet, threads=args.threads).call(model)
         unfolded = reestimate.model
 
     fold = None

@@ -29,6 +29,7 @@ from .errors import DataError
 logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIXES = (".npy", ".npz")
+READ_CHUNK = 256  # samples read from a batch file at a time
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,11 @@ class ArrayFolder:
     def sample_count(self) -> int:
         return sum(self.sample_counts)
 
-    def _arrays(self, path: str, *, header_only: bool) -> dict:
+    def _arrays(self, path: str) -> dict:
+        """The file's arrays by input name; ``.npy`` files are memory-mapped, not read."""
         try:
             if path.lower().endswith(".npy"):
-                return {self.specs[0].name: np.load(path, mmap_mode="r" if header_only else None,
-                                                    allow_pickle=False)}
+                return {self.specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
             with np.load(path, allow_pickle=False) as archive:
                 missing = [s.name for s in self.specs if s.name not in archive.files]
                 if missing:
@@ -147,8 +148,9 @@ class ArrayFolder:
 
     def _check_file(self, path: str) -> int:
         counts = set()
+        arrays = self._arrays(path)
         for spec in self.specs:
-            array = self._arrays(path, header_only=True)[spec.name]
+            array = arrays[spec.name]
             is_batch, _ = _fit(array, spec, path)
             counts.add(array.shape[0] if is_batch else 1)
         if len(counts) != 1:
@@ -159,17 +161,21 @@ class ArrayFolder:
         return self.samples()
 
     def samples(self) -> Iterator[dict]:
-        """Each sample as ``{input name: array without the batch axis}``, in file order."""
+        """Each sample as ``{input name: array without the batch axis}``, in file order.
+
+        Batch files are read ``READ_CHUNK`` samples at a time, so a file of any size streams.
+        """
         for path in self.files:
-            arrays = self._arrays(path, header_only=False)
-            fitted = {}
+            in_file, arrays = self._arrays(path), {}
             for spec in self.specs:
-                array = arrays[spec.name]
-                is_batch, dtype = _fit(array, spec, path)
-                array = array if is_batch else array[None]
-                fitted[spec.name] = _finite(np.asarray(array, dtype=dtype), path)
-            for position in range(next(iter(fitted.values())).shape[0]):
-                yield {name: array[position] for name, array in fitted.items()}
+                is_batch, dtype = _fit(in_file[spec.name], spec, path)
+                arrays[spec.name] = (in_file[spec.name] if is_batch else in_file[spec.name][None], dtype)
+            count = next(iter(arrays.values()))[0].shape[0]
+            for start in range(0, count, READ_CHUNK):
+                chunk = {name: _finite(np.asarray(array[start:start + READ_CHUNK], dtype=dtype), path)
+                         for name, (array, dtype) in arrays.items()}
+                for position in range(len(next(iter(chunk.values())))):
+                    yield {name: array[position] for name, array in chunk.items()}
 
 
 def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:

@@ -70,7 +70,7 @@ def test_main_job_in_process_writes_a_model_without_bn_that_matches_the_reestima
 
 def test_subprocess_prints_a_summary_and_one_clean_device_line(workspace):
     before = (workspace / "model.onnx").read_bytes()
-    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50",
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50", "--threads", "1",
                    cwd=workspace)
     assert done.returncode == 0, done.stderr
     assert "re-estimated 3 of 3" in done.stdout and "folded 3 of 3" in done.stdout

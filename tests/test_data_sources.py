@@ -256,3 +256,19 @@ def test_models_over_the_protobuf_limit_calibrate_from_files(monkeypatch):
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=8)
     np.testing.assert_allclose(result.stats["bn"].mean, pooled(data)[0], rtol=1e-6, atol=1e-7)
     assert model.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT  # the input is untouched
+
+
+def test_batch_files_stream_in_chunks_across_batch_boundaries(tmp_path, monkeypatch):
+    from bnpass import data as data_module
+
+    monkeypatch.setattr(data_module, "READ_CHUNK", 7)  # chunks of 7 samples, batches of 5
+    data = np.random.default_rng(8).standard_normal((40, 3, 4, 4)).astype(np.float64)  # cast to float32 per chunk
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", data[:23])
+    np.save(tmp_path / "calib" / "b.npy", data[23:])
+    result = bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), tmp_path / "calib", batch_size=5,
+                                          stats="batch-mean")
+    assert result.samples == 40 and result.batches == 8
+    batches = data.astype(np.float32).astype(np.float64).reshape(8, 5, 3, 4, 4)
+    expected = np.mean([b.var(axis=(0, 2, 3), ddof=1) for b in batches], axis=0)
+    np.testing.assert_allclose(result.stats["bn"].var, expected, rtol=1e-6)
