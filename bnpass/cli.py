@@ -19,7 +19,7 @@ from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
 from .config import check_sample_sizes, read_nncf_config
 from .data import LoaderSource, batched, model_input_specs
-from .errors import BnpassError, DataError
+from .errors import BnpassError
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .graph import node_label
@@ -201,10 +201,6 @@ def run(args) -> int:
     reestimate = None
     unfolded = model
     if bn_names and not args.fold_only and num_samples > 0:
-        available = getattr(samples, "sample_count", None)
-        if available is not None and available < args.batch_size:
-            raise DataError(f"'{args.data}' holds {available} samples, fewer than one batch of {args.batch_size}: "
-                            "add data or lower --batch-size")
         reestimate = ReestimateBatchNormPass(
             samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
             device=args.device, progress=not args.quiet, threads=args.threads).call(model)

@@ -96,10 +96,13 @@ class ReestimateBatchNormPass:
             logger.info("batch size %d (fixed by the model)", calibration.fixed_batch)
             batch_size = calibration.fixed_batch
         limit = calibration_data.planned_sample_count(self.num_samples, batch_size)
+        available = getattr(self.samples, "sample_count", None)
+        if available is not None and available < batch_size:
+            raise DataError(f"the calibration data holds {available} samples, fewer than one batch of {batch_size}: "
+                            "add data or lower the batch size")
         statistics = StatisticsSession(calibration, select_providers(self.device), threads=self.threads,
                                        release_model=True)
 
-        available = getattr(self.samples, "sample_count", None)
         expected = min(limit, available) if available is not None else limit
         logger.info("calibrating %d BatchNormalization nodes on %d samples (%s%d requested, rounded up to "
                     "whole batches of %d; %s)", len(calibration.taps), expected,
