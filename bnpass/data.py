@@ -163,7 +163,8 @@ class ArrayFolder:
     def samples(self) -> Iterator[dict]:
         """Each sample as ``{input name: array without the batch axis}``, in file order.
 
-        Batch files are read ``READ_CHUNK`` samples at a time, so a file of any size streams.
+        Batch files are read ``READ_CHUNK`` samples at a time (``.npy`` straight from the file,
+        not mapped: mapped pages would count as resident), so a file of any size streams.
         """
         for path in self.files:
             in_file, arrays = self._arrays(path), {}
@@ -172,10 +173,22 @@ class ArrayFolder:
                 arrays[spec.name] = (in_file[spec.name] if is_batch else in_file[spec.name][None], dtype)
             count = next(iter(arrays.values()))[0].shape[0]
             for start in range(0, count, READ_CHUNK):
-                chunk = {name: _finite(np.asarray(array[start:start + READ_CHUNK], dtype=dtype), path)
+                chunk = {name: _finite(np.asarray(_read_rows(array, start, READ_CHUNK), dtype=dtype), path)
                          for name, (array, dtype) in arrays.items()}
                 for position in range(len(next(iter(chunk.values())))):
                     yield {name: array[position] for name, array in chunk.items()}
+
+
+def _read_rows(array: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Rows ``start:start+count`` of ``array``; read from the file when it is a memory map."""
+    if isinstance(array, np.memmap) and array.flags.c_contiguous and array.filename:
+        rows = min(count, array.shape[0] - start)
+        row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+        with open(array.filename, "rb") as stream:
+            stream.seek(array.offset + start * row_bytes)
+            data = np.fromfile(stream, dtype=array.dtype, count=rows * row_bytes // array.dtype.itemsize)
+        return data.reshape((rows,) + array.shape[1:])
+    return array[start:start + count]
 
 
 def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:

@@ -86,3 +86,20 @@ def test_ten_thousand_samples_take_the_peak_memory_of_five_hundred(tmp_path):
     growth = peak_large["peak_mb"] - peak_small["peak_mb"]
     # Holding the samples would add ~117 MB; streaming adds nothing but allocator noise.
     assert growth < 0.2 * data_mb, (peak_small, peak_large)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_one_large_batch_file_streams_too(tmp_path):
+    """Regression: a single 10,000-sample .npy was read whole (and, memory-mapped, its pages
+    counted as resident): peak RSS followed the file's size (215 MB against 100 MB)."""
+    model = tmp_path / "model.onnx"
+    conv_model(model)
+    small, large = tmp_path / "calib_500", tmp_path / "calib_one_file"
+    write_folder(small, 500)
+    large.mkdir()
+    data = np.random.default_rng(1).standard_normal((10_000, *SAMPLE_SHAPE)).astype(np.float32)
+    np.save(large / "all.npy", data)
+    data_mb = data.nbytes / 2**20
+    del data
+    growth = peak_memory(model, large, 10_000, tmp_path)["peak_mb"] - peak_memory(model, small, 500, tmp_path)["peak_mb"]
+    assert growth < 0.2 * data_mb, growth
