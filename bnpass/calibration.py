@@ -72,7 +72,7 @@ def batchnorm_nodes(model: onnx.ModelProto) -> list:
 
 
 def _reduce(op: str, name: str, data: str, axes: list, keepdims: int, opset: int, nodes: list, inits: list):
-    # ReduceMean/ReduceSumSquare take axes as an attribute before opset 18, as an input from 18.
+    # Reduce* ops take axes as an attribute before opset 18, as an input from 18.
     if opset >= 18:
         axes_name = f"{name}/axes"
         inits.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
@@ -104,8 +104,8 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
         if mean_constant is not None:
             param_dtype, param_shape = mean_constant.value.dtype, list(mean_constant.value.shape)
         else:
-            param_shape = _shape_of(value_infos, mean_name)
-        if param_dtype is None or param_shape is None or None in param_shape:
+            param_shape = _dims(value_infos, mean_name)
+        if param_dtype is None or param_shape is None or not all(isinstance(d, int) for d in param_shape):
             raise ModelError(f"cannot tell the shape and type of the running mean of BatchNormalization '{label}'")
         x_dtype = tensor_dtype(index, x, value_infos) or param_dtype
         compute = np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
@@ -176,11 +176,13 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
     return CalibrationModel(model=calibration, taps=taps, fixed_batch=fixed_batch)
 
 
-def _shape_of(value_infos: dict, name: str):
+def _dims(value_infos: dict, name: str) -> Optional[list]:
+    """Inferred dims of ``name``: an int, a symbol (str) or None (unknown) each; None without a shape."""
     value = value_infos.get(name)
     if value is None or not value.type.tensor_type.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+            for d in value.type.tensor_type.shape.dim]
 
 
 def _assemble(model: onnx.ModelProto, nodes: list, initializers: list, outputs: list) -> onnx.ModelProto:
@@ -236,7 +238,7 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
     infos = inferred_value_infos(candidate)
     sizes = {node.output[0]: node.input[0] for node in candidate.graph.node if node.op_type == "Size"}
     for tap in taps:
-        shape = _dim_params(infos, sizes[tap.size])
+        shape = _dims(infos, sizes[tap.size])
         if not shape or shape[0] != FREE_BATCH:
             advice = " (batch statistics of single samples are poor)" if batch == 1 else ""
             logger.warning("the model's batch dimension is fixed at %d and its graph depends on it; "
@@ -265,10 +267,3 @@ def _spell_batch_free(model: onnx.ModelProto, batch: int) -> None:
             spelled_out[0] = 0
             editor.set_constant_input(node, 1, spelled_out.astype(target.value.dtype), f"{node.input[1]}_batch_free")
     editor.remove_dead()
-
-
-def _dim_params(value_infos: dict, name: str) -> list:
-    value = value_infos.get(name)
-    if value is None or not value.type.tensor_type.HasField("shape"):
-        return []
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
