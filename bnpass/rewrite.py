@@ -17,6 +17,14 @@ initializers and graph inputs leave the index at once but the protobuf lists onl
 protobuf list one element at a time costs O(list length) each. Code that changes the graph behind
 the editor's back must call :meth:`GraphEditor.invalidate`; code that reads ``model.graph`` directly
 between edits must call :meth:`GraphEditor.flush` first.
+
+Memory: protobuf's upb backend frees nothing inside a message until the whole message is freed,
+so overwriting a weight of a copied model keeps the old payload too (measured: ``CopyFrom``,
+remove-and-append and assigning ``raw_data`` all grow the copy by the size of what they replace):
+copy, then overwrite, holds about 2x the model. :meth:`GraphEditor.on_copy_of` starts instead from a
+*weightless* copy (initializers reduced to name, type and dims) while the index reads the input's
+values; a new value is written over its stub (a few bytes lost, not a payload) and
+:meth:`GraphEditor.build` copies the unchanged values in at the end, so each payload is copied once.
 """
 
 from __future__ import annotations
@@ -27,16 +35,25 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex
+from .graph import GraphIndex, weightless_copy
 
 
 class GraphEditor:
-    """Edits one model in place, keeping a :class:`GraphIndex` of it up to date."""
+    """Edits one model in place, keeping a :class:`GraphIndex` of it up to date.
+
+    Made by :meth:`on_copy_of`, it edits a weightless copy instead, and :meth:`build` returns the
+    edited model with its initializers' values.
+    """
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
         self._index: Optional[GraphIndex] = None
+        # On a copy (on_copy_of): name -> the TensorProto holding the initializer's value (the input
+        # model's, read only, or the stub written over), and name -> its stub in self.graph.initializer.
+        self._values: Optional[dict] = None
+        self._stubs: dict = {}
+        self._written: set = set()  # names whose stub holds its (new) value
         self._detached: set = set()  # names that may have lost their last reader
         self._value_info: Optional[dict] = None  # name -> [ValueInfoProto], built on first need
         # Removed from the index, still to delete from the protobuf lists: id(message) -> message.
@@ -44,10 +61,43 @@ class GraphEditor:
         self._removed_initializers: dict = {}
         self._removed_inputs: dict = {}
 
+    @classmethod
+    def on_copy_of(cls, model: onnx.ModelProto) -> "GraphEditor":
+        """An editor of a copy of ``model`` that copies each initializer value once; :meth:`build`
+        returns the copy.
+
+        The copy starts weightless (:func:`~bnpass.graph.weightless_copy`); the index reads the
+        values of ``model``'s initializers where they are, and ``model`` is never changed. A model
+        whose initializer names repeat (invalid ONNX) is copied whole and edited in place instead.
+        """
+        names = [tensor.name for tensor in model.graph.initializer]
+        if len(set(names)) != len(names):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            return cls(copy)
+        editor = cls(weightless_copy(model))
+        editor._values = {tensor.name: tensor for tensor in model.graph.initializer}
+        editor._stubs = {stub.name: stub for stub in editor.graph.initializer}
+        return editor
+
+    def build(self) -> onnx.ModelProto:
+        """The edited model, every initializer with its value (on a copy: the unchanged ones are
+        copied in now). The editor then edits that model in place."""
+        self.flush()
+        if self._values is not None:
+            for stub in self.graph.initializer:
+                if stub.name not in self._written:
+                    stub.CopyFrom(self._values[stub.name])
+            self._values, self._stubs, self._written, self._index = None, {}, set(), None
+        return self.model
+
     @property
     def index(self) -> GraphIndex:
         if self._index is None:
             self._index = GraphIndex(self.model)
+            if self._values is not None:  # the index reads values, not the stubs
+                for tensor in self._values.values():
+                    self._index.register_initializer(tensor)
         return self._index
 
     def invalidate(self) -> None:
@@ -92,6 +142,9 @@ class GraphEditor:
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         tensor = self.graph.initializer[-1]  # the stored copy, which later edits must change
         self.index.register_initializer(tensor)
+        if self._values is not None:
+            self._stubs[name] = self._values[name] = tensor
+            self._written.add(name)
         if self.model.ir_version < 4:
             self.graph.input.append(onnx.helper.make_tensor_value_info(
                 name, tensor.data_type, list(tensor.dims)))
@@ -102,7 +155,14 @@ class GraphEditor:
         index = self.index
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), source)
         if source in index.initializers:
-            index.initializers[source].CopyFrom(tensor)
+            if self._values is None:
+                index.initializers[source].CopyFrom(tensor)
+            else:  # written over its stub (a few bytes: what upb keeps of it costs nothing)
+                stored = self._stubs[source]
+                stored.CopyFrom(tensor)
+                self._values[source] = stored
+                self._written.add(source)
+                index.register_initializer(stored)
         else:  # a Constant or ConstantOfShape node: it becomes a Constant of the new value
             producer = index.producers[source]
             replacement = onnx.helper.make_node("Constant", [], [source], name=producer.name, value=tensor)
@@ -204,7 +264,12 @@ class GraphEditor:
                     self._removed_nodes[id(producer)] = producer
                 continue
             if name in index.initializers and not index.is_overridable_input(name):
-                tensor = index.initializers[name]
+                if self._values is None:
+                    tensor = index.initializers[name]
+                else:
+                    tensor = self._stubs.pop(name)
+                    del self._values[name]
+                    self._written.discard(name)
                 self._removed_initializers[id(tensor)] = tensor
                 index.unregister_initializer(name)
                 # In IR < 4 the initializer's graph input is part of how it is stored.

@@ -77,11 +77,12 @@ class FoldBatchNormPass:
     """Fold every BatchNormalization that can be folded exactly; report the others."""
 
     def call(self, model: onnx.ModelProto) -> FoldResult:
-        model = copy_model(model)
-        editor = GraphEditor(model)
+        # A weightless copy is edited, reading values from ``model``; each payload is copied into
+        # it once (GraphEditor.on_copy_of, build). Copy-then-overwrite would hold both weights (upb).
+        editor = GraphEditor.on_copy_of(model)
         context = _Context(editor)
         folded, reasons, patterns = [], {}, {}
-        pending = [node for node in model.graph.node if is_batchnorm(node)]
+        pending = [node for node in editor.graph.node if is_batchnorm(node)]
         while pending:  # a fold can make another possible (BN -> BN -> Conv): repeat until none does
             remaining = []
             for bn in pending:
@@ -101,7 +102,10 @@ class FoldBatchNormPass:
             logger.debug("left %s: %s", name, reason)
         if folded:
             editor.remove_dead()
-        return FoldResult(model=model, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns)
+            output = editor.build()
+        else:
+            output = copy_model(model)  # byte for byte the input
+        return FoldResult(model=output, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns)
 
 
 class _Context:
