@@ -488,14 +488,23 @@ def _is_dequantize(node) -> bool:
     return node is not None and node.op_type == "DequantizeLinear" and node.domain in DEFAULT_DOMAINS
 
 
+def _float_constant(name: str, what: str, index: GraphIndex) -> Union[None, np.ndarray, str]:
+    """The float constant ``name`` (``what`` names it in messages), a reason when it is a constant of
+    another type, or None when it is not a constant."""
+    constant = index.constant(name)
+    if constant is None:
+        return None
+    if not np.issubdtype(constant.value.dtype, np.floating):
+        return f"{what} is {constant.value.dtype}, not floating point"
+    return constant.value
+
+
 def _layer_weight(layer, index: GraphIndex, context: _Context) -> Union[np.ndarray, _QuantizedWeight, str]:
     """The layer's weight: a float constant, a DequantizeLinear of constants, or the reason it is neither."""
     op, label, name = layer.op_type, node_label(layer), layer.input[1]
-    constant = index.constant(name)
-    if constant is not None:
-        if not np.issubdtype(constant.value.dtype, np.floating):
-            return f"the weight of {op} '{label}' is {constant.value.dtype}, not floating point"
-        return constant.value
+    value = _float_constant(name, f"the weight of {op} '{label}'", index)
+    if value is not None:
+        return value
     dequantize = index.producers.get(name)
     if not _is_dequantize(dequantize):
         return f"the weight '{name}' of {op} '{label}' is not a constant"
@@ -538,11 +547,9 @@ def _layer_bias(layer, index: GraphIndex) -> Union[None, np.ndarray, str]:
     if len(layer.input) < 3 or not layer.input[2]:
         return None
     name, label = layer.input[2], node_label(layer)
-    constant = index.constant(name)
-    if constant is not None:
-        if not np.issubdtype(constant.value.dtype, np.floating):
-            return f"the bias of '{label}' is {constant.value.dtype}, not floating point"
-        return constant.value
+    value = _float_constant(name, f"the bias of '{label}'", index)
+    if value is not None:
+        return value
     dequantize = index.producers.get(name)
     if _is_dequantize(dequantize):
         value = _dequantized_value(dequantize, index)
