@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 from bnpass.cli import main
 from builders import count_ops, run_onnxruntime
@@ -128,6 +129,42 @@ def _write_loader(workspace):
     (workspace / "loader.py").write_text("def broken():\n    raise ValueError('camera offline')\n")
 
 
+def _external_data(location):
+    """The model re-saved with its weights in the file ``location`` beside it."""
+    def setup(workspace):
+        model = onnx.load(workspace / "model.onnx")
+        onnx.save(model, workspace / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=location, size_threshold=0)
+    return setup
+
+
+def _linked(name, target, kind):
+    def setup(workspace):
+        (os.link if kind == "hard" else os.symlink)(workspace / target, workspace / name)
+    return setup
+
+
+def _write_config(workspace):
+    (workspace / "nncf.json").write_text('{"input_info": {"sample_size": [1, 1, 8, 8]}}')
+
+
+def _gray_images(workspace, truncate=None):
+    folder = workspace / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.fromarray(pixels).save(folder / name, quality=95)
+    if truncate:  # the header stays whole, the scan data ends early: only decoding finds it
+        data = (folder / truncate).read_bytes()
+        (folder / truncate).write_bytes(data[:-200])
+
+
+def _pickled(workspace):
+    folder = workspace / "pickled"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.array([np.zeros((1, 8, 8), np.float32), None], dtype=object), allow_pickle=True)
+
+
 ERROR_CASES = [
     # (id, arguments, setup, words the last stderr line must contain)
     ("missing model", ["missing.onnx", "out.onnx", "--data", "calib"], None, "missing.onnx' does not exist"),
@@ -158,6 +195,36 @@ ERROR_CASES = [
     ("loader raises", ["model.onnx", "out.onnx", "--loader", "loader.py:broken"], _write_loader,
      "--loader 'loader.py:broken' raised ValueError: camera offline"),
     ("loader missing", ["model.onnx", "out.onnx", "--loader", "nowhere.py:f"], None, "'nowhere.py' does not exist"),
+    # Data loss: nothing written may be something read, or another written path, by any name.
+    ("report is the input", ["model.onnx", "out.onnx", "--data", "calib", "--report", "model.onnx"], None,
+     "--report 'model.onnx' is the input model: bnpass never writes over a file it reads"),
+    ("report is the output", ["model.onnx", "out.onnx", "--data", "calib", "--report", "out.onnx"], None,
+     "--report 'out.onnx' and the output 'out.onnx' are the same file"),
+    ("report is a data file", ["model.onnx", "out.onnx", "--data", "calib", "--report", "calib/calib_003.npy"], None,
+     "--report 'calib/calib_003.npy' is a calibration data file"),
+    ("report is the config", ["model.onnx", "out.onnx", "--data", "calib", "--config", "nncf.json", "--report",
+                              "nncf.json"], _write_config, "--report 'nncf.json' is the --config file"),
+    ("report is the loader", ["model.onnx", "out.onnx", "--loader", "loader.py:broken", "--report", "loader.py"],
+     _write_loader, "--report 'loader.py' is the --loader file"),
+    ("output is the input's external data", ["model.onnx", "weights.bin", "--fold-only"], _external_data("weights.bin"),
+     "the output 'weights.bin' is the input model's external data"),
+    ("output's data is the input's external data", ["model.onnx", "out.onnx", "--fold-only"],
+     _external_data("out.onnx.data"), "the output's external data 'out.onnx.data' is the input model's external data"),
+    ("output hard-linked to the input", ["model.onnx", "alias.onnx", "--fold-only"],
+     _linked("alias.onnx", "model.onnx", "hard"), "the output 'alias.onnx' is the input model ('model.onnx')"),
+    ("output symlinked to the input", ["model.onnx", "alias.onnx", "--fold-only"],
+     _linked("alias.onnx", "model.onnx", "symbolic"), "the output 'alias.onnx' is the input model ('model.onnx')"),
+    ("report symlinked to the output", ["model.onnx", "out.onnx", "--fold-only", "--report", "link.json"],
+     _linked("link.json", "out.onnx", "symbolic"), "--report 'link.json' and the output 'out.onnx' are the same file"),
+    # Bad data, named by file, before or during calibration.
+    ("pickled array", ["model.onnx", "out.onnx", "--data", "pickled"], _pickled,
+     "a.npy: holds Python objects (dtype object), not numbers"),
+    ("truncated JPEG", ["model.onnx", "out.onnx", "--data", "images", "--batch-size", "1"],
+     lambda w: _gray_images(w, truncate="b.jpg"), "b.jpg: cannot read as an image (image file is truncated"),
+    ("negative std", ["model.onnx", "out.onnx", "--data", "images", "--std", "-0.2"], _gray_images,
+     "--std values must be positive, got [-0.2]"),
+    ("shuffle with a loader", ["model.onnx", "out.onnx", "--loader", "loader.py:broken", "--shuffle"], _write_loader,
+     "--shuffle and --seed apply to --data folders"),
 ]
 
 
@@ -166,15 +233,24 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(workspace, case):
     _, arguments, setup, message = case
     if setup:
         setup(workspace)
-    before = (workspace / "model.onnx").read_bytes()
-    listing = sorted(p.name for p in workspace.iterdir())
+    before = _snapshot(workspace)
     done = run_cli(*arguments, cwd=workspace)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in workspace.iterdir()) == listing  # no output, no leftovers
-    assert (workspace / "model.onnx").read_bytes() == before
+    assert _snapshot(workspace) == before  # no output, no leftovers, every input byte-identical
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file below ``folder`` (links as links) and its bytes."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            files[str(path.relative_to(folder))] = ("link", os.readlink(path))
+        elif path.is_file():
+            files[str(path.relative_to(folder))] = path.read_bytes()
+    return files
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
@@ -211,7 +287,7 @@ def test_ctrl_c_during_calibration_leaves_no_output(workspace):
 def test_unknown_files_beside_arrays_are_skipped_with_a_warning(workspace):
     (workspace / "calib" / "README.txt").write_text("calibration images of 2026")
     done = run_cli("model.onnx", "out.onnx", "--data", "calib", cwd=workspace)
-    assert done.returncode == 0 and "warning: ignoring 1 file(s)" in done.stderr
+    assert done.returncode == 0 and "warning: ignoring 1 file in" in done.stderr
 
 
 def test_cuda_asked_for_where_it_cannot_load_is_an_error(workspace):
