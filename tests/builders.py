@@ -1111,3 +1111,36 @@ def build_constant_of_shape_params_model(
               add_constant_of_shape(builder, "bn_var", (6,), 1.7, dtype)]
     builder.add_node("BatchNormalization", inputs, [OUTPUT_NAME], name=BN_NODE_NAME)
     return builder.build()
+
+
+def build_qdq_conv_bn_model(*, seed: int = 0) -> onnx.ModelProto:
+    """onnxruntime's QDQ layout around a Conv -> BN: x -> QuantizeLinear -> DequantizeLinear ->
+    Conv(DequantizeLinear(int8 per-channel weight), bias) -> BN ``bn`` -> Relu -> QuantizeLinear ->
+    DequantizeLinear -> y. With graph optimizations on, onnxruntime runs the Q/DQ pairs as integer
+    kernels, so its output differs from the float graph's by a quantization step."""
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=13)
+    builder.add_input(INPUT_NAME, np.float32, ["N", 3, 8, 8])
+    builder.add_initializer("x_scale", np.float32(0.02))
+    builder.add_initializer("x_zero_point", np.uint8(128))
+    builder.add_node("QuantizeLinear", [INPUT_NAME, "x_scale", "x_zero_point"], ["x_quantized"], name="quantize_x")
+    builder.add_node("DequantizeLinear", ["x_quantized", "x_scale", "x_zero_point"], ["x_dequantized"],
+                     name="dequantize_x")
+    weight = random_weight((8, 3, 3, 3), rng)
+    weight_scale = (np.abs(weight).reshape(8, -1).max(axis=1) / 127).astype(np.float32)
+    builder.add_initializer("w_quantized", np.round(weight / weight_scale[:, None, None, None]).astype(np.int8))
+    builder.add_initializer("w_scale", weight_scale)
+    builder.add_initializer("w_zero_point", np.zeros(8, np.int8))
+    builder.add_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"], name="dequantize_w",
+                     axis=0)
+    builder.add_initializer("b", random_bias(8, rng))
+    builder.add_node("Conv", ["x_dequantized", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1])
+    add_batchnorm(builder, "conv_out", random_bn_params((8,), rng), output="bn_out", name=BN_NODE_NAME)
+    builder.add_node("Relu", ["bn_out"], ["relu_out"], name="relu")
+    builder.add_initializer("y_scale", np.float32(0.05))
+    builder.add_initializer("y_zero_point", np.uint8(0))
+    builder.add_node("QuantizeLinear", ["relu_out", "y_scale", "y_zero_point"], ["y_quantized"], name="quantize_y")
+    builder.add_node("DequantizeLinear", ["y_quantized", "y_scale", "y_zero_point"], [OUTPUT_NAME],
+                     name="dequantize_y")
+    builder.add_output(OUTPUT_NAME)
+    return builder.build()

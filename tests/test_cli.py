@@ -20,8 +20,10 @@ import onnx
 import pytest
 from PIL import Image
 
+import bnpass
 from bnpass.cli import main
-from builders import count_ops, run_onnxruntime
+from builders import (build_bn_after_op_model, build_conv_bn_relu_chain_model, build_qdq_conv_bn_model,
+                      count_ops, run_onnxruntime)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits"
@@ -312,3 +314,91 @@ def test_a_model_without_batchnorm_is_copied_with_a_notice(tmp_path):
     done = run_cli("relu.onnx", "out.onnx", "--data", "calib", cwd=tmp_path)
     assert done.returncode == 0 and "no BatchNormalization" in done.stderr
     assert onnx.load(tmp_path / "out.onnx").SerializeToString() == model.SerializeToString()
+
+
+# --- messages, verify, provenance (issue 8) --------------------------------------------------------
+
+def test_verify_compares_like_with_like_on_a_qdq_model(tmp_path):
+    """onnxruntime's integer QDQ kernels on one side only looked like a 1% fold error."""
+    from bnpass.verify import compare_models
+
+    model = build_qdq_conv_bn_model()
+    folded = bnpass.fold_batchnorms(model)
+    assert folded.folded == [("bn", "conv")]
+    feeds = [{"x": np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)}]
+    difference = compare_models(model, folded.model, feeds, ["CPUExecutionProvider"])
+    assert difference.batches == 1 and difference.max_rel < 1e-6
+    # The CLI: the same model, verified on its calibration batches.
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", feeds[0]["x"])
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--fold-only", "--verify", "--report", "r.json",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["verify"]["max_rel"] < 1e-6
+
+
+def test_verify_says_when_nothing_folded_and_uses_no_more_batches_than_calibration(tmp_path):
+    onnx.save(build_bn_after_op_model("Relu"), tmp_path / "model.onnx")  # BN after Relu, a graph output
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(2).standard_normal((200, 4, 6, 6)).astype(np.float32))
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--verify", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "verify: nothing was folded" in done.stdout and "max relative" not in done.stdout
+
+    onnx.save(build_conv_bn_relu_chain_model(), tmp_path / "chain.onnx")
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(2).standard_normal((200, 4, 6, 6)).astype(np.float32))
+    done = run_cli("chain.onnx", "out.onnx", "--data", "calib", "--verify", "--num-samples", "40", "--batch-size",
+                   "20", "--report", "r.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batches"] == 2 and report["verify"]["batches"] == 2  # not 4: calibration used 2
+
+
+def test_loader_counts_are_the_samples_it_yields(workspace):
+    (workspace / "hundred.py").write_text(
+        "import numpy as np\n"
+        "def samples():\n"
+        "    return [np.full((1, 8, 8), i / 100, np.float32) for i in range(100)]\n")
+    done = run_cli("model.onnx", "out.onnx", "--loader", "hundred.py:samples", cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    assert "on up to 2016 samples from the data source (2000 requested, rounded up to whole batches of 32" \
+        in done.stderr
+    assert "from 100 samples (4 batches of up to 32" in done.stdout
+    assert "1 batches" not in done.stdout and "1 samples" not in done.stdout
+
+
+def test_too_little_data_gets_a_warning(workspace):
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "1", "--batch-size", "1",
+                   cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    assert "warning: batches of 1 sample: during calibration every BN normalizes with its batch's statistics" \
+        in done.stderr and "1 sample in all is little" in done.stderr
+    assert "warning" not in run_cli("model.onnx", "out.onnx", "--data", "calib", cwd=workspace).stderr
+
+
+def test_the_output_records_what_made_it_and_keeps_the_models_own_metadata(workspace):
+    model = onnx.load(workspace / "model.onnx")
+    onnx.helper.set_model_props(model, {"author": "someone", "bnpass.stats": "stale"})
+    onnx.save(model, workspace / "model.onnx")
+    assert run_cli("model.onnx", "out.onnx", "--data", "calib", "--stats", "batch-mean", cwd=workspace).returncode == 0
+    written = onnx.load(workspace / "out.onnx")
+    assert {p.key: p.value for p in written.metadata_props} == {
+        "author": "someone", "bnpass.stats": "batch-mean", "bnpass.version": bnpass.__version__,
+        "bnpass.samples": "512", "bnpass.batch_size": "32", "bnpass.folded": "3 of 3"}
+    assert (written.producer_name, written.producer_version) == (model.producer_name, model.producer_version)
+
+
+def test_bns_that_stay_are_grouped_by_reason_and_verbose_lists_each(tmp_path, workspace):
+    densenet = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_densenet121.onnx"
+    done = run_cli(densenet, tmp_path / "out.onnx", "--fold-only", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "folded 59 of 121 BatchNormalization nodes (59 Conv->BN); 62 left:"
+    assert [line.split(" (")[0] for line in lines[1:4]] == ["  58 left", "  3 left", "  1 left"]
+    assert "its input comes from Concat '…'" in lines[1] and "... (58 in all)" in lines[1]
+    assert len(lines) == 5 and "left" not in done.stderr
+
+    verbose = run_cli("model.onnx", "out.onnx", "--data", "calib", "-v", cwd=workspace)
+    per_bn = [line for line in verbose.stdout.splitlines() if "BatchNormalization:" in line]
+    assert len(per_bn) == 3 and all("folded into" in line and " -> " in line for line in per_bn)
