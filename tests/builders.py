@@ -228,6 +228,7 @@ def add_batchnorm(
     spatial: int | None = None,
     training_mode: int | None = None,
     extra_outputs: int = 0,
+    extra_outputs_named: bool = True,
     param_source: str = "initializer",
     runtime_params: Iterable[str] = (),
 ) -> list[str]:
@@ -236,7 +237,9 @@ def add_batchnorm(
     ``runtime_params`` names BN params ("scale", "bias", "mean", "var") that become graph inputs
     without an initializer (so they are not constants). ``extra_outputs`` adds that many named
     extra outputs (2 for training_mode=1 at opset 14+, 4 for training at opsets 9-13); each
-    becomes a graph output too. Attributes left as None are omitted (ONNX defaults apply).
+    becomes a graph output too. ``extra_outputs_named=False`` leaves them unnamed instead (optional
+    outputs nobody asked for: a training_mode=1 BN whose only result is Y). Attributes left as None
+    are omitted (ONNX defaults apply).
     """
     runtime_params = set(runtime_params)
     unknown = runtime_params - set(BN_PARAM_NAMES)
@@ -262,9 +265,10 @@ def add_batchnorm(
         if builder.opset < 14:
             raise ValueError("'training_mode' exists from opset 14")
         attributes["training_mode"] = training_mode
-    outputs = [output] + [f"{name}_extra_output{k}" for k in range(extra_outputs)]
+    extra_names = [f"{name}_extra_output{k}" if extra_outputs_named else "" for k in range(extra_outputs)]
+    outputs = [output] + extra_names
     builder.add_node("BatchNormalization", [x, *param_inputs], outputs, name=name, **attributes)
-    for extra in outputs[1:]:
+    for extra in filter(None, extra_names):
         # Older opsets' shape inference leaves BN's extra outputs untyped: declare them.
         builder.add_output(extra, params.mean.dtype, params.mean.shape)
     return outputs
@@ -425,6 +429,7 @@ def build_producer_bn_model(
     spatial: int | None = None,
     training_mode: int | None = None,
     bn_extra_outputs: int = 0,
+    bn_extra_outputs_named: bool = True,
     param_source: str = "initializer",
     weight_source: str = "initializer",
     gemm_bias_shape: Sequence[int] | None = None,
@@ -445,7 +450,7 @@ def build_producer_bn_model(
       for depthwise.
     - ``bn_param_dtype``: dtype of the BN params (default: ``dtype``); only opset 15 allows another.
     - ``spatial``: opset-7 BN ``spatial`` attribute; ``spatial=0`` gives (C, D1, ...) params.
-    - ``training_mode`` / ``bn_extra_outputs``: see :func:`add_batchnorm`.
+    - ``training_mode`` / ``bn_extra_outputs`` / ``bn_extra_outputs_named``: see :func:`add_batchnorm`.
     - ``param_source``: where BN params live, see :meth:`GraphBuilder.add_constant`;
       ``weight_source``: the same for the producer's weight and bias.
     - ``gemm_bias_shape``: shape of Gemm's C (default (out_channels,)); C broadcasts to (N, C_out).
@@ -471,7 +476,8 @@ def build_producer_bn_model(
     add_batchnorm(
         builder, spec.output, params,
         epsilon=epsilon, momentum=momentum, spatial=spatial, training_mode=training_mode,
-        extra_outputs=bn_extra_outputs, param_source=param_source, runtime_params=runtime_bn_params,
+        extra_outputs=bn_extra_outputs, extra_outputs_named=bn_extra_outputs_named, param_source=param_source,
+        runtime_params=runtime_bn_params,
     )
     if producer_output_also_graph_output:
         builder.add_output(spec.output)

@@ -50,6 +50,7 @@ from builders import (
     unused_initializers,
     upcast_model_to_float32,
 )
+from assertions import assert_stays
 
 FLOAT32_RTOL = 1e-5
 FLOAT32_ATOL_PER_SCALE = 1e-6
@@ -140,19 +141,6 @@ def fold_and_verify(model: onnx.ModelProto, *, folded: int = 1, remaining: int =
     assert again.modified is False and again.folded == [], again.folded
     assert again.model.SerializeToString() == folded_bytes, "second fold changed the model"
     return result, errors
-
-
-def assert_stays(model: onnx.ModelProto, *words: str, bn_name: str = BN_NODE_NAME) -> str:
-    """The BN stays, the reason mentions each of ``words``, and the model is unchanged byte for byte."""
-    original_bytes = model.SerializeToString()
-    result = bnpass.fold_batchnorms(model)
-    assert model.SerializeToString() == original_bytes
-    assert result.modified is False and result.folded == []
-    reason = result.skipped[bn_name]
-    for word in words:
-        assert word in reason, f"reason {reason!r} does not mention {word!r}"
-    assert result.model.SerializeToString() == original_bytes
-    return reason
 
 
 def _initializer_dtypes(model: onnx.ModelProto) -> set:
