@@ -710,61 +710,6 @@ def float16_ulp(magnitude) -> np.ndarray:
     return np.spacing(np.abs(np.asarray(magnitude)).astype(np.float16)).astype(np.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# Output comparison at stated tolerances
-# --------------------------------------------------------------------------------------------
-
-# float32: elementwise rtol 1e-5, plus an absolute floor of 1e-6 x the output scale (max |output|)
-# for elements near zero (folding reorders a dot product; measured worst case 3.6e-7 x scale).
-FLOAT32_RTOL = 1e-5
-FLOAT32_ATOL_PER_SCALE = 1e-6
-# float64: the same argument, at float64 precision.
-FLOAT64_RTOL = 1e-12
-FLOAT64_ATOL_PER_SCALE = 1e-13
-# float16: compared with a float32 run of the *unfolded* model (exact upcast of every fp16 tensor;
-# its own error ~1e-7 is negligible). The unfolded fp16 model is within 0.5 ulp of that reference
-# (one rounding of its output). The folded model adds one rounding of each folded weight
-# (<= 0.5 ulp each, which a dot product of K terms accumulates), so it cannot match to 0.5 ulp;
-# measured worst case 1.07 ulp of the output scale. The bound is 2 fp16 ulp of the output scale.
-FLOAT16_ULPS_OF_SCALE = 2.0
-
-
-def assert_outputs_close(folded_model: onnx.ModelProto, original_model: onnx.ModelProto,
-                         feeds: dict[str, np.ndarray]) -> None:
-    """Folded and original models agree on every output at the tolerances above."""
-    original_outputs = run_onnxruntime(original_model, feeds)
-    folded_outputs = run_onnxruntime(folded_model, feeds)
-    names = [value.name for value in original_model.graph.output]
-    float16_reference = None
-    for index, (name, expected, actual) in enumerate(zip(names, original_outputs, folded_outputs)):
-        assert actual.dtype == expected.dtype, f"output {name!r}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"output {name!r}: shape {actual.shape} != {expected.shape}"
-        scale = float(np.max(np.abs(expected.astype(np.float64)))) or 1.0
-        if expected.dtype == np.float16:
-            if float16_reference is None:
-                float32_feeds = {key: value.astype(np.float32) if value.dtype == np.float16 else value
-                                 for key, value in feeds.items()}
-                float16_reference = run_onnxruntime(upcast_model_to_float32(original_model), float32_feeds)
-            reference = float16_reference[index].astype(np.float64)
-            scale = float(np.max(np.abs(reference))) or 1.0
-            ulp = float(float16_ulp(scale))
-            error = np.max(np.abs(actual.astype(np.float64) - reference))
-            original_error = np.max(np.abs(expected.astype(np.float64) - reference))
-            assert error <= FLOAT16_ULPS_OF_SCALE * ulp, (
-                f"output {name!r}: folded fp16 model is {error / ulp:.2f} ulp from the float32 reference "
-                f"(unfolded fp16 model: {original_error / ulp:.2f} ulp; bound {FLOAT16_ULPS_OF_SCALE} ulp "
-                f"of output scale {scale:.4g})"
-            )
-        elif expected.dtype == np.float64:
-            np.testing.assert_allclose(actual, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL_PER_SCALE * scale,
-                                       err_msg=f"output {name!r}")
-        elif expected.dtype == np.float32:
-            np.testing.assert_allclose(actual, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL_PER_SCALE * scale,
-                                       err_msg=f"output {name!r}")
-        else:
-            np.testing.assert_array_equal(actual, expected, err_msg=f"output {name!r}")
-
-
 def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:
     """Value of tensor ``name`` if it is an initializer, a Constant output or behind Identity nodes."""
     producers = {output: node for node in model.graph.node for output in node.output}
