@@ -672,9 +672,21 @@ def upcast_model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     return upcast
 
 
+def names_read(node: onnx.NodeProto) -> set[str]:
+    """The inputs of ``node`` and every name read by the nodes of its subgraphs (If/Loop/Scan
+    branches and bodies, nested ones too); names a subgraph defines itself are included, which
+    costs nothing here: they never match an outer initializer or node output in these tests."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            for inner in subgraph.node:
+                names |= names_read(inner)
+    return names
+
+
 def unused_initializers(model: onnx.ModelProto) -> list[str]:
-    """Initializers no node (or graph output) reads."""
-    used = {name for node in model.graph.node for name in node.input}
+    """Initializers no node (or subgraph, or graph output) reads."""
+    used = {name for node in model.graph.node for name in names_read(node)}
     used |= {value.name for value in model.graph.output}
     return [tensor.name for tensor in model.graph.initializer if tensor.name not in used]
 
@@ -687,7 +699,7 @@ def dead_nodes(model: onnx.ModelProto) -> list[str]:
         node = model.graph.node[index]
         if any(output and output in needed for output in node.output):
             live.add(index)
-            needed.update(name for name in node.input if name)
+            needed.update(names_read(node))
     return [node.name or f"#{index}" for index, node in enumerate(model.graph.node) if index not in live]
 
 
@@ -1061,4 +1073,39 @@ def build_constant_of_shape_params_model(
               add_constant_of_shape(builder, "bn_mean", (6,), 0.3, dtype),
               add_constant_of_shape(builder, "bn_var", (6,), 1.7, dtype)]
     builder.add_node("BatchNormalization", inputs, [OUTPUT_NAME], name=BN_NODE_NAME)
+    return builder.build()
+
+
+def build_subgraph_reader_model(reads: Sequence[str] = ("conv_weight", "bn_mean"), *, seed: int = 0) -> onnx.ModelProto:
+    """x -> conv -> BN -> y, plus ``If(cond)`` whose branches read tensors of the outer graph.
+
+    The If node is ``branch``, its output ``branch_out`` (shape (6,)) a graph output, its condition
+    the bool graph input ``cond``. The then-branch returns the row sums of ``reads[0]`` reshaped to
+    (6, -1) (one number per output channel of the conv weight), the else-branch ``Identity(reads[1])``;
+    each must be a (6,)-element tensor.
+    With the defaults, one branch reads the weight a fold would change, the other a parameter of the
+    BN a fold would remove.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=13)
+    x_shape = producer_input_shape("conv")
+    builder.add_input(INPUT_NAME, np.float32, x_shape)
+    builder.add_input("cond", np.bool_, [])
+    spec = add_producer(builder, "conv", INPUT_NAME, x_shape, rng, out_channels=6)
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(builder, spec.output, random_bn_params((6,), rng))
+    then_shape = numpy_helper.from_array(np.array([6, -1], dtype=np.int64), "then_shape")
+    then_axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "then_axes")
+    then_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["then_shape"], name="then_shape_constant", value=then_shape),
+         helper.make_node("Constant", [], ["then_axes"], name="then_axes_constant", value=then_axes),
+         helper.make_node("Reshape", [reads[0], "then_shape"], ["then_rows"], name="then_reshape"),
+         helper.make_node("ReduceSum", ["then_rows", "then_axes"], ["then_out"], name="then_sum", keepdims=0)],
+        "then_branch", [], [helper.make_tensor_value_info("then_out", onnx.TensorProto.FLOAT, [6])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", [reads[1]], ["else_out"], name="else_identity")],
+        "else_branch", [], [helper.make_tensor_value_info("else_out", onnx.TensorProto.FLOAT, [6])])
+    builder.add_node("If", ["cond"], ["branch_out"], name="branch", then_branch=then_branch,
+                     else_branch=else_branch)
+    builder.add_output("branch_out", np.float32, (6,))
     return builder.build()

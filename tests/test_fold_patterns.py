@@ -31,11 +31,14 @@ from builders import (
     build_producer_add_bn_model,
     build_producer_bn_model,
     build_quantized_weight_bn_model,
+    build_subgraph_reader_model,
     channel_bias_shape,
+    constant_value,
     count_ops,
     initializer_array,
     node_by_name,
     random_bn_params,
+    random_feeds,
     with_inferred_value_info,
 )
 from assertions import assert_stays, fold_and_verify
@@ -553,6 +556,25 @@ def test_mixed_model_folds_what_it_can_and_reports_the_rest():
     onnx.checker.check_model(model, full_check=True)
     result, _ = fold_and_verify(model, folded=3, remaining=1)
     assert "Concat 'cat'" in result.skipped["bn_last"]
+
+
+@pytest.mark.parametrize("reads", [("conv_weight", "bn_mean"), ("conv_weight", "conv_bias"),
+                                   ("bn_scale", "bn_var")], ids=["weight_and_mean", "weight_and_bias", "scale_and_var"])
+def test_fold_leaves_alone_what_an_if_branch_reads(reads):
+    """Regression guard for names read inside subgraphs (GraphIndex.subgraph_reads): the If's branches
+    read the conv weight or bias the fold rewrites, or parameters of the BN it removes. The BN still
+    folds, into new tensors; every tensor a branch reads stays, with its value, and both branches give
+    the unfolded model's output."""
+    model = build_subgraph_reader_model(reads)
+    originals = {name: constant_value(model, name) for name in reads}
+    feeds = random_feeds(model)
+    for cond in (True, False):
+        feeds["cond"] = np.array(cond)
+        result, _ = fold_and_verify(model, feeds=feeds)
+        for name, value in originals.items():
+            np.testing.assert_array_equal(constant_value(result.model, name), value, err_msg=name)
+        if "conv_weight" in reads:
+            assert node_by_name(result.model, "conv").input[1] != "conv_weight", "the fold changed a shared weight"
 
 
 # --------------------------------------------------------------------------------------------
