@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, weightless_copy
+from .graph import GraphIndex
+from .protos import weightless_copy
 
 
 class GraphEditor:
@@ -66,7 +67,7 @@ class GraphEditor:
         """An editor of a copy of ``model`` that copies each initializer value once; :meth:`build`
         returns the copy.
 
-        The copy starts weightless (:func:`~bnpass.graph.weightless_copy`); the index reads the
+        The copy starts weightless (:func:`~bnpass.protos.weightless_copy`); the index reads the
         values of ``model``'s initializers where they are, and ``model`` is never changed. A model
         whose initializer names repeat (invalid ONNX) is copied whole and edited in place instead.
         """
