@@ -234,6 +234,18 @@ def test_folds_dequantized_int32_bias_as_float(producer):
     assert bias.dtype == np.float32
 
 
+@pytest.mark.parametrize("axis,scales", [(3, 6), (0, 4)], ids=["axis_out_of_range", "scale_count"])
+def test_skips_dequantized_bias_whose_per_axis_scale_does_not_fit(axis, scales):
+    """Regression (the bias reader crashed with IndexError / a numpy broadcast error): a per-axis
+    bias scale along an axis the int32 bias lacks, or with the wrong count, is no constant bias."""
+    model = build_quantized_weight_bn_model("conv", quantized_bias=True)
+    for tensor in model.graph.initializer:
+        if tensor.name == "b_scale":
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.full(scales, 1e-4, np.float32), "b_scale"))
+    node_by_name(model, "bias_dequantize").attribute.append(onnx.helper.make_attribute("axis", axis))
+    assert_stays(model, "the bias 'b' of 'conv' is not a constant")
+
+
 @pytest.mark.parametrize("shared", ["dequantize_output", "quantized", "scale"])
 def test_folds_quantized_weight_shared_with_another_layer_into_private_copies(shared):
     """The other layer keeps reading the original DequantizeLinear inputs, unchanged."""
