@@ -569,25 +569,40 @@ def build_shared_weight_model(
 
 
 def build_conv_bn_relu_chain_model(
-    *, blocks: int = 3, channels: int = 4, dtype=np.float32, opset: int = 13, seed: int = 0
+    *, blocks: int = 3, channels: int = 4, in_channels: int | None = None, dtype=np.float32, opset: int = 13,
+    batch: int | str = 2, spatial_size: int = 6, biases: str = "alternate", without_batchnorm: Iterable[int] = (),
+    seed: int = 0,
 ) -> onnx.ModelProto:
-    """``blocks`` x (Conv -> BN -> Relu): nodes conv{i}, bn{i}, relu{i}; output ``y``."""
+    """``blocks`` x (Conv 3x3, pads 1 -> BN -> Relu): nodes conv{i}, bn{i}, relu{i}; output ``y``.
+
+    The input is (``batch``, ``in_channels`` (default ``channels``), ``spatial_size``,
+    ``spatial_size``); ``batch`` may be a symbol such as "N". Every Conv makes ``channels``
+    channels; ``biases``: "alternate" (even blocks have a bias) or "all". The blocks numbered in
+    ``without_batchnorm`` have no BN (Conv -> Relu). Large ``channels`` make large models (512:
+    9.4 MB per Conv weight) for the memory tests.
+    """
+    if biases not in ("alternate", "all"):
+        raise ValueError(f"unknown biases {biases!r}")
     rng = np.random.default_rng(seed)
     builder = GraphBuilder(opset=opset)
-    x_shape = (2, channels, 6, 6)
+    x_shape = (batch, in_channels or channels, spatial_size, spatial_size)
     builder.add_input(INPUT_NAME, dtype, x_shape)
     current = INPUT_NAME
     for block in range(blocks):
         spec = add_producer(
             builder, "conv", current, x_shape, rng, out_channels=channels, dtype=dtype,
-            bias=block % 2 == 0, node_name=f"conv{block}",
+            bias=biases == "all" or block % 2 == 0, node_name=f"conv{block}",
         )
-        bn_out = add_batchnorm(
-            builder, spec.output, random_bn_params((channels,), rng, dtype),
-            output=f"bn{block}_out", name=f"bn{block}",
-        )[0]
-        current = OUTPUT_NAME if block == blocks - 1 else f"relu{block}_out"
-        builder.add_node("Relu", [bn_out], [current], name=f"relu{block}")
+        x_shape = spec.output_shape
+        current = spec.output
+        if block not in without_batchnorm:
+            current = add_batchnorm(
+                builder, spec.output, random_bn_params((channels,), rng, dtype),
+                output=f"bn{block}_out", name=f"bn{block}",
+            )[0]
+        output = OUTPUT_NAME if block == blocks - 1 else f"relu{block}_out"
+        builder.add_node("Relu", [current], [output], name=f"relu{block}")
+        current = output
     builder.add_output(OUTPUT_NAME)
     return builder.build()
 
