@@ -139,7 +139,8 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, **attributes))
         return list(outputs)
 
-    def add_constant(self, name: str, array: np.ndarray, source: str = "initializer", *, identity_depth: int = 2) -> str:
+    def add_constant(self, name: str, array: np.ndarray, source: str = "initializer", *,
+                     identity_depth: int = 2) -> str:
         """Place a constant tensor and return the name a consumer should read.
 
         source:

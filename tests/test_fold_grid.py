@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import pytest
 
+from assertions import assert_stays, fold_and_verify
 from builders import (
     BN_NODE_NAME,
     PARAM_SOURCES,
@@ -42,7 +43,6 @@ from builders import (
     random_bn_params,
     with_initializer_as_graph_input,
 )
-from assertions import assert_stays, fold_and_verify
 
 OPSETS = (7, 9, 13, 14, 15)
 DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}

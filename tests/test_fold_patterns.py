@@ -20,6 +20,7 @@ import pytest
 
 import bnpass
 import bnpass.graph
+from assertions import assert_stays, fold_and_verify
 from builders import (
     BN_NODE_NAME,
     GraphBuilder,
@@ -41,7 +42,6 @@ from builders import (
     random_feeds,
     with_inferred_value_info,
 )
-from assertions import assert_stays, fold_and_verify
 
 # A forward fold writes b' = b + W . shift, whose magnitude can exceed the output's (it cancels
 # against W' x): rounding it once costs half an ulp of |b'|, not of the output. Measured worst case

@@ -88,5 +88,6 @@ def test_one_large_batch_file_streams_too(tmp_path):
     np.save(large / "all.npy", data)
     data_mb = data.nbytes / 2**20
     del data
-    growth = peak_memory(model, large, 10_000, tmp_path)["peak_mb"] - peak_memory(model, small, 500, tmp_path)["peak_mb"]
+    growth = (peak_memory(model, large, 10_000, tmp_path)["peak_mb"]
+              - peak_memory(model, small, 500, tmp_path)["peak_mb"])
     assert growth < 0.2 * data_mb, growth

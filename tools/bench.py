@@ -58,6 +58,7 @@ from bnpass.model_io import load_model, save_model  # noqa: E402
 from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E402
 from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
 from bnpass.runtime import CPU, create_session  # noqa: E402
+
 # tools/peak_memory.py, beside this script: the memory reader the memory tests use too.
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
 from peak_memory import status_mb as _status_mb  # noqa: E402

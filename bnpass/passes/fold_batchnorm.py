@@ -68,9 +68,9 @@ PER_AXIS_DEQUANTIZE_OPSET = 13
 
 @dataclass
 class FoldResult(PassResult):
-    folded: list = field(default_factory=list)   # (bn name, layer name) per folded BN
-    skipped: dict = field(default_factory=dict)  # bn name -> reason it stayed
-    patterns: dict = field(default_factory=dict)  # bn name -> what it folded as, e.g. "Conv->Add->BN", "BN->Gemm"
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (bn name, layer name) per folded BN
+    skipped: dict[str, str] = field(default_factory=dict)  # bn name -> reason it stayed
+    patterns: dict[str, str] = field(default_factory=dict)  # bn name -> what it folded as: "Conv->Add->BN", "BN->Gemm"
 
 
 class FoldBatchNormPass:
