@@ -133,7 +133,7 @@ class _Context:
 
 @dataclass
 class _QuantizedWeight:
-    """``DequantizeLinear(q, q_scale, zero_point)`` feeding a layer's weight input."""
+    """``DequantizeLinear(q, q_scale, zero_point)`` of constants feeding a layer's weight (or its bias)."""
 
     dequantize: onnx.NodeProto
     quantized: np.ndarray
