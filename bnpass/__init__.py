@@ -20,8 +20,7 @@ from .data import feeds_from_batches, model_input_specs, open_folder
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
-from .passes import (BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass,
-                     ReestimateResult)
+from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"

@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-
 from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
 from .config import check_sample_sizes, read_nncf_config

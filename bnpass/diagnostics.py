@@ -17,9 +17,9 @@ input (tests/test_diagnostics.py, 32x32 images): correctly preprocessed, with th
 by 50-90% or quantized to int8/int4, the ratio stayed within 0.78-1.03 and the shift below 0.04;
 the mistakes gave ratios of 0.2-0.3 (no normalization) and 200-330 (no scaling), or a shift of 2
 (mean/std in 0..255 units while scaling to [0, 1]: the input is almost constant, and zero padding
-at the borders keeps the spread from collapsing on small images). Medians over channels keep a few dead (pruned) channels
-from raising it. Stored statistics that are all 0 and 1 (a model never trained) say nothing and
-are skipped.
+at the borders keeps the spread from collapsing on small images). Medians over channels keep a
+few dead (pruned) channels from raising it. Stored statistics that are all 0 and 1 (a model never
+trained) say nothing and are skipped.
 """
 
 from __future__ import annotations

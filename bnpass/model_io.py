@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
-from .graph import copy_fields
+from .protos import add_tensor_stub, model_without
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -97,9 +97,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
     Small tensors stay inline, where shape inference can read them (Reshape targets).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, skip=("graph",))
-    copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    skeleton = model_without(model, ("initializer",))
     data_path = os.path.join(folder, data_name)
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
@@ -110,9 +108,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
             payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
             offset = data.tell()
             data.write(payload)
-            stored = skeleton.graph.initializer.add()
-            stored.name, stored.data_type = tensor.name, tensor.data_type
-            stored.dims.extend(tensor.dims)
+            stored = add_tensor_stub(skeleton.graph.initializer, tensor)
             stored.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
                 entry = stored.external_data.add()

@@ -22,8 +22,13 @@ from PIL import Image
 
 import bnpass
 from bnpass.cli import main
-from builders import (build_bn_after_op_model, build_conv_bn_relu_chain_model, build_qdq_conv_bn_model,
-                      count_ops, run_onnxruntime)
+from builders import (
+    build_bn_after_op_model,
+    build_conv_bn_relu_chain_model,
+    build_qdq_conv_bn_model,
+    count_ops,
+    run_onnxruntime,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits"
@@ -73,8 +78,8 @@ def test_main_job_in_process_writes_a_model_without_bn_that_matches_the_reestima
 
 def test_subprocess_prints_a_summary_and_one_clean_device_line(workspace):
     before = (workspace / "model.onnx").read_bytes()
-    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50", "--threads", "1",
-                   cwd=workspace)
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50",
+                   "--threads", "1", cwd=workspace)
     assert done.returncode == 0, done.stderr
     assert "re-estimated 3 of 3" in done.stdout and "folded 3 of 3" in done.stdout
     assert "from 100 samples" in done.stdout
@@ -272,8 +277,8 @@ def test_ctrl_c_during_calibration_leaves_no_output(workspace):
         "    for _ in range(1000):\n"
         "        time.sleep(0.05)\n"
         "        yield np.zeros((1, 8, 8), np.float32)\n")
-    process = subprocess.Popen([sys.executable, "-m", "bnpass", "model.onnx", "out.onnx", "--loader", "slow.py:samples"],
-                               cwd=workspace, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "bnpass", "model.onnx", "out.onnx",
+                                "--loader", "slow.py:samples"], cwd=workspace, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 120
     while not (workspace / "started").exists() and time.monotonic() < deadline:

@@ -63,7 +63,7 @@ class BatchNormStatistics:
 
 @dataclass
 class ReestimateResult(PassResult):
-    stats: dict = field(default_factory=dict)   # bn name -> BatchNormStatistics
+    stats: dict[str, BatchNormStatistics] = field(default_factory=dict)
     samples: int = 0
     batches: int = 0
     batch_size: int = 0
