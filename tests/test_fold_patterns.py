@@ -40,6 +40,7 @@ from builders import (
     node_by_name,
     random_bn_params,
     random_feeds,
+    random_weight,
     with_inferred_value_info,
 )
 
@@ -614,3 +615,20 @@ def test_fold_pass_keeps_one_graph_index(monkeypatch):
         built.clear()
         assert bnpass.fold_batchnorms(build()).modified
         assert len(built) == 1
+
+
+def test_bn_after_a_quantized_activation_stays_and_says_to_fold_before_quantizing():
+    """onnxruntime's QDQ layout without BN folded first: Conv -> QuantizeLinear -> DequantizeLinear -> BN."""
+    rng = np.random.default_rng(0)
+    builder = GraphBuilder(opset=13)
+    builder.add_input("x", np.float32, ["N", 3, 6, 6])
+    builder.add_initializer("w", random_weight((4, 3, 3, 3), rng))
+    builder.add_node("Conv", ["x", "w"], ["conv_out"], name="conv")
+    builder.add_initializer("scale", np.float32(0.05))
+    builder.add_initializer("zero_point", np.uint8(128))
+    builder.add_node("QuantizeLinear", ["conv_out", "scale", "zero_point"], ["quantized"], name="quantize")
+    builder.add_node("DequantizeLinear", ["quantized", "scale", "zero_point"], ["dequantized"], name="dequantize")
+    add_batchnorm(builder, "dequantized", random_bn_params((4,), rng))
+    builder.add_output("y")
+    assert_stays(builder.build(), "its input comes from DequantizeLinear 'dequantize'",
+                 "re-estimate and fold with bnpass before quantizing activations")

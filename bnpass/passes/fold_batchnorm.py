@@ -44,7 +44,6 @@ applies, so the pass is idempotent: run again on its output it reports ``modifie
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,8 +55,6 @@ from ..graph import DEFAULT_DOMAINS, GraphIndex, attribute, default_opset, is_ba
 from ..protos import inferred_value_infos, rank_of
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
-
-logger = logging.getLogger(__name__)
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FORWARD_LAYERS = ("Conv", "Gemm", "MatMul")
@@ -98,9 +95,7 @@ class FoldBatchNormPass:
             if len(remaining) == len(pending):
                 break
             pending = remaining
-        skipped = {node_label(bn): reasons[id(bn)] for bn in pending}
-        for name, reason in skipped.items():
-            logger.debug("left %s: %s", name, reason)
+        skipped = {node_label(bn): reasons[id(bn)] for bn in pending}  # the caller reports them
         if folded:
             editor.remove_dead()
             output = editor.build()
@@ -360,6 +355,10 @@ def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onn
     if producer.op_type == "Add":
         add = producer
         layer, add_position, add_value = _match_bias_add(add, index)
+    elif _is_dequantize(producer):
+        raise _CannotFold(f"its input comes from DequantizeLinear '{node_label(producer)}': an activation quantized "
+                          "after its layer cannot take a per-channel factor exactly; re-estimate and fold with "
+                          "bnpass before quantizing activations")
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise _CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                           "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
