@@ -467,3 +467,14 @@ def test_nncf_config_with_zero_samples_folds_without_data(tmp_path, capsys):
     assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--config", str(config)]) == 0
     assert "re-estimated" not in capsys.readouterr().out
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_api_cuda_error_names_the_api_argument_not_the_cli_flag():
+    from bnpass.runtime import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("this machine has a working CUDA provider")
+    data = np.zeros((4, 3, 4, 4), np.float32)
+    with pytest.raises(bnpass.RuntimeUnavailableError) as raised:
+        bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), [data], device="cuda")
+    assert str(raised.value).startswith("device='cuda': ") and "--device" not in str(raised.value)
