@@ -117,10 +117,10 @@ def test_constant_channels_keep_the_stored_scale_and_match_the_mean(reference_va
 
 
 def test_a_constant_channel_is_recognized_despite_float32_rounding():
-    # A constant channel of 3.7, its float32 mean off by a few ulps: a spread of about 1e-6 of the
-    # mean. A spread of 1e-3 of the stored scale is a real one.
+    # A constant channel of 3.7, its float32 mean off by a few ulps: a spread of about 3e-7 of the
+    # mean, though 1e-4 of the small stored scale 0.01. A spread of 1e-3 of the mean is a real one.
     rounding_spread = (3.7 * 3e-7) ** 2
-    matched = match_statistics([1.0, 1.0], [1.0, 1.0], 1e-5, [3.7, 3.7], [rounding_spread, 1e-6],
+    matched = match_statistics([1.0, 1.0], [1e-4, 1e-4], 0.0, [3.7, 3.7], [rounding_spread, (3.7e-3) ** 2],
                                [2.0, 2.0], [1.0, 1.0])
     assert matched.rule.tolist() == [MatchRule.REFERENCE_CONSTANT, MatchRule.MATCHED]
 
