@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bnpass.errors import BnpassError
-from bnpass.plot import HEIGHT_PIXELS, WIDTH_PIXELS, measure_drift, plot_drift
+from bnpass.plot import HEIGHT_PIXELS, WIDTH_PIXELS, _spread, measure_drift, plot_drift
 
 
 def drifts(count, *, reference, seed=0):
@@ -35,6 +35,14 @@ def pixel_spread(path):
         size = image.size
         pixels = np.asarray(image.convert("L"), dtype=np.float64)
     return size, pixels.std()
+
+
+def band_fraction(path, color):
+    """Fraction of pixels in a band's colour: ``color`` drawn at alpha 0.25 on white."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int64)
+    band = 255 - 0.25 * (255 - np.array(color))
+    return float(np.mean(np.abs(pixels - band).max(axis=-1) <= 3))
 
 
 def blank_canvas_spread(tmp_path):
@@ -65,12 +73,20 @@ def test_writes_a_readable_png_of_the_stated_size_that_is_not_blank(tmp_path, co
     size, spread = pixel_spread(path)
     assert size == (WIDTH_PIXELS, HEIGHT_PIXELS)
     assert spread > 5 * max(blank_canvas_spread(tmp_path), 1.0)
+    # The data are drawn, not only axes and labels: the 10-90% bands cover much of each panel.
+    assert band_fraction(path, (31, 119, 180)) > 0.05                              # tab:blue, stored
+    assert (band_fraction(path, (255, 127, 14)) > 0.02) == reference                 # tab:orange, reference
     assert sorted(os.listdir(tmp_path)) == ["blank.png", "drift.png"]   # no temporary file left
 
 
 def test_zero_scales_and_non_finite_values_leave_gaps_not_errors(tmp_path):
-    # epsilon 0 and a stored variance of 0: the shift divides by zero in one channel of one BN.
-    broken = measure_drift("bn0", 0.0, [0.0, 1.0], [0.0, 1.0], [1.0, 2.0], [1.0, 0.0])
+    # epsilon 0 and a stored variance of 0: the shift divides by zero in one channel of one BN; the
+    # BN is still drawn from its other channels, and one without any finite value is a gap.
+    broken = measure_drift("bn0", 0.0, [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 2.0, 3.0], [1.0, 0.0, 4.0])
+    assert np.isinf(broken.mean_shift[0])
+    low, median, high = _spread([broken.mean_shift, np.array([np.nan])], positive=False)
+    np.testing.assert_allclose([low[0], median[0], high[0]], [1.1, 1.5, 1.9])
+    assert np.isnan(median[1])
     path = tmp_path / "drift.png"
     plot_drift([broken] + drifts(4, reference=False), path)
     assert pixel_spread(path)[0] == (WIDTH_PIXELS, HEIGHT_PIXELS)
