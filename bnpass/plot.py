@@ -1,0 +1,159 @@
+"""``--plot FILE.png``: how far each BN's statistics drifted, per BN in graph order, as a picture.
+
+For each BN, per channel, with (mu_r, v_r) its stored statistics, e its epsilon and (m, v) the
+mean and variance the compressed model's BN input has on the calibration data:
+
+- **mean shift** ``|m - mu_r| / sqrt(v_r + e)``: how far the mean moved, in units of the stored
+  standard deviation (the BN's own scale), so BNs of any magnitude share one axis;
+- **variance ratio** ``(v + e) / (v_r + e)``: how much the BN's divisor changed, squared (log
+  scale). e is added on both sides, as the BN adds it: the ratio is what changes the output, and
+  stays finite for channels whose variance is 0.
+
+With a reference model, the same two against the uncompressed model's measured input moments
+(m_o, v_o): ``|m - m_o| / sqrt(v_o + e)`` and ``(v + e) / (v_o + e)``. Stale stored statistics
+show as drift from the stored ones; compression shows as drift from the reference.
+
+Each panel draws, per BN, the median over channels (line) and the 10-90% range over channels
+(band): readable with 50 BNs and with 150. The figure is 1600 x 900 pixels, drawn with
+matplotlib's Agg canvas (no display, no pyplot state), and written atomically: a temporary file in
+the same folder, renamed into place, so no partial file is ever left at the path. matplotlib is
+optional: ``pip install 'bnpass[plot]'``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import BnpassError
+from .model_io import _umask
+
+WIDTH_PIXELS, HEIGHT_PIXELS, DPI = 1600, 900, 100
+LABELED_TICKS = 40          # at most this many BN names on the x axis
+SPREAD = (10, 90)           # percentiles of the band
+
+
+@dataclass
+class BatchNormDrift:
+    """Per-channel drift of one BN (see the module docstring); reference_* None without a reference."""
+
+    label: str
+    mean_shift: np.ndarray
+    variance_ratio: np.ndarray
+    reference_mean_shift: Optional[np.ndarray] = None
+    reference_variance_ratio: Optional[np.ndarray] = None
+
+
+def measure_drift(label: str, epsilon: float, stored_mean, stored_var, mean, var,
+                  reference_mean=None, reference_var=None) -> BatchNormDrift:
+    """The drift of ``(mean, var)`` from the stored statistics and, when given, from the reference's."""
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+
+    def against(base_mean, base_var):
+        base_mean, base_var = np.asarray(base_mean, np.float64), np.asarray(base_var, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero scale plots as a gap
+            return np.abs(mean - base_mean) / np.sqrt(base_var + epsilon), (var + epsilon) / (base_var + epsilon)
+
+    drift = BatchNormDrift(label, *against(stored_mean, stored_var))
+    if reference_mean is not None:
+        drift.reference_mean_shift, drift.reference_variance_ratio = against(reference_mean, reference_var)
+    return drift
+
+
+def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] = None) -> None:
+    """Draw ``drifts`` (one per BN, in graph order) into the PNG file ``path``, atomically."""
+    if not drifts:
+        raise ValueError("nothing to plot: no BatchNormalization drift was given")
+    figure_class, canvas_class = _matplotlib()
+    figure = figure_class(figsize=(WIDTH_PIXELS / DPI, HEIGHT_PIXELS / DPI), dpi=DPI, layout="constrained")
+    canvas = canvas_class(figure)
+    shift_axes, ratio_axes = figure.subplots(2, 1, sharex=True)
+    positions = np.arange(len(drifts))
+    with_reference = any(drift.reference_mean_shift is not None for drift in drifts)
+    series = [("against the stored statistics", "mean_shift", "variance_ratio", "tab:blue")]
+    if with_reference:
+        series.append(("against the reference model's", "reference_mean_shift", "reference_variance_ratio",
+                       "tab:orange"))
+    for legend, shift_field, ratio_field, color in series:
+        for axes, field in ((shift_axes, shift_field), (ratio_axes, ratio_field)):
+            low, median, high = _spread([getattr(drift, field) for drift in drifts], positive=axes is ratio_axes)
+            axes.fill_between(positions, low, high, color=color, alpha=0.25, linewidth=0,
+                              label=f"{legend}: {SPREAD[0]}-{SPREAD[1]}% of channels")
+            axes.plot(positions, median, color=color, linewidth=1.5, marker="." if len(drifts) <= 60 else None,
+                      label=f"{legend}: median")
+
+    shift_axes.set_yscale("symlog", linthresh=0.1)
+    shift_axes.set_ylim(bottom=0)
+    shift_axes.axhline(0, color="gray", linewidth=0.8)
+    shift_axes.set_ylabel("|mean shift| / stored std")
+    ratio_axes.set_yscale("log")
+    ratio_axes.axhline(1, color="gray", linewidth=0.8)
+    ratio_axes.set_ylabel("variance ratio (v + e) / (v_base + e)")
+    shift_axes.legend(loc="upper left", fontsize="small", ncols=2, framealpha=0.8)
+    for axes in (shift_axes, ratio_axes):
+        axes.grid(True, which="major", alpha=0.3)
+    step = max(1, math.ceil(len(drifts) / LABELED_TICKS))
+    ticks = positions[::step]
+    labels = _tick_labels([drift.label for drift in drifts])
+    ratio_axes.set_xticks(ticks, [f"{index} {labels[index]}" for index in ticks], rotation=90, fontsize="x-small")
+    ratio_axes.set_xlim(-0.5, len(drifts) - 0.5)
+    ratio_axes.set_xlabel(f"BatchNormalization nodes in graph order ({len(drifts)}"
+                          + (f"; names shown for 1 in {step})" if step > 1 else ")"))
+    figure.suptitle(title or "drift of BatchNormalization statistics per node")
+
+    buffer = io.BytesIO()
+    canvas.print_png(buffer)
+    _write_atomically(path, buffer.getvalue())
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise BnpassError(f"plotting needs matplotlib, which cannot be imported ({error}): "
+                          "pip install 'bnpass[plot]'") from error
+    return Figure, FigureCanvasAgg
+
+
+def _spread(per_bn: list, *, positive: bool):
+    """Per BN: the low percentile, median and high percentile over its finite channel values."""
+    rows = []
+    for values in per_bn:
+        values = np.asarray(values, np.float64).reshape(-1) if values is not None else np.empty(0)
+        values = values[np.isfinite(values) & ((values > 0) if positive else True)]
+        rows.append(np.percentile(values, [SPREAD[0], 50, SPREAD[1]]) if values.size else [np.nan] * 3)
+    return np.asarray(rows, np.float64).T
+
+
+def _tick_labels(labels: list, width: int = 28) -> list:
+    """Labels without the suffix they all share (exporters end every BN name with
+    ``/BatchNormalization``), then their last ``width`` characters."""
+    suffix = os.path.commonprefix([label[::-1] for label in labels])[::-1] if len(labels) > 1 else ""
+    if suffix and all(len(label) > len(suffix) for label in labels):
+        labels = [label[:-len(suffix)] for label in labels]
+    return [label if len(label) <= width else "..." + label[-(width - 3):] for label in labels]
+
+
+def _write_atomically(path, content: bytes) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise BnpassError(f"cannot write the plot '{path}': {error.strerror or error}") from error
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a plot gets a normal file's mode
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
