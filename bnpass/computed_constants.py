@@ -175,8 +175,12 @@ class ComputedConstants:
             return None
         from onnx.reference import ReferenceEvaluator  # imported on first need: it loads every op
 
+        # A one-node graph: given a bare NodeProto, ReferenceEvaluator ignores ``opsets`` and runs
+        # the latest version of the op (Unsqueeze-13 refuses opset 11's axes attribute).
+        graph = onnx.helper.make_graph([node], "computed_constant", [onnx.ValueInfoProto(name=name) for name in feeds],
+                                       [onnx.ValueInfoProto(name=node.output[0])])
         try:
-            evaluator = ReferenceEvaluator(node, opsets={"": default_opset(self.index.model)})
+            evaluator = ReferenceEvaluator(graph, opsets={"": default_opset(self.index.model)})
             value = np.asarray(evaluator.run(None, feeds)[0])
         except Exception as error:  # the runtime would fail on it as well: not a constant
             logger.debug("cannot evaluate %s '%s' at load time: %s", node.op_type, node.name, error)
