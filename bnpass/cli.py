@@ -25,7 +25,7 @@ from .images import describe as describe_images
 from .graph import node_label
 from .model_io import read_model, save_model
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
-from .report import batchnorm_records, summary_lines
+from .report import batchnorm_records, no_batchnorm_notice, summary_lines
 from .runtime import DEVICES, select_providers
 from .stats import STATS_MODES
 from .verify import compare_models
@@ -196,7 +196,7 @@ def run(args) -> int:
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
     samples = _samples(args, model)  # a folder is checked file by file here, before any compute
     if not bn_names:
-        logger.warning("'%s' has no BatchNormalization node; writing an unchanged copy", args.input)
+        logger.warning("%s", no_batchnorm_notice(model, args.input))
 
     reestimate = None
     unfolded = model

@@ -19,6 +19,7 @@ import onnx
 import pytest
 
 import bnpass
+from bnpass.cli import main as bnpass_main
 from bnpass.passes import FoldBatchNormPass
 from builders import count_ops, make_batchnorm_statistics_stale, run_onnxruntime, update_bn_on
 
@@ -146,3 +147,18 @@ def test_export_folds_every_batchnorm_and_matches_update_bn(exporter, batch, cal
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE * scale)
 
+
+def test_a_default_export_without_batchnorm_gets_the_way_to_keep_it(tmp_path, capsys):
+    """torch.onnx.export's default (dynamo, optimize=True) fuses every BN at export: bnpass copies
+    the model and says how to export it with BN kept."""
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(stale_network(), (torch.zeros(EXPORT_BATCH, 3, 8, 8),), verbose=False)
+    program.save(str(tmp_path / "fused.onnx"))
+    assert count_ops(onnx.load(tmp_path / "fused.onnx"), "BatchNormalization") == 0
+    capsys.readouterr()
+    assert bnpass_main([str(tmp_path / "fused.onnx"), str(tmp_path / "out.onnx"), "--fold-only"]) == 0
+    notice = capsys.readouterr().err
+    assert "has no BatchNormalization node" in notice
+    assert "re-export with dynamo=True, optimize=False" in notice and f"PyTorch {torch.__version__}" in notice
