@@ -336,11 +336,11 @@ def test_a_computed_bias_read_by_a_subgraph_stays_for_it():
     np.testing.assert_array_equal(bias_seen, np.zeros(6, np.float32))
 
 
-def _conv_bn_model(*, batch_flatten: bool = False, weight_norm: bool = False) -> onnx.ModelProto:
+def _conv_bn_model(*, batch_flatten: bool = False, weight_norm: bool = False, ir_version: int = 10) -> onnx.ModelProto:
     """x (2, 3, 5, 5) -> Conv(W, dynamo zero bias) -> BN [-> Reshape(Concat([2], [-1]), allowzero=1)
     -> Gemm -> BN]; ``weight_norm`` computes W as torch's weight_norm does, axes from Reshape(Constant)."""
     rng = np.random.default_rng(RNG_SEED)
-    builder = GraphBuilder(opset=20)
+    builder = GraphBuilder(opset=20, ir_version=ir_version)
     builder.add_input("x", np.float32, [2, 3, 5, 5])
     weight = _weight_norm(builder, rng, True, out="W_normed") if weight_norm else _weight(builder, rng)
     add_computed_zero_bias(builder, "x", weight, "bias")
@@ -360,13 +360,17 @@ def _conv_bn_model(*, batch_flatten: bool = False, weight_norm: bool = False) ->
     return builder.build()
 
 
-def test_a_batchnorm_after_a_conv_with_a_computed_bias_folds():
-    model = _conv_bn_model()
+@pytest.mark.parametrize("ir_version", [10, 3])
+def test_a_batchnorm_after_a_conv_with_a_computed_bias_folds(ir_version):
+    """IR 3 lists every initializer as a graph input: there they are constants, and the folded
+    ones are listed too."""
+    model = _conv_bn_model(ir_version=ir_version)
     folded = bnpass.fold_batchnorms(model)
     assert not folded.skipped and count_ops(folded.model, "BatchNormalization") == 0
     onnx.checker.check_model(folded.model, full_check=True)
     assert not any(count_ops(folded.model, op) for op in CHAIN_OPS)
     assert_outputs_close(folded.model, model, random_feeds(model))
+    assert bnpass.fold_batchnorms(folded.model).modified is False
 
 
 def test_a_computed_flatten_target_with_allowzero_frees_the_batch():
