@@ -17,10 +17,11 @@ from typing import Iterable, Optional, Union
 import onnx
 
 from .data import feeds_from_batches, model_input_specs, open_folder
-from .images import ImageOptions
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
-from .passes import (BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass,
-                     ReestimateResult)
+from .images import ImageOptions
+from .model_io import as_model
+from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
+from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"
 
@@ -32,33 +33,41 @@ __all__ = [
 
 
 def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, Iterable],
-                        image_options: Optional[ImageOptions] = None):
-    """Samples for ``model`` from a folder (arrays or images) or an iterable of batches.
+                        image_options: Optional[ImageOptions] = None, *, shuffle: bool = False, seed: int = 0):
+    """Samples for ``model`` from a folder (arrays or images), an iterable of batches, or an onnxruntime
+    ``CalibrationDataReader``.
 
-    A batch is a dict ``{input name: array}`` or, for single-input models, an array; samples
-    (arrays without the batch axis) are accepted too. Folders are checked before anything runs.
+    A batch is a dict ``{input name: array}`` or, for single-input models, an array, or an
+    ``(inputs, labels...)`` tuple whose first element is one of those; samples (arrays without the
+    batch axis) are accepted too. Folders are checked before anything runs; ``shuffle`` draws their
+    samples in a random order fixed by ``seed``.
     """
     specs = model_input_specs(model)
     if isinstance(data, (str, os.PathLike)):
-        return open_folder(data, specs, image_options)
+        return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
     return feeds_from_batches(data, specs)
 
 
-def reestimate_batchnorms(model: onnx.ModelProto, data, *, stats: str = "pooled", batch_size: int = 32,
-                          num_samples: int = 2000, device: str = "auto", progress: bool = False,
-                          image_options: Optional[ImageOptions] = None,
+def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data, *, stats: str = "pooled",
+                          batch_size: int = DEFAULT_BATCH_SIZE, num_samples: int = DEFAULT_NUM_SAMPLES,
+                          device: str = "auto", progress: bool = False,
+                          image_options: Optional[ImageOptions] = None, shuffle: bool = False, seed: int = 0,
                           threads: Optional[int] = None) -> ReestimateResult:
     """Recompute every BN's mean and variance from ``data``; ``model`` is left unchanged.
 
+    ``model``: an ``onnx.ModelProto`` or the path of an ``.onnx`` file. ``data``: a folder, an
+    iterable of samples or batches, or a ``CalibrationDataReader`` (see :func:`calibration_samples`).
     ``stats``: ``"pooled"`` (mean and biased variance over all calibration values) or
     ``"batch-mean"`` (mean of batch means and of unbiased batch variances, as
     ``torch.optim.swa_utils.update_bn``). ``num_samples`` is rounded up to whole batches.
     """
-    samples = calibration_samples(model, data, image_options)
+    model = as_model(model)
+    samples = calibration_samples(model, data, image_options, shuffle=shuffle, seed=seed)
     return ReestimateBatchNormPass(samples, stats=stats, batch_size=batch_size, num_samples=num_samples,
                                    device=device, progress=progress, threads=threads).call(model)
 
 
-def fold_batchnorms(model: onnx.ModelProto) -> FoldResult:
-    """Fold every BN that folds exactly into its producer; ``model`` is left unchanged."""
-    return FoldBatchNormPass().call(model)
+def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike]) -> FoldResult:
+    """Fold every BN that folds exactly into a neighbouring layer; ``model`` (a ModelProto or the
+    path of an ``.onnx`` file) is left unchanged."""
+    return FoldBatchNormPass().call(as_model(model))

@@ -40,9 +40,9 @@ from onnx import TensorProto, numpy_helper
 
 from .computed_constants import is_computable
 from .errors import ModelError
+from .graph import BATCHNORM, GraphIndex, attribute, default_opset, is_batchnorm, node_label, subgraph_reads
+from .protos import inferred_value_infos, model_without, tensor_dtype, unique_name, weightless_copy
 from .rewrite import GraphEditor
-from .graph import (BATCHNORM, GraphIndex, attribute, copy_fields, default_opset, inferred_value_infos,
-                    is_batchnorm, node_label, subgraph_reads, tensor_dtype, unique_name, weightless_copy)
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +204,7 @@ def _assemble(model: onnx.ModelProto, nodes: list, initializers: list, outputs: 
             needed.update(subgraph_reads(node))
     kept.reverse()
     dropped = {tensor.name for tensor in initializers if tensor.name not in needed}
-    result = onnx.ModelProto()
-    copy_fields(model, result, skip=("graph",))
-    copy_fields(model.graph, result.graph, skip=("node", "initializer", "input", "output", "value_info"))
+    result = model_without(model, ("node", "initializer", "input", "output", "value_info"))
     result.graph.input.extend(value for value in model.graph.input if value.name not in dropped)
     result.graph.node.extend(kept)
     result.graph.initializer.extend(tensor for tensor in initializers if tensor.name not in dropped)

@@ -14,17 +14,19 @@ import os
 import sys
 import time
 
-
 from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
 from .config import check_sample_sizes, read_nncf_config
 from .data import LoaderSource, batched, model_input_specs
-from .errors import BnpassError
+from .errors import BnpassError, RuntimeUnavailableError
+from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
-from .graph import node_label
-from .model_io import read_model, save_model
+from .model_io import exceeds_protobuf_limit, read_model, save_model, set_metadata, write_bytes_atomically
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
+from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
+from .paths import check_separate
+from .progress import progress_bar
 from .report import batchnorm_records, no_batchnorm_notice, summary_lines
 from .runtime import DEVICES, select_providers
 from .stats import STATS_MODES
@@ -32,8 +34,7 @@ from .verify import compare_models
 
 logger = logging.getLogger("bnpass")
 
-VERIFY_BATCHES = 4
-DEFAULT_NUM_SAMPLES = 2000  # NNCF's default num_bn_adaptation_samples
+VERIFY_BATCHES = 4  # at most; never more batches than calibration used
 
 
 def _positive_int(text: str) -> int:
@@ -77,22 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnpass {__version__}")
 
     data = parser.add_argument_group("Data")
-    data.add_argument("--data", metavar="DIR",
-                      help="folder of .npy (one sample, or a batch), .npz (one array per input name) or image "
-                           "files, read in sorted order")
-    data.add_argument("--loader", metavar="FILE.py:FUNCTION",
-                      help="a Python function returning an iterable of samples or batches (arrays, or dicts "
-                           "by input name), instead of --data")
-    data.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
-                      help="calibration batch size (default: 32)")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="DIR",
+                        help="folder of .npy (one sample, or a batch), .npz (one array per input name) or image "
+                             "files, subfolders included, read in sorted order")
+    source.add_argument("--loader", metavar="FILE.py:FUNCTION",
+                        help="a Python function returning an iterable of samples or batches (arrays, dicts by "
+                             "input name, or (inputs, labels) tuples) or a CalibrationDataReader, instead of --data")
+    data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                      help=f"calibration batch size (default: {DEFAULT_BATCH_SIZE})")
     data.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
                       help=f"samples to calibrate on, rounded up to whole batches as NNCF does "
                            f"(default: {DEFAULT_NUM_SAMPLES}, or the --config file's)")
+    data.add_argument("--shuffle", action="store_true",
+                      help="read the --data samples in a random order, the same for the same --seed: a random "
+                           "subset, and batches that mix the folder's classes (default: sorted file order)")
+    data.add_argument("--seed", type=int, metavar="N",
+                      help="seed of --shuffle (default: 0); implies --shuffle")
     data.add_argument("--config", metavar="NNCF.json",
-                      help="NNCF config: num_bn_adaptation_samples (0 disables re-estimation) and "
+                      help="NNCF config: num_bn_adaptation_samples (0: fold only, no data needed) and "
                            "input_info.sample_size (checked against the model); flags win")
 
-    images = parser.add_argument_group("Images (when --data holds .jpg/.png/.bmp/.webp files)")
+    images = parser.add_argument_group("Images (when --data holds .jpg/.png/.bmp/.webp/.tif files)")
     images.add_argument("--resize", type=_positive_int, metavar="N",
                         help="resize the shorter side to N pixels (default: crop size / 0.875)")
     images.add_argument("--crop", type=_size, metavar="HxW",
@@ -128,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report", metavar="FILE", help="write per-BN results as JSON")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
-                             "batches and report the largest output difference")
+                             "batches (no more than calibration used), both without onnxruntime's graph "
+                             "optimizations, and report the largest output difference")
 
     logging_group = parser.add_argument_group("Logging")
     verbosity = logging_group.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="say more")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="say more: one line per BN (statistics before and after, what it folded into)")
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
 
@@ -160,14 +169,12 @@ def _logging_to_stderr(args):
         logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
 
 
-def _check_paths(args) -> None:
+def _check_output_paths(args) -> None:
+    """What can be checked before anything is read."""
     if not os.path.exists(args.input):
         raise BnpassError(f"model file '{args.input}' does not exist")
     if os.path.isdir(args.output):
         raise BnpassError(f"output path '{args.output}' is a folder; give a file name")
-    if os.path.exists(args.output) and os.path.samefile(args.input, args.output) or (
-            os.path.abspath(args.input) == os.path.abspath(args.output)):
-        raise BnpassError(f"output '{args.output}' is the input model; bnpass never overwrites its input")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise BnpassError(f"output folder '{folder}' does not exist")
@@ -177,30 +184,50 @@ def _check_paths(args) -> None:
         report_folder = os.path.dirname(os.path.abspath(args.report))
         if os.path.isdir(args.report) or not os.path.isdir(report_folder) or not os.access(report_folder, os.W_OK):
             raise BnpassError(f"cannot write the report to '{args.report}'")
-    if args.data and args.loader:
-        raise BnpassError("give either --data or --loader, not both")
-    if not args.fold_only and not (args.data or args.loader):
+
+
+def _check_request(args, num_samples: int) -> None:
+    """The options must make sense together (``num_samples`` 0: the config turned re-estimation off)."""
+    has_data = bool(args.data or args.loader)
+    if not args.fold_only and num_samples > 0 and not has_data:
         raise BnpassError("--data DIR (or --loader) is required to re-estimate statistics (or use --fold-only)")
-    if args.verify and not (args.data or args.loader):
+    if args.verify and not has_data:
         raise BnpassError("--verify needs --data or --loader: it compares the models on calibration batches")
     if args.verify and args.no_fold:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
+    if args.loader and (args.shuffle or args.seed is not None):
+        raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
+
+
+def _providers(args) -> list:
+    try:
+        return select_providers(args.device)
+    except RuntimeUnavailableError as error:
+        raise BnpassError(f"--device {error.device}: {error.reason}") from None
 
 
 def run(args) -> int:
     started = time.perf_counter()
-    _check_paths(args)
-    model, external_data = read_model(args.input)
+    _check_output_paths(args)
+    settings = read_nncf_config(args.config) if args.config else None
+    num_samples = _num_samples(args, settings)
+    _check_request(args, num_samples)
+    reestimating = not args.fold_only and num_samples > 0
+    providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
+    model, external_files = read_model(args.input)
     specs = model_input_specs(model)
-    num_samples = _num_samples(args, specs)
+    if settings is not None:
+        check_sample_sizes(settings, specs, args.config)
+    samples = _samples(args, model) if reestimating or args.verify else None  # a folder is checked here
+    writes_external = bool(external_files) or exceeds_protobuf_limit(model)
+    check_separate(_reads(args, external_files, samples), _writes(args, writes_external))
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
-    samples = _samples(args, model)  # a folder is checked file by file here, before any compute
     if not bn_names:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
 
     reestimate = None
     unfolded = model
-    if bn_names and not args.fold_only and num_samples > 0:
+    if bn_names and reestimating:
         reestimate = ReestimateBatchNormPass(
             samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
             device=args.device, progress=not args.quiet, threads=args.threads).call(model)
@@ -213,20 +240,29 @@ def run(args) -> int:
         result = fold.model
 
     difference = None
-    if args.verify and fold is not None:
-        providers = select_providers(args.device)
-        feeds = _first_batches(samples, args.batch_size, model)
-        difference = compare_models(unfolded, result, feeds, providers)
+    if args.verify and fold is not None and fold.folded:
+        batch_size = reestimate.batch_size if reestimate else args.batch_size
+        count = min(VERIFY_BATCHES, reestimate.batches) if reestimate else VERIFY_BATCHES
+        bar = progress_bar(count, not args.quiet, "verifying")
+        try:
+            difference = compare_models(unfolded, result, _first_batches(samples, batch_size, model, count),
+                                        providers, progress=bar)
+        finally:
+            bar.close()
 
+    if (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified):
+        set_metadata(result, _provenance(args, reestimate, fold, bn_names))
     # save_model checks the written file (onnx.checker, full): a failure there is a bug in bnpass.
-    save_model(result, args.output, external_data=external_data)
+    save_model(result, args.output, external_data=bool(external_files))
     seconds = time.perf_counter() - started
 
     if args.report:
         _write_report(args, bn_names, reestimate, fold, difference, seconds)
     if not args.quiet:
-        for line in summary_lines(bn_names, reestimate, fold, args.stats):
+        for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
             print(line)
+        if args.verify and fold is not None and not fold.folded:
+            print("verify: nothing was folded, so the output computes exactly what the unfolded model does")
         if difference is not None:
             print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
                   f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
@@ -234,17 +270,49 @@ def run(args) -> int:
     return 0
 
 
-def _num_samples(args, specs) -> int:
-    """--num-samples, else the NNCF config's num_bn_adaptation_samples, else the default."""
+def _reads(args, external_files: list, samples) -> list:
+    """Every file the run reads, by role: none of them may be written."""
+    reads = [("the input model", args.input)]
+    reads += [("the input model's external data", path) for path in external_files]
+    reads += [("a calibration data file", path) for path in getattr(samples, "files", ())]
     if args.config:
-        settings = read_nncf_config(args.config)
-        check_sample_sizes(settings, specs, args.config)
-        if args.num_samples is None and settings.num_samples is not None:
-            if settings.num_samples == 0:
-                logger.info("'%s' sets num_bn_adaptation_samples to 0: statistics are not re-estimated",
-                            args.config)
-            return settings.num_samples
-    return args.num_samples or DEFAULT_NUM_SAMPLES
+        reads.append(("the --config file", args.config))
+    if args.loader:
+        reads.append(("the --loader file", samples.path))
+    return reads
+
+
+def _writes(args, external: bool) -> list:
+    """Every file the run writes, by role."""
+    writes = [("the output", args.output)]
+    if external:
+        writes.append(("the output's external data", args.output + ".data"))
+    if args.report:
+        writes.append(("--report", args.report))
+    return writes
+
+
+def _provenance(args, reestimate, fold, bn_names: list) -> dict:
+    """What the output model records of the run that made it (``metadata_props``, keys ``bnpass.*``)."""
+    entries = {"bnpass.version": __version__}
+    if reestimate is not None:
+        entries.update({"bnpass.stats": args.stats, "bnpass.samples": reestimate.samples,
+                        "bnpass.batch_size": reestimate.batch_size})
+    if fold is not None:
+        entries["bnpass.folded"] = f"{len(fold.folded)} of {len(bn_names)}"
+    return entries
+
+
+def _num_samples(args, settings) -> int:
+    """--num-samples, else the NNCF config's num_bn_adaptation_samples, else the default."""
+    if args.num_samples is not None:
+        return args.num_samples
+    if settings is not None and settings.num_samples is not None:
+        if settings.num_samples == 0:
+            logger.info("'%s' sets num_bn_adaptation_samples to 0: statistics are not re-estimated",
+                        args.config)
+        return settings.num_samples
+    return DEFAULT_NUM_SAMPLES
 
 
 def _samples(args, model):
@@ -254,17 +322,18 @@ def _samples(args, model):
         return None
     options = ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale,
                            mean=args.mean, std=args.std, layout=args.layout)
-    samples = calibration_samples(model, args.data, options)
+    samples = calibration_samples(model, args.data, options, shuffle=args.shuffle or args.seed is not None,
+                                  seed=args.seed or 0)
     if isinstance(samples, ImageFolder):
         logger.info("%s", describe_images(samples.preprocessing))
     return samples
 
 
-def _first_batches(samples, batch_size: int, model):
-    """Up to VERIFY_BATCHES batches of calibration data, at the model's fixed batch if it has one."""
+def _first_batches(samples, batch_size: int, model, count: int):
+    """Up to ``count`` batches of calibration data, at the model's fixed batch if it has one."""
     fixed = {spec.shape[0] for spec in model_input_specs(model) if spec.shape and spec.shape[0] is not None}
     size = fixed.pop() if len(fixed) == 1 else batch_size
-    for feed in batched(samples, size, VERIFY_BATCHES * size):
+    for feed in batched(samples, size, count * size):
         if next(iter(feed.values())).shape[0] != size and fixed:
             break
         yield feed
@@ -272,29 +341,42 @@ def _first_batches(samples, batch_size: int, model):
 
 def _write_report(args, bn_names, reestimate, fold, difference, seconds) -> None:
     report = {
+        "bnpass_version": __version__,
         "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
         "seconds": round(seconds, 3),
         "samples": reestimate.samples if reestimate else 0,
         "batches": reestimate.batches if reestimate else 0,
         "batch_size": reestimate.batch_size if reestimate else None,
         "device": reestimate.device if reestimate else None,
+        "warnings": reestimate.warnings if reestimate else [],
         "batchnorms": batchnorm_records(bn_names, reestimate, fold),
     }
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}
     try:
-        with open(args.report, "w") as stream:
-            json.dump(report, stream, indent=2)
-            stream.write("\n")
+        write_bytes_atomically(args.report, (json.dumps(report, indent=2) + "\n").encode())
     except OSError as error:
         raise BnpassError(f"cannot write report '{args.report}': {error.strerror or error}") from None
+
+
+@contextlib.contextmanager
+def _pillow_warnings_silenced():
+    """Pillow warns on images between its decompression-bomb limit and twice that (large scans);
+    bnpass reads them safely (see bnpass.images), so the CLI keeps that warning off the terminal."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _logging_to_stderr(args):
+        with _logging_to_stderr(args), _pillow_warnings_silenced():
             return run(args)
     except BnpassError as error:
         print(f"error: {error}", file=sys.stderr)

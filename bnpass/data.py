@@ -1,16 +1,31 @@
 """Calibration data: a folder of arrays (or any iterable) -> a stream of feeds ``{input name: batch}``.
 
-Folder format (``--data DIR``), files read in sorted order:
+Folder format (``--data DIR``): the folder and its subfolders (an ImageNet-style
+``calib/<class>/*.jpg`` layout), files in sorted order of their relative paths, hidden files and
+folders skipped:
 
 * ``.npy``: one sample (the model input's rank minus one) or a batch of samples (the input's
   rank, samples along axis 0). Only for single-input models.
 * ``.npz``: one array per model input, named like the input; each a sample or a batch, the same
-  number of samples for every input.
+  number of samples for every input. A single-input model also takes ``arr_0`` (``np.savez(f, x)``).
 
 Every file's shape and dtype is checked against the model inputs before any compute (headers
 only for ``.npy``). Floating-point arrays are cast to the input's floating-point type (numpy
-writes float64 by default); any other dtype mismatch is an error. Samples are batched in order;
-samples of different shapes (models with dynamic spatial dimensions) never share a batch.
+writes float64 by default); any other dtype mismatch is an error, and so is an array of Python
+objects (bnpass never unpickles). Samples are batched in order; samples of different shapes
+(models with dynamic spatial dimensions) never share a batch.
+
+``shuffle=True`` draws the samples in a random order fixed by ``seed``, so that the first N of
+them are a uniform random subset and each batch mixes the folder's classes: the order of the
+samples of every ``.npy`` file and single-sample ``.npz`` file is one permutation; batch ``.npz``
+files (which numpy can only read whole) are shuffled in two levels, the files and then the
+samples within each.
+
+Python loaders (``--loader``) and API iterables yield samples or batches: arrays (single-input
+models), dicts ``{input name: array}``, or ``(inputs, labels...)`` tuples and lists whose first
+element is one of those (what PyTorch datasets and DataLoaders yield; the rest is ignored, as
+``torch.optim.swa_utils.update_bn`` does). An onnxruntime ``CalibrationDataReader`` (anything
+with ``get_next()`` returning a dict, then None) works too.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 READ_CHUNK = 256  # samples read from a batch file at a time
+SAVEZ_DEFAULT_NAME = "arr_0"  # the name np.savez gives a positional array
 
 
 @dataclass(frozen=True)
@@ -63,8 +79,18 @@ def planned_sample_count(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size) * batch_size
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 sample``, ``2 samples``; ``1 batch``, ``2 batches``."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun}es" if noun.endswith(("ch", "sh", "s", "x")) else f"{count} {noun}s"
+
+
 def _fit(array: np.ndarray, spec: InputSpec, where: str) -> tuple:
     """Check ``array`` against ``spec``; return (is_batch, target dtype) or raise DataError."""
+    if array.dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (dtype object), not numbers; bnpass never unpickles "
+                        "data: save a numeric array")
     rank = len(spec.shape)
     if array.ndim == rank:
         is_batch, sample_shape = True, array.shape[1:]
@@ -85,7 +111,20 @@ def _fit(array: np.ndarray, spec: InputSpec, where: str) -> tuple:
     return is_batch, spec.dtype
 
 
-def open_folder(folder, specs: list, image_options=None):
+def list_folder(folder: str) -> list:
+    """Every file below ``folder`` (subfolders included, hidden files and folders skipped), as paths,
+    sorted by their path relative to ``folder`` (component by component, so the order is the same on
+    every machine)."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        relative = os.path.relpath(root, folder)
+        parts = () if relative == os.curdir else tuple(relative.split(os.sep))
+        found.extend(parts + (name,) for name in files if not name.startswith("."))
+    return [os.path.join(folder, *parts) for parts in sorted(found)]
+
+
+def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = False, seed: int = 0):
     """The sample source for ``--data DIR``: an :class:`ArrayFolder` or an image folder.
 
     Files of other types are skipped with a warning; a folder mixing arrays and images is an error.
@@ -96,30 +135,54 @@ def open_folder(folder, specs: list, image_options=None):
     if not os.path.isdir(folder):
         what = "does not exist" if not os.path.exists(folder) else "is not a folder"
         raise DataError(f"calibration data folder '{folder}' {what}")
-    names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
-    arrays = [os.path.join(folder, n) for n in names if n.lower().endswith(ARRAY_SUFFIXES)]
-    images = [os.path.join(folder, n) for n in names if is_image(n)]
-    ignored = [n for n in names if not n.lower().endswith(ARRAY_SUFFIXES) and not is_image(n)]
+    paths = list_folder(folder)
+    arrays = [path for path in paths if path.lower().endswith(ARRAY_SUFFIXES)]
+    images = [path for path in paths if is_image(path)]
+    ignored = [os.path.relpath(path, folder) for path in paths
+               if not path.lower().endswith(ARRAY_SUFFIXES) and not is_image(path)]
     if ignored:
-        logger.warning("ignoring %d file(s) in '%s' that are neither arrays (.npy/.npz) nor images (first: %s)",
-                       len(ignored), folder, ignored[0])
+        logger.warning("ignoring %s in '%s' that are neither arrays (.npy/.npz) nor images (first: %s)",
+                       plural(len(ignored), "file"), folder, ignored[0])
     if arrays and images:
-        raise DataError(f"calibration data folder '{folder}' mixes arrays ({os.path.basename(arrays[0])}) and "
-                        f"images ({os.path.basename(images[0])}); keep one kind")
+        raise DataError(f"calibration data folder '{folder}' mixes arrays ({os.path.relpath(arrays[0], folder)}) "
+                        f"and images ({os.path.relpath(images[0], folder)}); keep one kind")
     if images:
-        return ImageFolder(folder, images, specs, image_options or ImageOptions())
-    if not arrays:
+        source = ImageFolder(folder, images, specs, image_options or ImageOptions(), shuffle=shuffle, seed=seed)
+    elif arrays:
+        source = ArrayFolder(folder, arrays, specs, shuffle=shuffle, seed=seed)
+    else:
         raise DataError(f"calibration data folder '{folder}' has no .npy, .npz or image files")
-    return ArrayFolder(folder, arrays, specs)
+    subfolders = len({os.path.dirname(path) for path in source.files})
+    logger.info("data: %s in %s from %s of '%s'%s", plural(source.sample_count, "sample"),
+                plural(len(source.files), "file"), plural(subfolders, "folder"), folder,
+                f", shuffled (seed {seed})" if shuffle else "")
+    return source
+
+
+def order_advice(source, used: Optional[int]) -> str:
+    """A warning for a folder read in file order where that biases batches or the subset, else ""."""
+    if getattr(source, "shuffle", True) or not getattr(source, "files", None):
+        return ""
+    folders = len({os.path.dirname(path) for path in source.files})
+    if folders > 1:
+        return (f"the samples come folder by folder ({folders} folders, in order), so each batch holds one folder's "
+                "samples (one class, in a class-per-folder layout), which skews statistics computed in batches: "
+                "add --shuffle")
+    if used is not None and used < source.sample_count:
+        return (f"using the first {used} of {source.sample_count} samples in file order; if the files are sorted by "
+                "class, add --shuffle for a random subset")
+    return ""
 
 
 class ArrayFolder:
     """Samples from ``.npy``/``.npz`` files (format in the module docstring)."""
 
-    def __init__(self, folder: str, files: list, specs: list):
+    def __init__(self, folder: str, files: list, specs: list, *, shuffle: bool = False, seed: int = 0):
         self.folder = folder
         self.specs = specs
         self.files = files
+        self.shuffle = shuffle
+        self.seed = seed
         if any(f.lower().endswith(".npy") for f in self.files) and len(specs) != 1:
             names = ", ".join(s.name for s in specs)
             raise DataError(f"the model has {len(specs)} inputs ({names}): give .npz files with one array "
@@ -134,13 +197,18 @@ class ArrayFolder:
         """The file's arrays by input name; ``.npy`` files are memory-mapped, not read."""
         try:
             if path.lower().endswith(".npy"):
+                _refuse_objects(path)
                 return {self.specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
             with np.load(path, allow_pickle=False) as archive:
-                missing = [s.name for s in self.specs if s.name not in archive.files]
+                names = {s.name: s.name for s in self.specs}
+                if len(self.specs) == 1 and self.specs[0].name not in archive.files and (
+                        archive.files == [SAVEZ_DEFAULT_NAME]):
+                    names[self.specs[0].name] = SAVEZ_DEFAULT_NAME
+                missing = [s.name for s in self.specs if names[s.name] not in archive.files]
                 if missing:
                     raise DataError(f"{path}: no array named '{missing[0]}' for model input '{missing[0]}' "
                                     f"(the file has: {', '.join(archive.files) or 'nothing'})")
-                return {s.name: archive[s.name] for s in self.specs}
+                return {s.name: _read_archive_array(archive, names[s.name], path) for s in self.specs}
         except DataError:
             raise
         except Exception as error:  # numpy raises ValueError, OSError, zipfile errors...
@@ -157,26 +225,78 @@ class ArrayFolder:
             raise DataError(f"{path}: arrays hold different numbers of samples {sorted(counts)}")
         return counts.pop()
 
+    def _batch_arrays(self, path: str) -> dict:
+        """The file's arrays by input name, each with a batch axis, and their target dtypes."""
+        in_file, arrays = self._arrays(path), {}
+        for spec in self.specs:
+            is_batch, dtype = _fit(in_file[spec.name], spec, path)
+            arrays[spec.name] = (in_file[spec.name] if is_batch else in_file[spec.name][None], dtype)
+        return arrays
+
     def __iter__(self) -> Iterator[dict]:
         return self.samples()
 
     def samples(self) -> Iterator[dict]:
-        """Each sample as ``{input name: array without the batch axis}``, in file order.
+        """Each sample as ``{input name: array without the batch axis}``, in file order (or shuffled).
 
         Batch files are read ``READ_CHUNK`` samples at a time (``.npy`` straight from the file,
         not mapped: mapped pages would count as resident), so a file of any size streams.
         """
+        if self.shuffle:
+            yield from self._shuffled_samples()
+            return
         for path in self.files:
-            in_file, arrays = self._arrays(path), {}
-            for spec in self.specs:
-                is_batch, dtype = _fit(in_file[spec.name], spec, path)
-                arrays[spec.name] = (in_file[spec.name] if is_batch else in_file[spec.name][None], dtype)
+            arrays = self._batch_arrays(path)
             count = next(iter(arrays.values()))[0].shape[0]
             for start in range(0, count, READ_CHUNK):
                 chunk = {name: _finite(np.asarray(_read_rows(array, start, READ_CHUNK), dtype=dtype), path)
                          for name, (array, dtype) in arrays.items()}
                 for position in range(len(next(iter(chunk.values())))):
                     yield {name: array[position] for name, array in chunk.items()}
+
+    def _shuffled_samples(self) -> Iterator[dict]:
+        """Samples in the seeded random order of the module docstring, each read on its own."""
+        generator = np.random.default_rng(self.seed)
+        owners = np.repeat(np.arange(len(self.files)), self.sample_counts)
+        rows = np.concatenate([np.arange(count) for count in self.sample_counts]) if self.files else owners
+        batch_archives = [i for i, path in enumerate(self.files)
+                          if path.lower().endswith(".npz") and self.sample_counts[i] > 1]
+        if batch_archives:  # two levels: the files, then the samples within each
+            order = []
+            for file_index in generator.permutation(len(self.files)):
+                first = int(np.searchsorted(owners, file_index))
+                order.extend(first + generator.permutation(self.sample_counts[file_index]))
+            order = np.asarray(order, dtype=np.int64)
+        else:
+            order = generator.permutation(len(owners))
+        cached_index, cached = None, None  # the batch file read last (two-level order reads each once)
+        for position in order:
+            file_index, row = int(owners[position]), int(rows[position])
+            if file_index != cached_index:
+                cached_index, cached = file_index, self._batch_arrays(self.files[file_index])
+            yield {name: _finite(np.asarray(_read_rows(array, row, 1)[0], dtype=dtype), self.files[file_index])
+                   for name, (array, dtype) in cached.items()}
+
+
+def _refuse_objects(path: str) -> None:
+    """A DataError when the ``.npy`` file at ``path`` holds Python objects (pickles)."""
+    with open(path, "rb") as stream:
+        version = np.lib.format.read_magic(stream)
+        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)(stream)
+    if header[2].hasobject:
+        raise DataError(f"{path}: holds Python objects (dtype object), not numbers; bnpass never unpickles "
+                        "data: save a numeric array")
+
+
+def _read_archive_array(archive, name: str, path: str) -> np.ndarray:
+    try:
+        return archive[name]
+    except ValueError as error:
+        if "allow_pickle" in str(error):
+            raise DataError(f"{path}: array '{name}' holds Python objects (dtype object), not numbers; bnpass "
+                            "never unpickles data: save a numeric array") from None
+        raise
 
 
 def _read_rows(array: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -191,9 +311,21 @@ def _read_rows(array: np.ndarray, start: int, count: int) -> np.ndarray:
     return array[start:start + count]
 
 
+def _inputs_of(item):
+    """The model inputs of one loader item: the first element of an ``(inputs, labels...)`` tuple or
+    list (what PyTorch datasets yield; ``update_bn`` takes ``item[0]`` the same way), else the item."""
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise DataError("an empty tuple or list where a sample or batch was expected")
+        return item[0]
+    return item
+
+
 def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
-    """Normalise user batches (dicts, or arrays for single-input models) to checked samples."""
-    for number, batch in enumerate(batches):
+    """Normalise user batches (dicts, or arrays for single-input models, each maybe the first element
+    of a tuple) to checked samples."""
+    for number, item in enumerate(iterate_source(batches)):
+        batch = _inputs_of(item)
         if not isinstance(batch, dict):
             if len(specs) != 1:
                 raise DataError(f"batch {number}: the model has {len(specs)} inputs; give dicts by input name")
@@ -201,7 +333,7 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
         for spec in specs:
             if spec.name not in batch:
                 raise DataError(f"batch {number}: no array for model input '{spec.name}'")
-            array = np.asarray(batch[spec.name])
+            array = _as_array(batch[spec.name], f"batch {number}, input '{spec.name}'")
             is_batch, dtype = _fit(array, spec, f"batch {number}")
             batch = {**batch, spec.name: _finite(np.asarray(array if is_batch else array[None], dtype=dtype),
                                                  f"batch {number}")}
@@ -210,11 +342,33 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
             yield {spec.name: batch[spec.name][position] for spec in specs}
 
 
+def _as_array(value, where: str) -> np.ndarray:
+    """``value`` as a numpy array: numpy arrays, lists of numbers, PyTorch tensors (detached, on CPU)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as error:
+        raise DataError(f"{where}: cannot be read as an array ({type(value).__name__}: {error})") from None
+
+
+def is_calibration_data_reader(source) -> bool:
+    """onnxruntime's ``CalibrationDataReader`` interface: ``get_next()`` until it returns None."""
+    return callable(getattr(source, "get_next", None))
+
+
+def iterate_source(source) -> Iterator:
+    """Items of an iterable, or of a ``CalibrationDataReader`` (``get_next()`` until None)."""
+    if is_calibration_data_reader(source):
+        return iter(source.get_next, None)
+    return iter(source)
+
+
 class LoaderSource:
     """Samples from a user function, ``--loader path/to/file.py:function``.
 
-    The function takes no arguments and returns an iterable of samples or batches: arrays (for
-    single-input models) or dicts ``{input name: array}``. Whatever it raises is reported as a
+    The function takes no arguments and returns an iterable of samples or batches (see the module
+    docstring) or an onnxruntime ``CalibrationDataReader``. Whatever it raises is reported as a
     data error naming the loader.
     """
 
@@ -225,6 +379,7 @@ class LoaderSource:
         if not os.path.isfile(path):
             raise DataError(f"--loader '{reference}': file '{path}' does not exist")
         self.reference = reference
+        self.path = path
         self.specs = specs
         module = self._guarded(lambda: _import_file(path), "failed to import:")
         function = getattr(module, function_name, None)
@@ -241,8 +396,9 @@ class LoaderSource:
             raise DataError(f"--loader '{self.reference}' {what} {type(error).__name__}: {error}") from None
 
     def _items(self):
-        iterable = self._guarded(self.function, "raised")
-        iterator = self._guarded(lambda: iter(iterable), "did not return an iterable:")
+        source = self._guarded(self.function, "raised")
+        iterator = self._guarded(lambda: iterate_source(source), "did not return an iterable or a "
+                                 "CalibrationDataReader:")
         while True:
             try:
                 item = next(iterator)

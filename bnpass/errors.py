@@ -19,4 +19,10 @@ class DataError(BnpassError):
 
 
 class RuntimeUnavailableError(BnpassError):
-    """The requested onnxruntime execution provider cannot be used."""
+    """The requested onnxruntime execution provider cannot be used: ``device`` was asked for, and
+    ``reason`` says why it cannot run (the CLI names its own flag, the API its argument)."""
+
+    def __init__(self, device: str, reason: str):
+        super().__init__(f"device={device!r}: {reason}")
+        self.device = device
+        self.reason = reason

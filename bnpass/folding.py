@@ -10,6 +10,8 @@ the weight's output-channel axis) followed by BN therefore equals the layer with
 
     W'[c] = W[c] * scale[c],   b'[c] = b[c] * scale[c] + shift[c]
 
+(:func:`scale_output_channels`, :func:`fold_bias`; the output-channel axis is 0 for Conv, 1 for
+ConvTranspose (per group) and MatMul, 1 or 0 for Gemm by ``transB``, whose ``beta * C`` is the bias).
 A constant ``a`` added between the layer and the BN is one more bias term (:func:`channel_vector`);
 a BN *before* a layer scales the layer's input channels instead (:func:`fold_conv_input`,
 :func:`fold_gemm_input`, :func:`fold_matmul_input`); a quantized weight ``(q - zp) * q_scale`` takes
@@ -58,36 +60,6 @@ def fold_bias(bias: Optional[np.ndarray], scale: np.ndarray, shift: np.ndarray) 
     if bias is None:
         return shift.copy()
     return np.asarray(bias, dtype=np.float64) * scale + shift
-
-
-def fold_conv(weight, bias, scale, shift):
-    """Conv weight (C_out, C_in/group, k...): output channels on axis 0 whatever the group."""
-    return scale_output_channels(weight, scale, axis=0), fold_bias(bias, scale, shift)
-
-
-def fold_conv_transpose(weight, bias, scale, shift, *, group: int = 1):
-    """ConvTranspose weight (C_in, C_out/group, k...): output channels on axis 1, per group."""
-    return scale_output_channels(weight, scale, axis=1, group=group), fold_bias(bias, scale, shift)
-
-
-def fold_gemm(b_matrix, c, scale, shift, *, trans_b: bool, beta: float):
-    """Gemm ``Y = alpha * A' B' + beta * C`` followed by BN over Y's columns.
-
-    Returns ``(B_new, C_new)`` for a Gemm with the same ``alpha`` and ``beta = 1``:
-    B's output axis is 1 (or 0 when ``trans_b``), and
-    ``C_new = beta * C * scale + shift``, broadcast to at least (N,). A C of shape (M, N) or
-    (M, 1) keeps its rows.
-    """
-    b_new = scale_output_channels(b_matrix, scale, axis=0 if trans_b else 1)
-    if c is None:
-        return b_new, shift.copy()
-    c = np.asarray(c, dtype=np.float64) * np.float64(beta)
-    return b_new, c * scale + shift
-
-
-def fold_matmul(weight, scale, shift):
-    """MatMul with a 2-D weight (K, N) followed by BN over the N columns: (W', bias)."""
-    return scale_output_channels(weight, scale, axis=1), shift.copy()
 
 
 # --------------------------------------------------------------------------------------------

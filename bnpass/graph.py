@@ -1,11 +1,12 @@
-"""Read-only views of an ONNX graph: producers, consumers, constant values, tensor types.
+"""Questions about an ONNX graph: producers, consumers, uses, constant values.
 
-A :class:`GraphIndex` describes the graph as it was when built. Edits made through
-:class:`bnpass.rewrite.GraphEditor` keep it up to date incrementally (``register_node`` /
-``unregister_node`` and friends, each O(inputs + outputs) of the node touched), so a pass that
-makes one edit per BatchNormalization stays linear in the graph size; anything else that edits the
-graph must build a new index. Names used inside subgraphs (If/Loop/Scan bodies) that refer to the
-outer graph count as uses, so that nothing a subgraph reads is ever treated as private to one node.
+A :class:`GraphIndex` answers them for the top-level graph as it was when built. Edits made through
+:class:`bnpass.rewrite.GraphEditor` keep it up to date incrementally (the editor calls
+``register_node`` / ``unregister_node`` and friends, each O(inputs + outputs) of the node touched),
+so a pass that makes one edit per BatchNormalization stays linear in the graph size; anything else
+that edits the graph must build a new index. Names used inside subgraphs (If/Loop/Scan bodies)
+that refer to the outer graph count as uses, so that nothing a subgraph reads is ever treated as
+private to one node.
 
 Constant values are followed through the places exporters put them: initializers, ``Constant``
 nodes, ``Identity`` chains, ``ConstantOfShape`` of a constant shape, and small computations of
@@ -13,6 +14,8 @@ constants such as torch's ``Expand(CastLike(Constant 0, x), Shape(W)[0:1])`` zer
 (:mod:`bnpass.computed_constants`). An initializer that is also a graph input is only a *default*
 from IR version 4 on (the caller may feed another value), so it is a constant only in IR-3 models,
 where every initializer must be listed as a graph input.
+
+Protobuf utilities (copies, value infos, fresh names) live in :mod:`bnpass.protos`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Iterator, Optional
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .protos import unique_name
 
 BATCHNORM = "BatchNormalization"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -54,28 +59,26 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
-def _subgraph_reads(graph: onnx.GraphProto) -> Iterator[str]:
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _graph_reads(graph: onnx.GraphProto) -> Iterator[str]:
     """Every name read by nodes of ``graph`` and of its nested subgraphs."""
     for node in graph.node:
         yield from (name for name in node.input if name)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _subgraph_reads(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _subgraph_reads(sub)
+        for subgraph in _subgraphs(node):
+            yield from _graph_reads(subgraph)
 
 
 def subgraph_reads(node: onnx.NodeProto) -> set:
     """Names read inside the subgraphs of ``node`` (If/Loop/Scan bodies), outer scope included."""
-    names = set()
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            names.update(_subgraph_reads(attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for sub in attr.graphs:
-                names.update(_subgraph_reads(sub))
-    return names
+    return {name for subgraph in _subgraphs(node) for name in _graph_reads(subgraph)}
 
 
 @dataclass(frozen=True)
@@ -281,84 +284,3 @@ def _constant_node_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None  # sparse_value and string constants are never BN or weight parameters
-
-
-def unique_name(base: str, taken: set) -> str:
-    """``base`` itself when free, else ``base_1``, ``base_2``...; the result is added to ``taken``."""
-    name, suffix = base, 0
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    taken.add(name)
-    return name
-
-
-def tensor_dtype(model_index: GraphIndex, name: str, inferred: dict) -> Optional[np.dtype]:
-    """The numpy dtype of tensor ``name`` from initializers, graph I/O or inferred value infos."""
-    if name in model_index.initializers:
-        return onnx.helper.tensor_dtype_to_np_dtype(model_index.initializers[name].data_type)
-    value = inferred.get(name)
-    if value is not None and value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-        return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-    return None
-
-
-def inferred_value_infos(model: onnx.ModelProto) -> dict:
-    """Value infos of every tensor onnx shape inference can type, by name (graph I/O included).
-
-    Inference runs on a :func:`weightless_copy`, so it costs little on large models.
-    """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=False, data_prop=True)
-    except Exception:  # inference is a convenience; a model it cannot handle still runs
-        inferred = model
-    infos = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
-        infos[value.name] = value
-    for tensor in model.graph.initializer:
-        infos.setdefault(tensor.name, onnx.helper.make_tensor_value_info(
-            tensor.name, tensor.data_type, list(tensor.dims)))
-    return infos
-
-
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` without its initializers' payloads: what shape inference reads, cheaply.
-
-    Initializers keep name, type and dims; small int64 ones (shapes, Reshape targets) keep their
-    values too. Nothing large is copied, so this costs little on a model of any size.
-    """
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, skip=("graph",))
-    copy_fields(model.graph, skeleton.graph, skip=("initializer",))
-    for tensor in model.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.INT64 and np.prod(tensor.dims, dtype=np.int64) <= 64:
-            skeleton.graph.initializer.append(tensor)
-        else:
-            stripped = skeleton.graph.initializer.add()
-            stripped.name, stripped.data_type = tensor.name, tensor.data_type
-            stripped.dims.extend(tensor.dims)
-    return skeleton
-
-
-def copy_fields(source, target, *, skip=()) -> None:
-    """Copy every set field of protobuf message ``source`` into ``target``, but those in ``skip``."""
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        destination = getattr(target, field.name)
-        if hasattr(destination, "extend"):        # repeated field
-            destination.extend(value)
-        elif hasattr(destination, "CopyFrom"):    # message field
-            destination.CopyFrom(value)
-        else:                                     # scalar field
-            setattr(target, field.name, value)
-
-
-def rank_of(infos: dict, name: str) -> Optional[int]:
-    value = infos.get(name)
-    if value is None or not value.type.HasField("tensor_type"):
-        return None
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return len(tensor_type.shape.dim)

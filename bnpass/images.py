@@ -1,9 +1,12 @@
-"""Calibration images: a folder of .jpg/.jpeg/.png/.bmp/.webp files -> samples for an image model.
+"""Calibration images: a folder of .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files -> samples for an image model.
 
 The preprocessing is that of classification pipelines (torchvision's ``Resize`` +
 ``CenterCrop`` + ``ToTensor`` + ``Normalize``), each step an explicit option:
 
-1. decode with Pillow and convert to RGB, or to grayscale (``L``) for 1-channel models;
+1. decode with Pillow and convert to RGB, or to grayscale (``L``) for 1-channel models; 16-bit
+   grayscale images (PNG, TIFF) keep their 16 bits: they are resized in floating point and scaled
+   by 65535 instead of 255 (a gray image feeding a 3-channel model fills all three channels);
+   32-bit float images are refused (give those as ``.npy`` arrays);
 2. resize so the *shorter* side is ``resize`` pixels (bilinear), keeping the aspect ratio;
    default: the crop size / 0.875 (256 for a 224 crop), the usual ImageNet ratio;
 3. center-crop to the model's input height x width (``crop`` when the model's are dynamic);
@@ -11,7 +14,15 @@ The preprocessing is that of classification pipelines (torchvision's ``Resize`` 
 5. scale 0..255 to 0..1 (unless ``scale=False``), then ``(x - mean) / std`` per channel;
 6. lay out as CHW or HWC (default: from the model input, whichever axis holds 1 or 3 channels).
 
-One image is one sample; files are read in sorted order.
+One image is one sample; files are read in sorted order, or shuffled with a seed.
+
+Images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels, twice that
+for the hard error; ~179 Mpx by default, large scans) are read safely when they are JPEG files:
+libjpeg decodes them at a reduced scale (``Image.draft``) that still covers the resize target.
+Other formats that large are refused with an error naming the file. Every file's header (format
+and size) is read before calibration starts; the pixels are decoded when the file's turn comes,
+and a file that fails to decode then (a truncated JPEG) stops the run with an error naming it,
+before anything is written.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ import numpy as np
 
 from .errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit PNGs in older Pillow
 COLORS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
 
@@ -94,64 +106,104 @@ def resolve(options: ImageOptions, spec) -> Preprocessing:
     for name, values in (("--mean", mean), ("--std", std)):
         if values.size not in (1, channels):
             raise DataError(f"{name} has {values.size} values; the model takes {channels} channels")
-    if np.any(std == 0):
-        raise DataError("--std values must not be zero")
+    if not np.all(std > 0):
+        raise DataError(f"--std values must be positive, got {_numbers(std)}")
     return Preprocessing(resize=resize, crop=tuple(crop), color=color, scale=options.scale,
                          mean=np.broadcast_to(mean, (channels,)), std=np.broadcast_to(std, (channels,)),
                          layout=layout, dtype=spec.dtype)
 
 
-def _check_header(path: str) -> None:
-    from PIL import Image, UnidentifiedImageError
+def _open_image(path: str, target: Optional[int] = None):
+    """The Pillow image at ``path``, header read, pixels not yet decoded.
+
+    Over Pillow's hard decompression-bomb limit a JPEG is opened anyway and decoded at a reduced
+    scale (``draft``) whose shorter side stays at least ``target`` pixels (the resize target);
+    any other format that large is a DataError.
+    """
+    from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
     try:
-        with Image.open(path):
-            pass
+        return Image.open(path)
+    except Image.DecompressionBombError as error:
+        too_large = str(error).splitlines()[0]
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read as an image ({str(error).splitlines()[0]})") from None
+    try:  # the plugin class does not check the size (Image.open does)
+        image = JpegImagePlugin.JpegImageFile(path)
+    except (SyntaxError, OSError, ValueError):
+        raise DataError(f"{path}: too large to read safely ({too_large}); downscale it (JPEG files this "
+                        "large are read at a reduced scale)") from None
+    if target is not None:
+        width, height = image.size
+        factor = target / min(width, height)
+        image.draft(image.mode, (math.ceil(width * factor), math.ceil(height * factor)))
+    return image
 
 
 def load_image(path: str, prep: Preprocessing) -> np.ndarray:
     """One preprocessed sample (C, H, W) or (H, W, C) in the input's dtype."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if prep.color == "gray" else "RGB")
-            width, height = image.size
-            factor = prep.resize / min(width, height)
-            size = (max(prep.crop[1], round(width * factor)), max(prep.crop[0], round(height * factor)))
-            image = image.resize(size, Image.BILINEAR)
-            left = (size[0] - prep.crop[1]) // 2
-            top = (size[1] - prep.crop[0]) // 2
-            image = image.crop((left, top, left + prep.crop[1], top + prep.crop[0]))
-            pixels = np.asarray(image, dtype=np.float64)
+        with _open_image(path, prep.resize) as image:
+            pixels, full_scale = _resized_crop(image, prep, path)
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: cannot read as an image ({str(error).splitlines()[0]})") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
+    channels = len(prep.mean)
+    if pixels.shape[2] != channels:  # a 16-bit gray image feeding a 3-channel model
+        pixels = np.repeat(pixels, channels, axis=2)
     if prep.color == "bgr":
         pixels = pixels[:, :, ::-1]
     if prep.scale:
-        pixels = pixels / 255.0
+        pixels = pixels / full_scale
     pixels = (pixels - prep.mean) / prep.std
     if prep.layout == "nchw":
         pixels = pixels.transpose(2, 0, 1)
     return np.ascontiguousarray(pixels, dtype=prep.dtype)
 
 
+def _resized_crop(image, prep: Preprocessing, path: str) -> tuple:
+    """Decode, convert, resize the shorter side to ``prep.resize`` and center-crop.
+
+    Returns the pixels, float64 (H, W[, C]), and the value of full intensity (255, or 65535 for
+    16-bit images).
+    """
+    from PIL import Image
+
+    if image.mode == "F":
+        raise DataError(f"{path}: a 32-bit floating-point image; give such data as .npy arrays")
+    full_scale = 65535.0 if image.mode in SIXTEEN_BIT_MODES else 255.0
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = image.convert("F")  # 16-bit values kept exactly; resized in floating point
+    else:
+        image = image.convert("L" if prep.color == "gray" else "RGB")
+    width, height = image.size
+    factor = prep.resize / min(width, height)
+    size = (max(prep.crop[1], round(width * factor)), max(prep.crop[0], round(height * factor)))
+    image = image.resize(size, Image.BILINEAR)
+    left = (size[0] - prep.crop[1]) // 2
+    top = (size[1] - prep.crop[0]) // 2
+    image = image.crop((left, top, left + prep.crop[1], top + prep.crop[0]))
+    return np.asarray(image, dtype=np.float64), full_scale
+
+
 class ImageFolder:
     """Samples from the image files of a folder, preprocessed for the model's only input."""
 
-    def __init__(self, folder: str, files: list, specs: list, options: ImageOptions):
+    def __init__(self, folder: str, files: list, specs: list, options: ImageOptions, *,
+                 shuffle: bool = False, seed: int = 0):
         if len(specs) != 1:
             raise DataError(f"images feed single-input models; this model has {len(specs)} inputs")
         self.folder = folder
-        self.files = files
         self.name = specs[0].name
         self.preprocessing = resolve(options, specs[0])
         for path in files:  # headers only: a broken file is reported before any compute
-            _check_header(path)
+            with _open_image(path):
+                pass
+        self.shuffle, self.seed = shuffle, seed
+        self.files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))] if shuffle else files
 
     @property
     def sample_count(self) -> int:

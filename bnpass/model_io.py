@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
-from .graph import copy_fields
+from .protos import add_tensor_stub, model_without
 
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -26,9 +26,19 @@ def load_model(path) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
+def as_model(model) -> onnx.ModelProto:
+    """``model`` itself when it is a ModelProto; read (and checked) when it is a path."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, bytes, os.PathLike)):
+        return load_model(os.fsdecode(model))
+    raise ModelError(f"expected an onnx.ModelProto or the path of an .onnx file, not {type(model).__name__}")
+
+
 def read_model(path) -> tuple:
-    """``(model, external)``: the checked model with its tensors loaded, and whether the file
-    kept them as external data (so the output can be written the same way)."""
+    """``(model, external_files)``: the checked model with its tensors loaded, and the absolute
+    paths of the external data files it was read from (empty when it kept its tensors inline; the
+    output is then written the same way)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelError(f"model file '{path}' does not exist")
@@ -36,9 +46,12 @@ def read_model(path) -> tuple:
         raise ModelError(f"model path '{path}' is a folder, not an ONNX file")
     try:
         model = onnx.load(path, load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        folder = os.path.dirname(os.path.abspath(path))
+        external = sorted({os.path.join(folder, entry.value) for tensor in model.graph.initializer
+                           if tensor.data_location == onnx.TensorProto.EXTERNAL
+                           for entry in tensor.external_data if entry.key == "location"})
         if external:
-            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+            onnx.load_external_data_for_model(model, folder)
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError, TypeError) as error:
         raise ModelError(f"'{path}' is not a readable ONNX model ({_first_line(error)})") from None
     except OSError as error:
@@ -84,9 +97,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
     Small tensors stay inline, where shape inference can read them (Reshape targets).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, skip=("graph",))
-    copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    skeleton = model_without(model, ("initializer",))
     data_path = os.path.join(folder, data_name)
     with open(data_path, "wb") as data:
         for tensor in model.graph.initializer:
@@ -97,9 +108,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
             payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
             offset = data.tell()
             data.write(payload)
-            stored = skeleton.graph.initializer.add()
-            stored.name, stored.data_type = tensor.name, tensor.data_type
-            stored.dims.extend(tensor.dims)
+            stored = add_tensor_stub(skeleton.graph.initializer, tensor)
             stored.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
                 entry = stored.external_data.add()
@@ -150,6 +159,33 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, che
             if os.path.exists(leftover):
                 os.remove(leftover)
         raise
+
+
+def write_bytes_atomically(path, content: bytes) -> None:
+    """Write ``content`` to ``path`` through a temporary file renamed over it: all or nothing."""
+    path = os.fspath(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                         dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(content)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict) -> None:
+    """Set ``metadata_props`` ``entries`` (str -> str) on ``model`` in place; entries with other
+    keys, the model's own, stay as they are, in their order."""
+    kept = [prop for prop in model.metadata_props if prop.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, str(value)
 
 
 def _umask() -> int:

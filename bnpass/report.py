@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Optional
 
 import numpy as np
 import onnx
 
+from .data import plural
 from .passes import FoldResult, ReestimateResult
 
 
@@ -41,23 +44,48 @@ def batchnorm_records(bn_names: list, reestimate: Optional[ReestimateResult], fo
     return records
 
 
+def group_reasons(skipped: dict) -> list:
+    """``[(reason, [bn names])]``: BNs that stay for the same reason but for the node names in it
+    (quoted names become '…'), largest group first, then in first-seen order."""
+    groups: dict = {}
+    for name, reason in skipped.items():
+        groups.setdefault(re.sub(r"'[^']*'", "'…'", reason), []).append(name)
+    return sorted(groups.items(), key=lambda item: -len(item[1]))
+
+
+def _names(names: list, shown: int = 3) -> str:
+    if len(names) <= shown:
+        return ", ".join(names)
+    return ", ".join(names[:shown]) + f", ... ({len(names)} in all)"
+
+
 def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult],
-                  stats_mode: str) -> list:
+                  stats_mode: str, *, verbose: bool = False) -> list:
+    """The closing summary: what was re-estimated and folded, the BNs that stay grouped by reason.
+
+    ``verbose`` adds one line per BN: its statistics before and after, and what it folded into
+    (or the full reason it stays).
+    """
     lines = []
     if reestimate is not None:
         written = sum(1 for s in reestimate.stats.values() if s.written)
-        lines.append(f"re-estimated {written} of {len(bn_names)} BatchNormalization nodes from "
-                     f"{reestimate.samples} samples ({reestimate.batches} batches of up to "
+        lines.append(f"re-estimated {written} of {plural(len(bn_names), 'BatchNormalization node')} from "
+                     f"{plural(reestimate.samples, 'sample')} ({plural(reestimate.batches, 'batch')} of up to "
                      f"{reestimate.batch_size}, {stats_mode} statistics, {reestimate.device}, "
                      f"{reestimate.seconds:.1f} s)")
         for name, stats in reestimate.stats.items():
             if not stats.written:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
     if fold is not None:
-        lines.append(f"folded {len(fold.folded)} of {len(bn_names)} BatchNormalization nodes"
-                     + (f"; {len(fold.skipped)} left:" if fold.skipped else ""))
-        for name, reason in fold.skipped.items():
-            lines.append(f"  left {name}: {reason}")
+        patterns = Counter(fold.patterns.values())
+        kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
+        lines.append(f"folded {len(fold.folded)} of {plural(len(bn_names), 'BatchNormalization node')}"
+                     + (f" ({kinds})" if kinds else "") + (f"; {len(fold.skipped)} left:" if fold.skipped else ""))
+        if not verbose:
+            for reason, names in group_reasons(fold.skipped):
+                lines.append(f"  {len(names)} left ({_names(names)}): {reason}")
+    if verbose:
+        lines.extend(_per_batchnorm_lines(bn_names, reestimate, fold))
     return lines
 
 
@@ -74,3 +102,24 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
         cause = ("if the network had BN, its export fused BN into the layers before it; export it with BN kept "
                  "(README: \"Exporting with BN kept\")")
     return f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}"
+
+def _per_batchnorm_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:
+    folded_into = dict(fold.folded) if fold else {}
+    lines = []
+    for name in bn_names:
+        parts = []
+        stats = reestimate.stats.get(name) if reestimate else None
+        if stats is not None and stats.old_mean is not None and stats.old_var is not None:
+            parts.append(f"mean {_median(stats.old_mean):.4g} -> {_median(stats.mean):.4g}, "
+                         f"var {_median(stats.old_var):.4g} -> {_median(stats.var):.4g} (medians over "
+                         f"{plural(stats.mean.size, 'channel')})")
+        if name in folded_into:
+            parts.append(f"folded into {folded_into[name]} ({fold.patterns.get(name, '')})")
+        elif fold is not None and name in fold.skipped:
+            parts.append(f"left: {fold.skipped[name]}")
+        lines.append(f"  {name}: " + "; ".join(parts) if parts else f"  {name}")
+    return lines
+
+
+def _median(values) -> float:
+    return float(np.median(np.asarray(values, dtype=np.float64)))

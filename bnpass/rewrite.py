@@ -1,6 +1,6 @@
 """Graph edits shared by the passes: give a node input a new constant value, rewire, drop what died.
 
-Rules (STYLE.md, "never mutate a shared tensor"):
+Rule: never mutate a shared tensor.
 
 * a constant is overwritten where it lives (initializer or Constant node) only when every hop
   from the node being rewritten back to it is read by nothing else;
@@ -16,9 +16,9 @@ touched is unregistered, changed and registered again), so an edit costs O(size 
 O(size of the graph), and a pass making one edit per BatchNormalization stays linear. Removed nodes,
 initializers and graph inputs leave the index at once but the protobuf lists only at
 :meth:`GraphEditor.flush` (called by :meth:`GraphEditor.remove_dead`), in one sweep: deleting from a
-protobuf list one element at a time costs O(list length) each. Code that changes the graph behind
-the editor's back must call :meth:`GraphEditor.invalidate`; code that reads ``model.graph`` directly
-between edits must call :meth:`GraphEditor.flush` first.
+protobuf list one element at a time costs O(list length) each. Code that reads ``model.graph``
+directly between edits must call :meth:`GraphEditor.flush` first; code that changes the graph behind
+the editor's back must make a new editor.
 
 Memory: protobuf's upb backend frees nothing inside a message until the whole message is freed,
 so overwriting a weight of a copied model keeps the old payload too (measured: ``CopyFrom``,
@@ -27,6 +27,9 @@ copy, then overwrite, holds about 2x the model. :meth:`GraphEditor.on_copy_of` s
 *weightless* copy (initializers reduced to name, type and dims) while the index reads the input's
 values; a new value is written over its stub (a few bytes lost, not a payload) and
 :meth:`GraphEditor.build` copies the unchanged values in at the end, so each payload is copied once.
+Where the values live is the editor's one difference between the two modes, and it is held by one
+object: :class:`_ValuesInGraph` (an editor made with ``GraphEditor(model)``) or
+:class:`_ValuesInSource` (made by :meth:`GraphEditor.on_copy_of`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,66 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, weightless_copy
+from .graph import GraphIndex
+from .protos import weightless_copy
+
+
+class _ValuesInGraph:
+    """Initializer values live in the edited graph itself: the index reads them there, and an
+    overwrite changes them there."""
+
+    def register(self, index: GraphIndex) -> None:
+        """Make ``index`` read initializer values from where they live (the graph: nothing to do)."""
+
+    def added(self, name: str, tensor: onnx.TensorProto) -> None:
+        """``tensor``, just appended to the graph as initializer ``name``, holds its value."""
+
+    def overwrite(self, index: GraphIndex, name: str, tensor: onnx.TensorProto) -> None:
+        index.initializers[name].CopyFrom(tensor)
+
+    def remove(self, index: GraphIndex, name: str) -> onnx.TensorProto:
+        """Forget initializer ``name``; return the message to delete from the graph."""
+        return index.initializers[name]
+
+    def fill_in(self, graph: onnx.GraphProto) -> None:
+        """Give every initializer of ``graph`` its value (they all have it already)."""
+
+
+class _ValuesInSource:
+    """The edited graph holds stubs (name, type, dims); values are read from the source model's
+    initializers until a new value is written over a stub, and :meth:`fill_in` copies the unchanged
+    ones into their stubs at the end. The source model is never changed."""
+
+    def __init__(self, source: onnx.ModelProto, graph: onnx.GraphProto):
+        # name -> the TensorProto holding the value (the source's, read only, or the stub written
+        # over), and name -> its stub in ``graph``.
+        self.values = {tensor.name: tensor for tensor in source.graph.initializer}
+        self.stubs = {stub.name: stub for stub in graph.initializer}
+        self.written: set = set()  # names whose stub holds its (new) value
+
+    def register(self, index: GraphIndex) -> None:
+        for tensor in self.values.values():
+            index.register_initializer(tensor)
+
+    def added(self, name: str, tensor: onnx.TensorProto) -> None:
+        self.stubs[name] = self.values[name] = tensor
+        self.written.add(name)
+
+    def overwrite(self, index: GraphIndex, name: str, tensor: onnx.TensorProto) -> None:
+        stored = self.stubs[name]  # written over its stub (a few bytes: what upb keeps of it costs nothing)
+        stored.CopyFrom(tensor)
+        self.added(name, stored)
+        index.register_initializer(stored)
+
+    def remove(self, index: GraphIndex, name: str) -> onnx.TensorProto:
+        del self.values[name]
+        self.written.discard(name)
+        return self.stubs.pop(name)
+
+    def fill_in(self, graph: onnx.GraphProto) -> None:
+        for stub in graph.initializer:
+            if stub.name not in self.written:
+                stub.CopyFrom(self.values[stub.name])
 
 
 class GraphEditor:
@@ -51,11 +113,7 @@ class GraphEditor:
         self.model = model
         self.graph = model.graph
         self._index: Optional[GraphIndex] = None
-        # On a copy (on_copy_of): name -> the TensorProto holding the initializer's value (the input
-        # model's, read only, or the stub written over), and name -> its stub in self.graph.initializer.
-        self._values: Optional[dict] = None
-        self._stubs: dict = {}
-        self._written: set = set()  # names whose stub holds its (new) value
+        self._values: _ValuesInGraph | _ValuesInSource = _ValuesInGraph()
         self._detached: set = set()  # names that may have lost their last reader
         self._value_info: Optional[dict] = None  # name -> [ValueInfoProto], built on first need
         # Removed from the index, still to delete from the protobuf lists: id(message) -> message.
@@ -64,11 +122,11 @@ class GraphEditor:
         self._removed_inputs: dict = {}
 
     @classmethod
-    def on_copy_of(cls, model: onnx.ModelProto) -> "GraphEditor":
+    def on_copy_of(cls, model: onnx.ModelProto) -> GraphEditor:
         """An editor of a copy of ``model`` that copies each initializer value once; :meth:`build`
         returns the copy.
 
-        The copy starts weightless (:func:`~bnpass.graph.weightless_copy`); the index reads the
+        The copy starts weightless (:func:`~bnpass.protos.weightless_copy`); the index reads the
         values of ``model``'s initializers where they are, and ``model`` is never changed. A model
         whose initializer names repeat (invalid ONNX) is copied whole and edited in place instead.
         """
@@ -78,35 +136,23 @@ class GraphEditor:
             copy.CopyFrom(model)
             return cls(copy)
         editor = cls(weightless_copy(model))
-        editor._values = {tensor.name: tensor for tensor in model.graph.initializer}
-        editor._stubs = {stub.name: stub for stub in editor.graph.initializer}
+        editor._values = _ValuesInSource(model, editor.graph)
         return editor
 
     def build(self) -> onnx.ModelProto:
         """The edited model, every initializer with its value (on a copy: the unchanged ones are
         copied in now). The editor then edits that model in place."""
         self.flush()
-        if self._values is not None:
-            for stub in self.graph.initializer:
-                if stub.name not in self._written:
-                    stub.CopyFrom(self._values[stub.name])
-            self._values, self._stubs, self._written, self._index = None, {}, set(), None
+        self._values.fill_in(self.graph)
+        self._values, self._index = _ValuesInGraph(), None  # from now on the values are in the graph
         return self.model
 
     @property
     def index(self) -> GraphIndex:
         if self._index is None:
             self._index = GraphIndex(self.model)
-            if self._values is not None:  # the index reads values, not the stubs
-                for tensor in self._values.values():
-                    self._index.register_initializer(tensor)
+            self._values.register(self._index)  # on a copy, the index reads values, not the stubs
         return self._index
-
-    def invalidate(self) -> None:
-        """Forget the index (for callers that edited the graph directly); the next use rebuilds it."""
-        self.flush()
-        self._index = None
-        self._value_info = None
 
     def flush(self) -> None:
         """Delete removed nodes, initializers and graph inputs from the protobuf lists (one sweep each)."""
@@ -151,9 +197,7 @@ class GraphEditor:
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         tensor = self.graph.initializer[-1]  # the stored copy, which later edits must change
         self.index.register_initializer(tensor)
-        if self._values is not None:
-            self._stubs[name] = self._values[name] = tensor
-            self._written.add(name)
+        self._values.added(name, tensor)
         if self.model.ir_version < 4:
             self.graph.input.append(onnx.helper.make_tensor_value_info(
                 name, tensor.data_type, list(tensor.dims)))
@@ -164,14 +208,7 @@ class GraphEditor:
         index = self.index
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), source)
         if source in index.initializers:
-            if self._values is None:
-                index.initializers[source].CopyFrom(tensor)
-            else:  # written over its stub (a few bytes: what upb keeps of it costs nothing)
-                stored = self._stubs[source]
-                stored.CopyFrom(tensor)
-                self._values[source] = stored
-                self._written.add(source)
-                index.register_initializer(stored)
+            self._values.overwrite(index, source, tensor)
         else:  # a Constant or ConstantOfShape node: it becomes a Constant of the new value
             producer = index.producers[source]
             replacement = onnx.helper.make_node("Constant", [], [source], name=producer.name, value=tensor)
@@ -273,12 +310,7 @@ class GraphEditor:
                     self._removed_nodes[id(producer)] = producer
                 continue
             if name in index.initializers and not index.is_overridable_input(name):
-                if self._values is None:
-                    tensor = index.initializers[name]
-                else:
-                    tensor = self._stubs.pop(name)
-                    del self._values[name]
-                    self._written.discard(name)
+                tensor = self._values.remove(index, name)
                 self._removed_initializers[id(tensor)] = tensor
                 index.unregister_initializer(name)
                 # In IR < 4 the initializer's graph input is part of how it is stored.

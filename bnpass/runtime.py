@@ -25,7 +25,7 @@ from typing import Optional, Union
 import numpy as np
 import onnx
 
-from .errors import RuntimeUnavailableError
+from .errors import BnpassError, RuntimeUnavailableError
 from .model_io import exceeds_protobuf_limit, write_with_external_data
 
 logger = logging.getLogger(__name__)
@@ -83,14 +83,14 @@ def cuda_unavailable_reason() -> Optional[str]:
 def select_providers(device: str) -> list:
     """The provider list for ``device`` (auto, cpu or cuda), after checking CUDA really works."""
     if device not in DEVICES:
-        raise RuntimeUnavailableError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise BnpassError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if device == "cpu":
         return [CPU]
     reason = cuda_unavailable_reason()
     if reason is None:
         return [CUDA, CPU]
     if device == "cuda":
-        raise RuntimeUnavailableError(f"--device cuda: {reason}")
+        raise RuntimeUnavailableError(device, reason)
     _say_once(f"using CPU: {reason}")
     return [CPU]
 

@@ -1,5 +1,11 @@
 """``--verify``: run two models on the same batches and measure how far their outputs differ.
 
+Like with like: both sessions run on the same providers with the same options and with
+onnxruntime's graph optimizations off, so the difference measures the fold alone. With
+optimizations on one side only, onnxruntime's own rewrites (Conv+BN fusion, QDQ pairs turned into
+integer kernels) would count as fold error: on a QDQ model where nothing folded they showed a
+relative difference of 0.053.
+
 The relative difference of an output is ``max |a - b| / max |a|`` (normwise, against the
 reference ``a``), which stays meaningful where individual values are near zero.
 """
@@ -23,11 +29,13 @@ class Difference:
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable,
-                   providers: list) -> Difference:
-    """Largest output differences of ``candidate`` against ``reference`` over ``feeds``."""
-    # Optimizations off for the reference: onnxruntime would otherwise fold its BNs itself.
+                   providers: list, *, progress=None) -> Difference:
+    """Largest output differences of ``candidate`` against ``reference`` over ``feeds``.
+
+    ``progress``, when given, is updated once per batch (a tqdm bar).
+    """
     reference_session = create_session(reference, providers, optimize=False)
-    candidate_session = create_session(candidate, providers)
+    candidate_session = create_session(candidate, providers, optimize=False)
     names = [output.name for output in reference.graph.output]
     batches, max_abs, max_rel = 0, 0.0, 0.0
     for feed in feeds:
@@ -42,4 +50,6 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             max_abs = max(max_abs, difference)
             max_rel = max(max_rel, difference / scale if scale > 0 else (0.0 if difference == 0 else np.inf))
         batches += 1
+        if progress is not None:
+            progress.update(1)
     return Difference(batches=batches, max_abs=max_abs, max_rel=max_rel)

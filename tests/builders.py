@@ -139,7 +139,8 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, **attributes))
         return list(outputs)
 
-    def add_constant(self, name: str, array: np.ndarray, source: str = "initializer", *, identity_depth: int = 2) -> str:
+    def add_constant(self, name: str, array: np.ndarray, source: str = "initializer", *,
+                     identity_depth: int = 2) -> str:
         """Place a constant tensor and return the name a consumer should read.
 
         source:
@@ -228,6 +229,7 @@ def add_batchnorm(
     spatial: int | None = None,
     training_mode: int | None = None,
     extra_outputs: int = 0,
+    extra_outputs_named: bool = True,
     param_source: str = "initializer",
     runtime_params: Iterable[str] = (),
 ) -> list[str]:
@@ -236,7 +238,9 @@ def add_batchnorm(
     ``runtime_params`` names BN params ("scale", "bias", "mean", "var") that become graph inputs
     without an initializer (so they are not constants). ``extra_outputs`` adds that many named
     extra outputs (2 for training_mode=1 at opset 14+, 4 for training at opsets 9-13); each
-    becomes a graph output too. Attributes left as None are omitted (ONNX defaults apply).
+    becomes a graph output too. ``extra_outputs_named=False`` leaves them unnamed instead (optional
+    outputs nobody asked for: a training_mode=1 BN whose only result is Y). Attributes left as None
+    are omitted (ONNX defaults apply).
     """
     runtime_params = set(runtime_params)
     unknown = runtime_params - set(BN_PARAM_NAMES)
@@ -262,9 +266,10 @@ def add_batchnorm(
         if builder.opset < 14:
             raise ValueError("'training_mode' exists from opset 14")
         attributes["training_mode"] = training_mode
-    outputs = [output] + [f"{name}_extra_output{k}" for k in range(extra_outputs)]
+    extra_names = [f"{name}_extra_output{k}" if extra_outputs_named else "" for k in range(extra_outputs)]
+    outputs = [output] + extra_names
     builder.add_node("BatchNormalization", [x, *param_inputs], outputs, name=name, **attributes)
-    for extra in outputs[1:]:
+    for extra in filter(None, extra_names):
         # Older opsets' shape inference leaves BN's extra outputs untyped: declare them.
         builder.add_output(extra, params.mean.dtype, params.mean.shape)
     return outputs
@@ -425,6 +430,7 @@ def build_producer_bn_model(
     spatial: int | None = None,
     training_mode: int | None = None,
     bn_extra_outputs: int = 0,
+    bn_extra_outputs_named: bool = True,
     param_source: str = "initializer",
     weight_source: str = "initializer",
     gemm_bias_shape: Sequence[int] | None = None,
@@ -445,7 +451,7 @@ def build_producer_bn_model(
       for depthwise.
     - ``bn_param_dtype``: dtype of the BN params (default: ``dtype``); only opset 15 allows another.
     - ``spatial``: opset-7 BN ``spatial`` attribute; ``spatial=0`` gives (C, D1, ...) params.
-    - ``training_mode`` / ``bn_extra_outputs``: see :func:`add_batchnorm`.
+    - ``training_mode`` / ``bn_extra_outputs`` / ``bn_extra_outputs_named``: see :func:`add_batchnorm`.
     - ``param_source``: where BN params live, see :meth:`GraphBuilder.add_constant`;
       ``weight_source``: the same for the producer's weight and bias.
     - ``gemm_bias_shape``: shape of Gemm's C (default (out_channels,)); C broadcasts to (N, C_out).
@@ -471,7 +477,8 @@ def build_producer_bn_model(
     add_batchnorm(
         builder, spec.output, params,
         epsilon=epsilon, momentum=momentum, spatial=spatial, training_mode=training_mode,
-        extra_outputs=bn_extra_outputs, param_source=param_source, runtime_params=runtime_bn_params,
+        extra_outputs=bn_extra_outputs, extra_outputs_named=bn_extra_outputs_named, param_source=param_source,
+        runtime_params=runtime_bn_params,
     )
     if producer_output_also_graph_output:
         builder.add_output(spec.output)
@@ -563,25 +570,40 @@ def build_shared_weight_model(
 
 
 def build_conv_bn_relu_chain_model(
-    *, blocks: int = 3, channels: int = 4, dtype=np.float32, opset: int = 13, seed: int = 0
+    *, blocks: int = 3, channels: int = 4, in_channels: int | None = None, dtype=np.float32, opset: int = 13,
+    batch: int | str = 2, spatial_size: int = 6, biases: str = "alternate", without_batchnorm: Iterable[int] = (),
+    seed: int = 0,
 ) -> onnx.ModelProto:
-    """``blocks`` x (Conv -> BN -> Relu): nodes conv{i}, bn{i}, relu{i}; output ``y``."""
+    """``blocks`` x (Conv 3x3, pads 1 -> BN -> Relu): nodes conv{i}, bn{i}, relu{i}; output ``y``.
+
+    The input is (``batch``, ``in_channels`` (default ``channels``), ``spatial_size``,
+    ``spatial_size``); ``batch`` may be a symbol such as "N". Every Conv makes ``channels``
+    channels; ``biases``: "alternate" (even blocks have a bias) or "all". The blocks numbered in
+    ``without_batchnorm`` have no BN (Conv -> Relu). Large ``channels`` make large models (512:
+    9.4 MB per Conv weight) for the memory tests.
+    """
+    if biases not in ("alternate", "all"):
+        raise ValueError(f"unknown biases {biases!r}")
     rng = np.random.default_rng(seed)
     builder = GraphBuilder(opset=opset)
-    x_shape = (2, channels, 6, 6)
+    x_shape = (batch, in_channels or channels, spatial_size, spatial_size)
     builder.add_input(INPUT_NAME, dtype, x_shape)
     current = INPUT_NAME
     for block in range(blocks):
         spec = add_producer(
             builder, "conv", current, x_shape, rng, out_channels=channels, dtype=dtype,
-            bias=block % 2 == 0, node_name=f"conv{block}",
+            bias=biases == "all" or block % 2 == 0, node_name=f"conv{block}",
         )
-        bn_out = add_batchnorm(
-            builder, spec.output, random_bn_params((channels,), rng, dtype),
-            output=f"bn{block}_out", name=f"bn{block}",
-        )[0]
-        current = OUTPUT_NAME if block == blocks - 1 else f"relu{block}_out"
-        builder.add_node("Relu", [bn_out], [current], name=f"relu{block}")
+        x_shape = spec.output_shape
+        current = spec.output
+        if block not in without_batchnorm:
+            current = add_batchnorm(
+                builder, spec.output, random_bn_params((channels,), rng, dtype),
+                output=f"bn{block}_out", name=f"bn{block}",
+            )[0]
+        output = OUTPUT_NAME if block == blocks - 1 else f"relu{block}_out"
+        builder.add_node("Relu", [current], [output], name=f"relu{block}")
+        current = output
     builder.add_output(OUTPUT_NAME)
     return builder.build()
 
@@ -666,9 +688,21 @@ def upcast_model_to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     return upcast
 
 
+def names_read(node: onnx.NodeProto) -> set[str]:
+    """The inputs of ``node`` and every name read by the nodes of its subgraphs (If/Loop/Scan
+    branches and bodies, nested ones too); names a subgraph defines itself are included, which
+    costs nothing here: they never match an outer initializer or node output in these tests."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            for inner in subgraph.node:
+                names |= names_read(inner)
+    return names
+
+
 def unused_initializers(model: onnx.ModelProto) -> list[str]:
-    """Initializers no node (or graph output) reads."""
-    used = {name for node in model.graph.node for name in node.input}
+    """Initializers no node (or subgraph, or graph output) reads."""
+    used = {name for node in model.graph.node for name in names_read(node)}
     used |= {value.name for value in model.graph.output}
     return [tensor.name for tensor in model.graph.initializer if tensor.name not in used]
 
@@ -681,7 +715,7 @@ def dead_nodes(model: onnx.ModelProto) -> list[str]:
         node = model.graph.node[index]
         if any(output and output in needed for output in node.output):
             live.add(index)
-            needed.update(name for name in node.input if name)
+            needed.update(names_read(node))
     return [node.name or f"#{index}" for index, node in enumerate(model.graph.node) if index not in live]
 
 
@@ -702,61 +736,6 @@ def node_by_name(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
 def float16_ulp(magnitude) -> np.ndarray:
     """Spacing of float16 numbers at ``magnitude`` (one unit in the last place)."""
     return np.spacing(np.abs(np.asarray(magnitude)).astype(np.float16)).astype(np.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# Output comparison at stated tolerances
-# --------------------------------------------------------------------------------------------
-
-# float32: elementwise rtol 1e-5, plus an absolute floor of 1e-6 x the output scale (max |output|)
-# for elements near zero (folding reorders a dot product; measured worst case 3.6e-7 x scale).
-FLOAT32_RTOL = 1e-5
-FLOAT32_ATOL_PER_SCALE = 1e-6
-# float64: the same argument, at float64 precision.
-FLOAT64_RTOL = 1e-12
-FLOAT64_ATOL_PER_SCALE = 1e-13
-# float16: compared with a float32 run of the *unfolded* model (exact upcast of every fp16 tensor;
-# its own error ~1e-7 is negligible). The unfolded fp16 model is within 0.5 ulp of that reference
-# (one rounding of its output). The folded model adds one rounding of each folded weight
-# (<= 0.5 ulp each, which a dot product of K terms accumulates), so it cannot match to 0.5 ulp;
-# measured worst case 1.07 ulp of the output scale. The bound is 2 fp16 ulp of the output scale.
-FLOAT16_ULPS_OF_SCALE = 2.0
-
-
-def assert_outputs_close(folded_model: onnx.ModelProto, original_model: onnx.ModelProto,
-                         feeds: dict[str, np.ndarray]) -> None:
-    """Folded and original models agree on every output at the tolerances above."""
-    original_outputs = run_onnxruntime(original_model, feeds)
-    folded_outputs = run_onnxruntime(folded_model, feeds)
-    names = [value.name for value in original_model.graph.output]
-    float16_reference = None
-    for index, (name, expected, actual) in enumerate(zip(names, original_outputs, folded_outputs)):
-        assert actual.dtype == expected.dtype, f"output {name!r}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"output {name!r}: shape {actual.shape} != {expected.shape}"
-        scale = float(np.max(np.abs(expected.astype(np.float64)))) or 1.0
-        if expected.dtype == np.float16:
-            if float16_reference is None:
-                float32_feeds = {key: value.astype(np.float32) if value.dtype == np.float16 else value
-                                 for key, value in feeds.items()}
-                float16_reference = run_onnxruntime(upcast_model_to_float32(original_model), float32_feeds)
-            reference = float16_reference[index].astype(np.float64)
-            scale = float(np.max(np.abs(reference))) or 1.0
-            ulp = float(float16_ulp(scale))
-            error = np.max(np.abs(actual.astype(np.float64) - reference))
-            original_error = np.max(np.abs(expected.astype(np.float64) - reference))
-            assert error <= FLOAT16_ULPS_OF_SCALE * ulp, (
-                f"output {name!r}: folded fp16 model is {error / ulp:.2f} ulp from the float32 reference "
-                f"(unfolded fp16 model: {original_error / ulp:.2f} ulp; bound {FLOAT16_ULPS_OF_SCALE} ulp "
-                f"of output scale {scale:.4g})"
-            )
-        elif expected.dtype == np.float64:
-            np.testing.assert_allclose(actual, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL_PER_SCALE * scale,
-                                       err_msg=f"output {name!r}")
-        elif expected.dtype == np.float32:
-            np.testing.assert_allclose(actual, expected, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL_PER_SCALE * scale,
-                                       err_msg=f"output {name!r}")
-        else:
-            np.testing.assert_array_equal(actual, expected, err_msg=f"output {name!r}")
 
 
 def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -1159,3 +1138,69 @@ def update_bn_on(model, data: np.ndarray, batch_size: int):
     batches = [torch.from_numpy(data[start:start + batch_size]) for start in range(0, len(data), batch_size)]
     torch.optim.swa_utils.update_bn(batches, model)
     return model.eval()
+def build_subgraph_reader_model(reads: Sequence[str] = ("conv_weight", "bn_mean"), *, seed: int = 0) -> onnx.ModelProto:
+    """x -> conv -> BN -> y, plus ``If(cond)`` whose branches read tensors of the outer graph.
+
+    The If node is ``branch``, its output ``branch_out`` (shape (6,)) a graph output, its condition
+    the bool graph input ``cond``. The then-branch returns the row sums of ``reads[0]`` reshaped to
+    (6, -1) (one number per output channel of the conv weight), the else-branch ``Identity(reads[1])``;
+    each must be a (6,)-element tensor.
+    With the defaults, one branch reads the weight a fold would change, the other a parameter of the
+    BN a fold would remove.
+    """
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=13)
+    x_shape = producer_input_shape("conv")
+    builder.add_input(INPUT_NAME, np.float32, x_shape)
+    builder.add_input("cond", np.bool_, [])
+    spec = add_producer(builder, "conv", INPUT_NAME, x_shape, rng, out_channels=6)
+    builder.add_output(OUTPUT_NAME)
+    add_batchnorm(builder, spec.output, random_bn_params((6,), rng))
+    then_shape = numpy_helper.from_array(np.array([6, -1], dtype=np.int64), "then_shape")
+    then_axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "then_axes")
+    then_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["then_shape"], name="then_shape_constant", value=then_shape),
+         helper.make_node("Constant", [], ["then_axes"], name="then_axes_constant", value=then_axes),
+         helper.make_node("Reshape", [reads[0], "then_shape"], ["then_rows"], name="then_reshape"),
+         helper.make_node("ReduceSum", ["then_rows", "then_axes"], ["then_out"], name="then_sum", keepdims=0)],
+        "then_branch", [], [helper.make_tensor_value_info("then_out", onnx.TensorProto.FLOAT, [6])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", [reads[1]], ["else_out"], name="else_identity")],
+        "else_branch", [], [helper.make_tensor_value_info("else_out", onnx.TensorProto.FLOAT, [6])])
+    builder.add_node("If", ["cond"], ["branch_out"], name="branch", then_branch=then_branch,
+                     else_branch=else_branch)
+    builder.add_output("branch_out", np.float32, (6,))
+    return builder.build()
+
+
+def build_qdq_conv_bn_model(*, seed: int = 0) -> onnx.ModelProto:
+    """onnxruntime's QDQ layout around a Conv -> BN: x -> QuantizeLinear -> DequantizeLinear ->
+    Conv(DequantizeLinear(int8 per-channel weight), bias) -> BN ``bn`` -> Relu -> QuantizeLinear ->
+    DequantizeLinear -> y. With graph optimizations on, onnxruntime runs the Q/DQ pairs as integer
+    kernels, so its output differs from the float graph's by a quantization step."""
+    rng = np.random.default_rng(seed)
+    builder = GraphBuilder(opset=13)
+    builder.add_input(INPUT_NAME, np.float32, ["N", 3, 8, 8])
+    builder.add_initializer("x_scale", np.float32(0.02))
+    builder.add_initializer("x_zero_point", np.uint8(128))
+    builder.add_node("QuantizeLinear", [INPUT_NAME, "x_scale", "x_zero_point"], ["x_quantized"], name="quantize_x")
+    builder.add_node("DequantizeLinear", ["x_quantized", "x_scale", "x_zero_point"], ["x_dequantized"],
+                     name="dequantize_x")
+    weight = random_weight((8, 3, 3, 3), rng)
+    weight_scale = (np.abs(weight).reshape(8, -1).max(axis=1) / 127).astype(np.float32)
+    builder.add_initializer("w_quantized", np.round(weight / weight_scale[:, None, None, None]).astype(np.int8))
+    builder.add_initializer("w_scale", weight_scale)
+    builder.add_initializer("w_zero_point", np.zeros(8, np.int8))
+    builder.add_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"], name="dequantize_w",
+                     axis=0)
+    builder.add_initializer("b", random_bias(8, rng))
+    builder.add_node("Conv", ["x_dequantized", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1])
+    add_batchnorm(builder, "conv_out", random_bn_params((8,), rng), output="bn_out", name=BN_NODE_NAME)
+    builder.add_node("Relu", ["bn_out"], ["relu_out"], name="relu")
+    builder.add_initializer("y_scale", np.float32(0.05))
+    builder.add_initializer("y_zero_point", np.uint8(0))
+    builder.add_node("QuantizeLinear", ["relu_out", "y_scale", "y_zero_point"], ["y_quantized"], name="quantize_y")
+    builder.add_node("DequantizeLinear", ["y_quantized", "y_scale", "y_zero_point"], [OUTPUT_NAME],
+                     name="dequantize_y")
+    builder.add_output(OUTPUT_NAME)
+    return builder.build()

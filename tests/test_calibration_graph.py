@@ -174,10 +174,21 @@ def test_data_errors_mid_stream_reach_the_caller_unchanged():
         bnpass.reestimate_batchnorms(direct_bn_model(3), batches(), batch_size=4)
 
 
-def test_thread_count_is_passed_to_onnxruntime():
+def test_thread_count_is_passed_to_onnxruntime(monkeypatch):
+    """The pass's ``threads`` reaches the SessionOptions of the session onnxruntime builds (read
+    back from the session itself: 3 is neither onnxruntime's default, 0, nor this machine's cores)."""
+    threads_seen = []
+
+    class RecordingSession(onnxruntime.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            threads_seen.append(self.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", RecordingSession)
     data = np.random.default_rng(4).standard_normal((16, 3, 5, 4)).astype(np.float32)
     samples = bnpass.calibration_samples(direct_bn_model(3), [data])
-    result = ReestimateBatchNormPass(samples, batch_size=8, threads=1).call(direct_bn_model(3))
+    result = ReestimateBatchNormPass(samples, batch_size=8, threads=3, device="cpu").call(direct_bn_model(3))
+    assert threads_seen == [3]
     np.testing.assert_allclose(result.stats["bn"].var, data.astype(np.float64).var((0, 2, 3)), rtol=1e-6)
     with pytest.raises(ValueError, match="threads"):
         create_session(direct_bn_model(3), [CPU], threads=0)

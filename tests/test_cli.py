@@ -18,9 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
+import bnpass
 from bnpass.cli import main
-from builders import count_ops, run_onnxruntime
+from builders import (
+    build_bn_after_op_model,
+    build_conv_bn_relu_chain_model,
+    build_qdq_conv_bn_model,
+    count_ops,
+    run_onnxruntime,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits"
@@ -70,8 +78,8 @@ def test_main_job_in_process_writes_a_model_without_bn_that_matches_the_reestima
 
 def test_subprocess_prints_a_summary_and_one_clean_device_line(workspace):
     before = (workspace / "model.onnx").read_bytes()
-    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50", "--threads", "1",
-                   cwd=workspace)
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "100", "--batch-size", "50",
+                   "--threads", "1", cwd=workspace)
     assert done.returncode == 0, done.stderr
     assert "re-estimated 3 of 3" in done.stdout and "folded 3 of 3" in done.stdout
     assert "from 100 samples" in done.stdout
@@ -128,6 +136,42 @@ def _write_loader(workspace):
     (workspace / "loader.py").write_text("def broken():\n    raise ValueError('camera offline')\n")
 
 
+def _external_data(location):
+    """The model re-saved with its weights in the file ``location`` beside it."""
+    def setup(workspace):
+        model = onnx.load(workspace / "model.onnx")
+        onnx.save(model, workspace / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=location, size_threshold=0)
+    return setup
+
+
+def _linked(name, target, kind):
+    def setup(workspace):
+        (os.link if kind == "hard" else os.symlink)(workspace / target, workspace / name)
+    return setup
+
+
+def _write_config(workspace):
+    (workspace / "nncf.json").write_text('{"input_info": {"sample_size": [1, 1, 8, 8]}}')
+
+
+def _gray_images(workspace, truncate=None):
+    folder = workspace / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        Image.fromarray(pixels).save(folder / name, quality=95)
+    if truncate:  # the header stays whole, the scan data ends early: only decoding finds it
+        data = (folder / truncate).read_bytes()
+        (folder / truncate).write_bytes(data[:-200])
+
+
+def _pickled(workspace):
+    folder = workspace / "pickled"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.array([np.zeros((1, 8, 8), np.float32), None], dtype=object), allow_pickle=True)
+
+
 ERROR_CASES = [
     # (id, arguments, setup, words the last stderr line must contain)
     ("missing model", ["missing.onnx", "out.onnx", "--data", "calib"], None, "missing.onnx' does not exist"),
@@ -158,6 +202,36 @@ ERROR_CASES = [
     ("loader raises", ["model.onnx", "out.onnx", "--loader", "loader.py:broken"], _write_loader,
      "--loader 'loader.py:broken' raised ValueError: camera offline"),
     ("loader missing", ["model.onnx", "out.onnx", "--loader", "nowhere.py:f"], None, "'nowhere.py' does not exist"),
+    # Data loss: nothing written may be something read, or another written path, by any name.
+    ("report is the input", ["model.onnx", "out.onnx", "--data", "calib", "--report", "model.onnx"], None,
+     "--report 'model.onnx' is the input model: bnpass never writes over a file it reads"),
+    ("report is the output", ["model.onnx", "out.onnx", "--data", "calib", "--report", "out.onnx"], None,
+     "--report 'out.onnx' and the output 'out.onnx' are the same file"),
+    ("report is a data file", ["model.onnx", "out.onnx", "--data", "calib", "--report", "calib/calib_003.npy"], None,
+     "--report 'calib/calib_003.npy' is a calibration data file"),
+    ("report is the config", ["model.onnx", "out.onnx", "--data", "calib", "--config", "nncf.json", "--report",
+                              "nncf.json"], _write_config, "--report 'nncf.json' is the --config file"),
+    ("report is the loader", ["model.onnx", "out.onnx", "--loader", "loader.py:broken", "--report", "loader.py"],
+     _write_loader, "--report 'loader.py' is the --loader file"),
+    ("output is the input's external data", ["model.onnx", "weights.bin", "--fold-only"], _external_data("weights.bin"),
+     "the output 'weights.bin' is the input model's external data"),
+    ("output's data is the input's external data", ["model.onnx", "out.onnx", "--fold-only"],
+     _external_data("out.onnx.data"), "the output's external data 'out.onnx.data' is the input model's external data"),
+    ("output hard-linked to the input", ["model.onnx", "alias.onnx", "--fold-only"],
+     _linked("alias.onnx", "model.onnx", "hard"), "the output 'alias.onnx' is the input model ('model.onnx')"),
+    ("output symlinked to the input", ["model.onnx", "alias.onnx", "--fold-only"],
+     _linked("alias.onnx", "model.onnx", "symbolic"), "the output 'alias.onnx' is the input model ('model.onnx')"),
+    ("report symlinked to the output", ["model.onnx", "out.onnx", "--fold-only", "--report", "link.json"],
+     _linked("link.json", "out.onnx", "symbolic"), "--report 'link.json' and the output 'out.onnx' are the same file"),
+    # Bad data, named by file, before or during calibration.
+    ("pickled array", ["model.onnx", "out.onnx", "--data", "pickled"], _pickled,
+     "a.npy: holds Python objects (dtype object), not numbers"),
+    ("truncated JPEG", ["model.onnx", "out.onnx", "--data", "images", "--batch-size", "1"],
+     lambda w: _gray_images(w, truncate="b.jpg"), "b.jpg: cannot read as an image (image file is truncated"),
+    ("negative std", ["model.onnx", "out.onnx", "--data", "images", "--std", "-0.2"], _gray_images,
+     "--std values must be positive, got [-0.2]"),
+    ("shuffle with a loader", ["model.onnx", "out.onnx", "--loader", "loader.py:broken", "--shuffle"], _write_loader,
+     "--shuffle and --seed apply to --data folders"),
 ]
 
 
@@ -166,15 +240,24 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(workspace, case):
     _, arguments, setup, message = case
     if setup:
         setup(workspace)
-    before = (workspace / "model.onnx").read_bytes()
-    listing = sorted(p.name for p in workspace.iterdir())
+    before = _snapshot(workspace)
     done = run_cli(*arguments, cwd=workspace)
     assert done.returncode == 1, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
-    assert sorted(p.name for p in workspace.iterdir()) == listing  # no output, no leftovers
-    assert (workspace / "model.onnx").read_bytes() == before
+    assert _snapshot(workspace) == before  # no output, no leftovers, every input byte-identical
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file below ``folder`` (links as links) and its bytes."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            files[str(path.relative_to(folder))] = ("link", os.readlink(path))
+        elif path.is_file():
+            files[str(path.relative_to(folder))] = path.read_bytes()
+    return files
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write to read-only folders")
@@ -194,8 +277,8 @@ def test_ctrl_c_during_calibration_leaves_no_output(workspace):
         "    for _ in range(1000):\n"
         "        time.sleep(0.05)\n"
         "        yield np.zeros((1, 8, 8), np.float32)\n")
-    process = subprocess.Popen([sys.executable, "-m", "bnpass", "model.onnx", "out.onnx", "--loader", "slow.py:samples"],
-                               cwd=workspace, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "bnpass", "model.onnx", "out.onnx",
+                                "--loader", "slow.py:samples"], cwd=workspace, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 120
     while not (workspace / "started").exists() and time.monotonic() < deadline:
@@ -211,7 +294,7 @@ def test_ctrl_c_during_calibration_leaves_no_output(workspace):
 def test_unknown_files_beside_arrays_are_skipped_with_a_warning(workspace):
     (workspace / "calib" / "README.txt").write_text("calibration images of 2026")
     done = run_cli("model.onnx", "out.onnx", "--data", "calib", cwd=workspace)
-    assert done.returncode == 0 and "warning: ignoring 1 file(s)" in done.stderr
+    assert done.returncode == 0 and "warning: ignoring 1 file in" in done.stderr
 
 
 def test_cuda_asked_for_where_it_cannot_load_is_an_error(workspace):
@@ -237,3 +320,91 @@ def test_a_model_without_batchnorm_is_copied_with_a_notice(tmp_path):
     assert done.returncode == 0 and "no BatchNormalization" in done.stderr
     assert 'export it with BN kept (README: "Exporting with BN kept")' in done.stderr  # the likely cause, the fix
     assert onnx.load(tmp_path / "out.onnx").SerializeToString() == model.SerializeToString()
+
+
+# --- messages, verify, provenance (issue 8) --------------------------------------------------------
+
+def test_verify_compares_like_with_like_on_a_qdq_model(tmp_path):
+    """onnxruntime's integer QDQ kernels on one side only looked like a 1% fold error."""
+    from bnpass.verify import compare_models
+
+    model = build_qdq_conv_bn_model()
+    folded = bnpass.fold_batchnorms(model)
+    assert folded.folded == [("bn", "conv")]
+    feeds = [{"x": np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)}]
+    difference = compare_models(model, folded.model, feeds, ["CPUExecutionProvider"])
+    assert difference.batches == 1 and difference.max_rel < 1e-6
+    # The CLI: the same model, verified on its calibration batches.
+    onnx.save(model, tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", feeds[0]["x"])
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--fold-only", "--verify", "--report", "r.json",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["verify"]["max_rel"] < 1e-6
+
+
+def test_verify_says_when_nothing_folded_and_uses_no_more_batches_than_calibration(tmp_path):
+    onnx.save(build_bn_after_op_model("Relu"), tmp_path / "model.onnx")  # BN after Relu, a graph output
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(2).standard_normal((200, 4, 6, 6)).astype(np.float32))
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--verify", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "verify: nothing was folded" in done.stdout and "max relative" not in done.stdout
+
+    onnx.save(build_conv_bn_relu_chain_model(), tmp_path / "chain.onnx")
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(2).standard_normal((200, 4, 6, 6)).astype(np.float32))
+    done = run_cli("chain.onnx", "out.onnx", "--data", "calib", "--verify", "--num-samples", "40", "--batch-size",
+                   "20", "--report", "r.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batches"] == 2 and report["verify"]["batches"] == 2  # not 4: calibration used 2
+
+
+def test_loader_counts_are_the_samples_it_yields(workspace):
+    (workspace / "hundred.py").write_text(
+        "import numpy as np\n"
+        "def samples():\n"
+        "    return [np.full((1, 8, 8), i / 100, np.float32) for i in range(100)]\n")
+    done = run_cli("model.onnx", "out.onnx", "--loader", "hundred.py:samples", cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    assert "on up to 2016 samples from the data source (2000 requested, rounded up to whole batches of 32" \
+        in done.stderr
+    assert "from 100 samples (4 batches of up to 32" in done.stdout
+    assert "1 batches" not in done.stdout and "1 samples" not in done.stdout
+
+
+def test_too_little_data_gets_a_warning(workspace):
+    done = run_cli("model.onnx", "out.onnx", "--data", "calib", "--num-samples", "1", "--batch-size", "1",
+                   cwd=workspace)
+    assert done.returncode == 0, done.stderr
+    assert "warning: batches of 1 sample: during calibration every BN normalizes with its batch's statistics" \
+        in done.stderr and "1 sample in all is little" in done.stderr
+    assert "warning" not in run_cli("model.onnx", "out.onnx", "--data", "calib", cwd=workspace).stderr
+
+
+def test_the_output_records_what_made_it_and_keeps_the_models_own_metadata(workspace):
+    model = onnx.load(workspace / "model.onnx")
+    onnx.helper.set_model_props(model, {"author": "someone", "bnpass.stats": "stale"})
+    onnx.save(model, workspace / "model.onnx")
+    assert run_cli("model.onnx", "out.onnx", "--data", "calib", "--stats", "batch-mean", cwd=workspace).returncode == 0
+    written = onnx.load(workspace / "out.onnx")
+    assert {p.key: p.value for p in written.metadata_props} == {
+        "author": "someone", "bnpass.stats": "batch-mean", "bnpass.version": bnpass.__version__,
+        "bnpass.samples": "512", "bnpass.batch_size": "32", "bnpass.folded": "3 of 3"}
+    assert (written.producer_name, written.producer_version) == (model.producer_name, model.producer_version)
+
+
+def test_bns_that_stay_are_grouped_by_reason_and_verbose_lists_each(tmp_path, workspace):
+    densenet = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_densenet121.onnx"
+    done = run_cli(densenet, tmp_path / "out.onnx", "--fold-only", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "folded 59 of 121 BatchNormalization nodes (59 Conv->BN); 62 left:"
+    assert [line.split(" (")[0] for line in lines[1:4]] == ["  58 left", "  3 left", "  1 left"]
+    assert "its input comes from Concat '…'" in lines[1] and "... (58 in all)" in lines[1]
+    assert len(lines) == 5 and "left" not in done.stderr
+
+    verbose = run_cli("model.onnx", "out.onnx", "--data", "calib", "-v", cwd=workspace)
+    per_bn = [line for line in verbose.stdout.splitlines() if "BatchNormalization:" in line]
+    assert len(per_bn) == 3 and all("folded into" in line and " -> " in line for line in per_bn)

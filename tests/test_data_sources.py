@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import bnpass
+from bnpass import images
 from bnpass.cli import main
 from bnpass.config import read_nncf_config
 from builders import GraphBuilder, add_batchnorm, random_bn_params
@@ -272,3 +273,208 @@ def test_batch_files_stream_in_chunks_across_batch_boundaries(tmp_path, monkeypa
     batches = data.astype(np.float32).astype(np.float64).reshape(8, 5, 3, 4, 4)
     expected = np.mean([b.var(axis=(0, 2, 3), ddof=1) for b in batches], axis=0)
     np.testing.assert_allclose(result.stats["bn"].var, expected, rtol=1e-6)
+
+
+# --- what a new user hit (issue 8) ---------------------------------------------------------------
+
+def test_loader_of_pytorch_style_tuples_and_a_calibration_data_reader(tmp_path):
+    """A DataLoader yields (inputs, labels); onnxruntime's quantization users have readers."""
+    data = np.random.default_rng(3).standard_normal((20, 3, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "data.npy", data)
+    (tmp_path / "loaders.py").write_text(
+        "import numpy as np, os, torch\n"
+        "from onnxruntime.quantization import CalibrationDataReader\n"
+        "data = np.load(os.path.join(os.path.dirname(__file__), 'data.npy'))\n"
+        "def dataloader():\n"
+        "    dataset = torch.utils.data.TensorDataset(torch.from_numpy(data), torch.arange(20))\n"
+        "    return torch.utils.data.DataLoader(dataset, batch_size=6)\n"
+        "def tuples_of_samples():\n"
+        "    return [(sample, 0) for sample in data]\n"
+        "class Reader(CalibrationDataReader):\n"
+        "    def __init__(self):\n"
+        "        self.batches = iter([{'x': data[:11]}, {'x': data[11:]}])\n"
+        "    def get_next(self):\n"
+        "        return next(self.batches, None)\n"
+        "def reader():\n"
+        "    return Reader()\n")
+    model = input_bn_model(["N", 3, 4, 4])
+    onnx.save(model, tmp_path / "model.onnx")
+    for function in ("dataloader", "tuples_of_samples", "reader"):
+        assert main([str(tmp_path / "model.onnx"), str(tmp_path / f"{function}.onnx"), "--loader",
+                     f"{tmp_path / 'loaders.py'}:{function}", "--no-fold", "--batch-size", "8", "-q"]) == 0
+        out = onnx.load(tmp_path / f"{function}.onnx")
+        mean = next(onnx.numpy_helper.to_array(t) for t in out.graph.initializer if t.name == "bn_mean")
+        np.testing.assert_allclose(mean, pooled(data)[0], rtol=1e-6, err_msg=function)
+
+
+def test_api_takes_a_calibration_data_reader_and_a_model_path(tmp_path):
+    class Reader:
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    data = np.random.default_rng(4).standard_normal((12, 3, 4, 4)).astype(np.float32)
+    onnx.save(input_bn_model(["N", 3, 4, 4]), tmp_path / "model.onnx")
+    result = bnpass.reestimate_batchnorms(str(tmp_path / "model.onnx"), Reader([{"x": data[:5]}, {"x": data[5:]}]),
+                                          batch_size=4)
+    np.testing.assert_allclose(result.stats["bn"].mean, pooled(data)[0], rtol=1e-6, atol=1e-7)
+    assert bnpass.fold_batchnorms(tmp_path / "model.onnx").skipped  # a path works for folding too
+    with pytest.raises(bnpass.ModelError, match="expected an onnx.ModelProto or the path of an .onnx file, not int"):
+        bnpass.fold_batchnorms(7)
+
+
+def test_class_subfolders_are_read_recursively_with_tiff_files(tmp_path, caplog):
+    """calib/<class>/*: every file of every subfolder, in sorted order, hidden ones skipped."""
+    cats = write_images(tmp_path / "calib" / "cat", count=3, size=(6, 8), seed=1)
+    dogs = write_images(tmp_path / "calib" / "dog", count=2, size=(6, 8), seed=2)
+    for index, pixels in enumerate(dogs):  # the dogs as TIFF files
+        Image.fromarray(pixels).save(tmp_path / "calib" / "dog" / f"img_{index:03d}.tif")
+        os.remove(tmp_path / "calib" / "dog" / f"img_{index:03d}.png")
+    write_images(tmp_path / "calib" / ".cache", count=1, size=(6, 8), seed=3)  # hidden: skipped
+    model = input_bn_model(["N", 3, 6, 8])
+    source = bnpass.calibration_samples(model, tmp_path / "calib", bnpass.ImageOptions(resize=6))
+    assert [os.path.relpath(f, tmp_path / "calib") for f in source.files] == [
+        os.path.join("cat", "img_000.png"), os.path.join("cat", "img_001.png"), os.path.join("cat", "img_002.png"),
+        os.path.join("dog", "img_000.tif"), os.path.join("dog", "img_001.tif")]
+    with caplog.at_level("INFO", logger="bnpass"):
+        result = bnpass.reestimate_batchnorms(model, tmp_path / "calib", batch_size=5,
+                                              image_options=bnpass.ImageOptions(resize=6))
+    mean, var = pooled(np.stack(cats + dogs).transpose(0, 3, 1, 2) / 255.0)
+    np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(result.stats["bn"].var, var, rtol=1e-6)
+    assert "5 samples in 5 files from 2 folders" in caplog.text
+    assert "the samples come folder by folder (2 folders, in order)" in caplog.text and "add --shuffle" in caplog.text
+
+
+def test_single_input_npz_may_name_its_array_arr_0(tmp_path):
+    data = np.random.default_rng(5).standard_normal((9, 3, 4, 4)).astype(np.float32)
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "a.npz", data)  # positional: saved as arr_0
+    result = bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), tmp_path / "calib", batch_size=9)
+    np.testing.assert_allclose(result.stats["bn"].mean, pooled(data)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_pickled_object_arrays_are_refused_by_name(tmp_path):
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "a.npz", x=np.array([np.zeros((3, 4, 4)), None], dtype=object))
+    with pytest.raises(bnpass.DataError, match=r"a.npz: array 'x' holds Python objects \(dtype object\)"):
+        bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), tmp_path / "calib")
+    ragged = np.empty(2, dtype=object)  # what a list of arrays of different shapes becomes
+    ragged[0], ragged[1] = np.zeros((3, 4, 4)), np.zeros((3, 4, 5))
+    with pytest.raises(bnpass.DataError, match=r"batch 0: holds Python objects \(dtype object\)"):
+        bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), [ragged])
+
+
+def test_sixteen_bit_grayscale_images_keep_their_sixteen_bits(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    images = [rng.integers(0, 65536, (8, 8), dtype=np.uint16) for _ in range(3)]
+    for index, pixels in enumerate(images):
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    stacked = np.stack(images).astype(np.float64) / 65535.0
+    gray = bnpass.reestimate_batchnorms(input_bn_model(["N", 1, 8, 8]), folder, batch_size=3,
+                                        image_options=bnpass.ImageOptions(resize=8))
+    mean, var = pooled(stacked[:, None])
+    np.testing.assert_allclose(gray.stats["bn"].mean, mean, rtol=1e-6)
+    np.testing.assert_allclose(gray.stats["bn"].var, var, rtol=1e-6)
+    rgb = bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 8, 8]), folder, batch_size=3,
+                                       image_options=bnpass.ImageOptions(resize=8))  # gray fills 3 channels
+    np.testing.assert_allclose(rgb.stats["bn"].mean, [mean[0]] * 3, rtol=1e-6)
+
+
+def _sample_ids(source) -> list:
+    """The id each sample carries (every value of sample i is i)."""
+    return [int(next(iter(sample.values())).reshape(-1)[0]) for sample in source]
+
+
+@pytest.mark.parametrize("layout", ["sample files", "batch files", "batch npz files", "images"])
+def test_shuffle_is_a_seeded_permutation_of_every_sample(tmp_path, layout):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    ids = np.arange(24, dtype=np.float32)
+    if layout == "images":
+        for i in range(24):
+            Image.fromarray(np.full((4, 4), i, np.uint8)).save(folder / f"{i:02d}.png")
+        model, options = input_bn_model(["N", 1, 4, 4]), bnpass.ImageOptions(resize=4, scale=False)
+    else:
+        samples = np.broadcast_to(ids[:, None, None, None], (24, 3, 4, 4)).copy()
+        model, options = input_bn_model(["N", 3, 4, 4]), None
+        for start in range(0, 24, 1 if layout == "sample files" else 8):
+            chunk = samples[start] if layout == "sample files" else samples[start:start + 8]
+            if layout == "batch npz files":
+                np.savez(folder / f"{start:02d}.npz", x=chunk)
+            else:
+                np.save(folder / f"{start:02d}.npy", chunk)
+    in_order = _sample_ids(bnpass.calibration_samples(model, folder, options))
+    first = _sample_ids(bnpass.calibration_samples(model, folder, options, shuffle=True, seed=1))
+    again = _sample_ids(bnpass.calibration_samples(model, folder, options, shuffle=True, seed=1))
+    other = _sample_ids(bnpass.calibration_samples(model, folder, options, shuffle=True, seed=2))
+    assert in_order == list(range(24))
+    assert sorted(first) == list(range(24)) and sorted(other) == list(range(24))  # each sample once
+    assert first == again and first != other and first != in_order
+    if layout == "batch npz files":  # read whole by numpy: files shuffled, then the samples within each
+        assert all(len({sample // 8 for sample in first[i:i + 8]}) == 1 for i in range(0, 24, 8))
+    else:  # one permutation: the first 8 come from more than one file of 8
+        assert len({sample // 8 for sample in first[:8]}) > 1
+
+
+def test_jpeg_over_pillows_decompression_bomb_limit_is_read_at_a_reduced_scale(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ramp = np.tile(np.linspace(0, 255, 64), (64, 1)).astype(np.uint8)
+    PILImage.fromarray(ramp).save(folder / "scan.jpg", quality=95)
+    model = input_bn_model(["N", 1, 8, 8])
+    full = bnpass.reestimate_batchnorms(model, folder, batch_size=1, image_options=bnpass.ImageOptions(resize=8))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 > 2 x 1000: Pillow refuses
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(folder / "scan.jpg")
+    with images._open_image(str(folder / "scan.jpg"), target=8) as image:
+        assert image.size == (8, 8)  # libjpeg decodes at 1/8 scale: 64 pixels, not 4096
+    reduced = bnpass.reestimate_batchnorms(model, folder, batch_size=1, image_options=bnpass.ImageOptions(resize=8))
+    np.testing.assert_allclose(reduced.stats["bn"].mean, full.stats["bn"].mean, rtol=0.02)  # decoded at 1/8 scale
+    os.remove(folder / "scan.jpg")
+    PILImage.fromarray(ramp).save(folder / "scan.png")  # the same pixels as PNG: no safe reduced read
+    with pytest.raises(bnpass.DataError, match=r"scan.png: too large to read safely \(Image size \(4096 pixels\)"):
+        bnpass.reestimate_batchnorms(model, folder, image_options=bnpass.ImageOptions(resize=8))
+
+
+def test_cli_keeps_pillows_large_image_warning_off_the_terminal(tmp_path, monkeypatch, recwarn):
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(2):
+        PILImage.fromarray(np.full((40, 40), 9 * index, np.uint8)).save(folder / f"{index}.png")
+    onnx.save(input_bn_model(["N", 1, 8, 8]), tmp_path / "model.onnx")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over the limit, under twice it
+    with pytest.warns(PILImage.DecompressionBombWarning):
+        PILImage.open(folder / "0.png")
+    recwarn.clear()
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(folder), "--batch-size",
+                 "2", "-q"]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, PILImage.DecompressionBombWarning)]
+
+
+def test_nncf_config_with_zero_samples_folds_without_data(tmp_path, capsys):
+    config = tmp_path / "nncf.json"
+    config.write_text('{"compression": {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}}}')
+    onnx.save(input_bn_model(["N", 3, 4, 4]), tmp_path / "model.onnx")
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--config", str(config)]) == 0
+    assert "re-estimated" not in capsys.readouterr().out
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_api_cuda_error_names_the_api_argument_not_the_cli_flag():
+    from bnpass.runtime import cuda_unavailable_reason
+
+    if cuda_unavailable_reason() is None:
+        pytest.skip("this machine has a working CUDA provider")
+    data = np.zeros((4, 3, 4, 4), np.float32)
+    with pytest.raises(bnpass.RuntimeUnavailableError) as raised:
+        bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), [data], device="cuda")
+    assert str(raised.value).startswith("device='cuda': ") and "--device" not in str(raised.value)

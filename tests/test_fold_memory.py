@@ -17,11 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
-from builders import GraphBuilder, add_batchnorm, random_bias, random_bn_params, random_weight
+from builders import build_conv_bn_relu_chain_model
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = 512    # a 3x3 Conv weight is 9.4 MB
@@ -31,48 +30,31 @@ PEAK_BOUND = 2.2  # x the model's size, over the RSS with the model loaded
 
 RUN = r"""
 import json, os, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1:3]  # the repository (bnpass) and its tools/ folder (peak_memory)
 import onnx, onnxruntime, bnpass
+from peak_memory import reset_peak, status_mb
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**10
-
-model = onnx.load(sys.argv[2])
-with open("/proc/self/clear_refs", "w") as clear_refs:
-    clear_refs.write("5")  # VmHWM := VmRSS: measure the fold alone, not the load
-baseline = status("VmRSS")
+model = onnx.load(sys.argv[3])
+reset_peak()  # VmHWM := VmRSS: measure the fold alone, not the load
+baseline = status_mb("VmRSS")
 result = bnpass.fold_batchnorms(model)
-print(json.dumps({"model_mb": os.path.getsize(sys.argv[2]) / 2**20, "baseline_mb": baseline,
-                  "peak_mb": status("VmHWM"), "folded": len(result.folded)}))
+print(json.dumps({"model_mb": os.path.getsize(sys.argv[3]) / 2**20, "baseline_mb": baseline,
+                  "peak_mb": status_mb("VmHWM"), "folded": len(result.folded)}))
 """
 
 
 def conv_chain_model(path: Path) -> None:
     """``LAYERS`` x Conv 3x3 (CHANNELS -> CHANNELS, with bias) -> BN -> Relu, but no BN in ``UNFOLDED``."""
-    rng = np.random.default_rng(0)
-    builder = GraphBuilder(opset=13)
-    current = builder.add_input("x", np.float32, ["N", CHANNELS, 4, 4])
-    for layer in range(LAYERS):
-        weight = builder.add_initializer(f"conv{layer}.weight", random_weight((CHANNELS, CHANNELS, 3, 3), rng))
-        bias = builder.add_initializer(f"conv{layer}.bias", random_bias(CHANNELS, rng))
-        (current,) = builder.add_node("Conv", [current, weight, bias], [f"conv{layer}"], name=f"conv{layer}",
-                                      pads=[1, 1, 1, 1])
-        if layer not in UNFOLDED:
-            add_batchnorm(builder, current, random_bn_params((CHANNELS,), rng), output=f"bn{layer}",
-                          name=f"bn{layer}")
-            current = f"bn{layer}"
-        (current,) = builder.add_node("Relu", [current], [f"relu{layer}"], name=f"relu{layer}")
-    builder.add_output(current)
-    onnx.save(builder.build(), path)
+    onnx.save(build_conv_bn_relu_chain_model(blocks=LAYERS, channels=CHANNELS, batch="N", spatial_size=4,
+                                             biases="all", without_batchnorm=UNFOLDED), path)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status, resets VmHWM")
 def test_folding_peaks_under_twice_the_model(tmp_path):
     path = tmp_path / "large.onnx"
     conv_chain_model(path)
-    done = subprocess.run([sys.executable, "-c", RUN, str(REPO), str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", RUN, str(REPO), str(REPO / "tools"), str(path)], capture_output=True,
+                          text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])

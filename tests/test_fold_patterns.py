@@ -1,18 +1,12 @@
 """Folding beyond producer -> BN: a bias Add in between, quantized weights, BN before the layer.
 
-Every positive case runs :func:`fold_and_verify`: the BN count drops as expected, the result passes
-``onnx.checker`` (full check), keeps IR version, opset, graph inputs and outputs, has no dead node or
-unused initializer, leaves the input ModelProto untouched, is idempotent (a second fold reports
-``modified=False`` and returns identical bytes), and matches the unfolded model through onnxruntime
-(CPU, graph optimizations disabled) at these tolerances:
-
-* float32: rtol 1e-5 with an absolute floor of 1e-6 x the output scale (max |output|), as in
-  ``builders.assert_outputs_close``;
-* float16: compared with a float32 run of the *unfolded* model (every fp16 tensor upcast exactly),
-  the folded fp16 output must be within one fp16 ulp of the output scale (``FLOAT16_ULPS``; measured
-  worst case over 5 seeds 0.97 ulp). The unfolded fp16 model is within 0.5 ulp (onnxruntime computes
-  in float32 and rounds the output); folding adds one rounding per folded weight. Forward folds get
-  ``FORWARD_FLOAT16_ULPS``, for the reason given there.
+Every positive case runs :func:`assertions.fold_and_verify`: the BN count drops as expected, the
+result passes ``onnx.checker`` (full check), keeps IR version, opset, graph inputs and outputs, has no
+dead node or unused initializer, leaves the input ModelProto untouched, is idempotent (a second fold
+reports ``modified=False`` and returns identical bytes), and matches the unfolded model through
+onnxruntime at the tolerances stated in tests/assertions.py: float16 outputs within one fp16 ulp of
+the output scale of a float32 run of the unfolded model, forward folds within
+``FORWARD_FLOAT16_ULPS``, for the reason given there.
 
 Negative cases check the BN stays with a reason naming what blocks it and the model is unchanged byte
 for byte. ``test_fold_pass_keeps_one_graph_index`` guards the linear-time fold (issue 3, item 6).
@@ -26,6 +20,7 @@ import pytest
 
 import bnpass
 import bnpass.graph
+from assertions import assert_stays, fold_and_verify
 from builders import (
     BN_NODE_NAME,
     GraphBuilder,
@@ -37,23 +32,18 @@ from builders import (
     build_producer_add_bn_model,
     build_producer_bn_model,
     build_quantized_weight_bn_model,
+    build_subgraph_reader_model,
     channel_bias_shape,
+    constant_value,
     count_ops,
-    dead_nodes,
-    float16_ulp,
-    graph_data_inputs,
     initializer_array,
     node_by_name,
     random_bn_params,
     random_feeds,
-    run_onnxruntime,
-    unused_initializers,
-    upcast_model_to_float32,
+    random_weight,
+    with_inferred_value_info,
 )
 
-FLOAT32_RTOL = 1e-5
-FLOAT32_ATOL_PER_SCALE = 1e-6
-FLOAT16_ULPS = 1.0
 # A forward fold writes b' = b + W . shift, whose magnitude can exceed the output's (it cancels
 # against W' x): rounding it once costs half an ulp of |b'|, not of the output. Measured worst case
 # over 5 seeds: 1.02 ulp (Gemm) against 0.97 for backward folds.
@@ -65,94 +55,6 @@ DTYPE_VARIANTS = {
     "fp16": (np.float16, None, 13),
     "fp16_fp32params": (np.float16, np.float32, 15),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Shared checks
-# --------------------------------------------------------------------------------------------
-
-
-def _signature(value: onnx.ValueInfoProto):
-    tensor_type = value.type.tensor_type
-    return value.name, tensor_type.elem_type, tuple(
-        d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim)
-
-
-def output_errors(folded: onnx.ModelProto, original: onnx.ModelProto, feeds) -> dict:
-    """Per output: ``("rel", max |folded - original| / scale)`` for float32/float64 outputs, or
-    ``("ulp", folded error, unfolded error)`` in fp16 ulps of the output scale for float16 outputs,
-    both measured against a float32 run of the unfolded model."""
-    expected = run_onnxruntime(original, feeds)
-    actual = run_onnxruntime(folded, feeds)
-    names = [value.name for value in original.graph.output]
-    errors, reference = {}, None
-    for index, (name, want, got) in enumerate(zip(names, expected, actual)):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        if want.dtype == np.float16:
-            if reference is None:
-                feeds32 = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
-                reference = run_onnxruntime(upcast_model_to_float32(original), feeds32)
-            ref = reference[index].astype(np.float64)
-            ulp = float(float16_ulp(np.max(np.abs(ref)) or 1.0))
-            errors[name] = ("ulp", float(np.max(np.abs(got - ref))) / ulp, float(np.max(np.abs(want - ref))) / ulp)
-        else:
-            scale = float(np.max(np.abs(want.astype(np.float64)))) or 1.0
-            np.testing.assert_allclose(got, want, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL_PER_SCALE * scale,
-                                       err_msg=f"output {name!r}")
-            errors[name] = ("rel", float(np.max(np.abs(got.astype(np.float64) - want))) / scale)
-    return errors
-
-
-def fold_and_verify(model: onnx.ModelProto, *, folded: int = 1, remaining: int = 0,
-                    float16_ulps: float = FLOAT16_ULPS, feeds=None):
-    """Fold ``model`` and run every check a successful fold must pass; return (result, errors)."""
-    original_bytes = model.SerializeToString()
-    result = bnpass.fold_batchnorms(model)
-    assert model.SerializeToString() == original_bytes, "fold_batchnorms mutated its input model"
-    assert result.modified is True
-    assert len(result.folded) == folded, (result.folded, result.skipped)
-    assert len(result.skipped) == remaining, result.skipped
-    assert count_ops(result.model, "BatchNormalization") == remaining
-
-    onnx.checker.check_model(result.model, full_check=True)
-    assert result.model.ir_version == model.ir_version
-    assert [(o.domain, o.version) for o in result.model.opset_import] == [
-        (o.domain, o.version) for o in model.opset_import]
-    assert [_signature(v) for v in graph_data_inputs(result.model)] == [_signature(v) for v in graph_data_inputs(model)]
-    assert [_signature(v) for v in result.model.graph.output] == [_signature(v) for v in model.graph.output]
-    assert dead_nodes(result.model) == []
-    assert unused_initializers(result.model) == []
-    node_names = [node.name for node in result.model.graph.node if node.name]
-    assert len(node_names) == len(set(node_names)), "node names are not unique"
-    if model.ir_version < 4:
-        inputs = {value.name for value in result.model.graph.input}
-        assert {t.name for t in result.model.graph.initializer} <= inputs, "IR-3 initializers must be graph inputs"
-
-    errors = output_errors(result.model, model, feeds if feeds is not None else random_feeds(model))
-    for name, error in errors.items():
-        if error[0] == "ulp":
-            assert error[1] <= float16_ulps, (
-                f"output {name!r}: folded fp16 model is {error[1]:.2f} ulp from the float32 reference "
-                f"(unfolded fp16 model: {error[2]:.2f} ulp; bound {float16_ulps})")
-
-    folded_bytes = result.model.SerializeToString()
-    again = bnpass.fold_batchnorms(result.model)
-    assert again.modified is False and again.folded == [], again.folded
-    assert again.model.SerializeToString() == folded_bytes, "second fold changed the model"
-    return result, errors
-
-
-def assert_stays(model: onnx.ModelProto, *words: str, bn_name: str = BN_NODE_NAME) -> str:
-    """The BN stays, the reason mentions each of ``words``, and the model is unchanged byte for byte."""
-    original_bytes = model.SerializeToString()
-    result = bnpass.fold_batchnorms(model)
-    assert model.SerializeToString() == original_bytes
-    assert result.modified is False and result.folded == []
-    reason = result.skipped[bn_name]
-    for word in words:
-        assert word in reason, f"reason {reason!r} does not mention {word!r}"
-    assert result.model.SerializeToString() == original_bytes
-    return reason
 
 
 def _initializer_dtypes(model: onnx.ModelProto) -> set:
@@ -331,6 +233,18 @@ def test_folds_dequantized_int32_bias_as_float(producer):
     assert count_ops(result.model, "DequantizeLinear") == 1
     bias = initializer_array(result.model, node_by_name(result.model, producer).input[2])
     assert bias.dtype == np.float32
+
+
+@pytest.mark.parametrize("axis,scales", [(3, 6), (0, 4)], ids=["axis_out_of_range", "scale_count"])
+def test_skips_dequantized_bias_whose_per_axis_scale_does_not_fit(axis, scales):
+    """Regression (the bias reader crashed with IndexError / a numpy broadcast error): a per-axis
+    bias scale along an axis the int32 bias lacks, or with the wrong count, is no constant bias."""
+    model = build_quantized_weight_bn_model("conv", quantized_bias=True)
+    for tensor in model.graph.initializer:
+        if tensor.name == "b_scale":
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.full(scales, 1e-4, np.float32), "b_scale"))
+    node_by_name(model, "bias_dequantize").attribute.append(onnx.helper.make_attribute("axis", axis))
+    assert_stays(model, "the bias 'b' of 'conv' is not a constant")
 
 
 @pytest.mark.parametrize("shared", ["dequantize_output", "quantized", "scale"])
@@ -571,7 +485,8 @@ def test_folded_float16_model_is_closer_to_float32_than_one_ulp(pattern, seed):
     assert all(error[0] == "ulp" for error in errors.values())
 
 
-@pytest.mark.parametrize("pattern", ["conv_add_bn", "matmul_add_bn", "dequantize_conv_bn", "bn_conv", "bn_matmul"])
+@pytest.mark.parametrize("pattern", ["conv_bn", "conv_transpose_bn", "gemm_bn", "matmul_bn", "conv_add_bn",
+                                     "matmul_add_bn", "dequantize_conv_bn", "bn_conv", "bn_matmul"])
 def test_folds_model_that_carries_value_info(pattern):
     """Exported models declare intermediate tensors: none may stay declared once it is gone or retyped
     (the per-tensor scale that becomes per-axis, for one)."""
@@ -579,10 +494,12 @@ def test_folds_model_that_carries_value_info(pattern):
         model = build_producer_add_bn_model(pattern.split("_")[0])
     elif pattern == "dequantize_conv_bn":
         model = build_quantized_weight_bn_model("conv")
-    else:
+    elif pattern.startswith("bn_"):
         model = build_bn_then_layer_model(pattern[3:])
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    result, _ = fold_and_verify(model)
+    else:
+        producer = pattern[: -len("_bn")]
+        model = build_producer_bn_model(producer, bias=producer != "matmul", opset=13)
+    result, _ = fold_and_verify(with_inferred_value_info(model))
     produced = {name for node in result.model.graph.node for name in node.output}
     assert [v.name for v in result.model.graph.value_info if v.name not in produced] == []
 
@@ -654,6 +571,25 @@ def test_mixed_model_folds_what_it_can_and_reports_the_rest():
     assert "Concat 'cat'" in result.skipped["bn_last"]
 
 
+@pytest.mark.parametrize("reads", [("conv_weight", "bn_mean"), ("conv_weight", "conv_bias"),
+                                   ("bn_scale", "bn_var")], ids=["weight_and_mean", "weight_and_bias", "scale_and_var"])
+def test_fold_leaves_alone_what_an_if_branch_reads(reads):
+    """Regression guard for names read inside subgraphs (GraphIndex.subgraph_reads): the If's branches
+    read the conv weight or bias the fold rewrites, or parameters of the BN it removes. The BN still
+    folds, into new tensors; every tensor a branch reads stays, with its value, and both branches give
+    the unfolded model's output."""
+    model = build_subgraph_reader_model(reads)
+    originals = {name: constant_value(model, name) for name in reads}
+    feeds = random_feeds(model)
+    for cond in (True, False):
+        feeds["cond"] = np.array(cond)
+        result, _ = fold_and_verify(model, feeds=feeds)
+        for name, value in originals.items():
+            np.testing.assert_array_equal(constant_value(result.model, name), value, err_msg=name)
+        if "conv_weight" in reads:
+            assert node_by_name(result.model, "conv").input[1] != "conv_weight", "the fold changed a shared weight"
+
+
 # --------------------------------------------------------------------------------------------
 # 6. The fold pass stays linear: one graph index, updated in place
 # --------------------------------------------------------------------------------------------
@@ -679,3 +615,20 @@ def test_fold_pass_keeps_one_graph_index(monkeypatch):
         built.clear()
         assert bnpass.fold_batchnorms(build()).modified
         assert len(built) == 1
+
+
+def test_bn_after_a_quantized_activation_stays_and_says_to_fold_before_quantizing():
+    """onnxruntime's QDQ layout without BN folded first: Conv -> QuantizeLinear -> DequantizeLinear -> BN."""
+    rng = np.random.default_rng(0)
+    builder = GraphBuilder(opset=13)
+    builder.add_input("x", np.float32, ["N", 3, 6, 6])
+    builder.add_initializer("w", random_weight((4, 3, 3, 3), rng))
+    builder.add_node("Conv", ["x", "w"], ["conv_out"], name="conv")
+    builder.add_initializer("scale", np.float32(0.05))
+    builder.add_initializer("zero_point", np.uint8(128))
+    builder.add_node("QuantizeLinear", ["conv_out", "scale", "zero_point"], ["quantized"], name="quantize")
+    builder.add_node("DequantizeLinear", ["quantized", "scale", "zero_point"], ["dequantized"], name="dequantize")
+    add_batchnorm(builder, "dequantized", random_bn_params((4,), rng))
+    builder.add_output("y")
+    assert_stays(builder.build(), "its input comes from DequantizeLinear 'dequantize'",
+                 "re-estimate and fold with bnpass before quantizing activations")

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import GraphBuilder, add_batchnorm, random_bn_params, random_weight
+from builders import build_conv_bn_relu_chain_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SHAPE = (3, 32, 32)
@@ -24,34 +24,20 @@ FILE_SAMPLES = 100  # samples per .npy file (a batch file), so the folder is qui
 
 RUN = r"""
 import json, sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1:3]  # the repository (bnpass) and its tools/ folder (peak_memory)
 import numpy, onnx, onnxruntime, bnpass, bnpass.cli
+from peak_memory import status_mb
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-
-baseline = status("VmRSS")
-code = bnpass.cli.main(sys.argv[2:])
-print(json.dumps({"code": code, "baseline_mb": baseline, "peak_mb": status("VmHWM")}))
+baseline = status_mb("VmRSS")
+code = bnpass.cli.main(sys.argv[3:])
+print(json.dumps({"code": code, "baseline_mb": baseline, "peak_mb": status_mb("VmHWM")}))
 """
 
 
 def conv_model(path: Path) -> None:
-    """Conv(3->16)-BN-Relu-Conv(16->16)-BN on 3x32x32 inputs."""
-    rng = np.random.default_rng(0)
-    builder = GraphBuilder(opset=13)
-    builder.add_input("x", np.float32, ["N", *SAMPLE_SHAPE])
-    builder.add_initializer("w1", random_weight((16, 3, 3, 3), rng))
-    builder.add_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])
-    add_batchnorm(builder, "c1", random_bn_params((16,), rng), output="b1", name="bn1")
-    builder.add_node("Relu", ["b1"], ["r1"], name="relu1")
-    builder.add_initializer("w2", random_weight((16, 16, 3, 3), rng))
-    builder.add_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1])
-    add_batchnorm(builder, "c2", random_bn_params((16,), rng), output="y", name="bn2")
-    builder.add_output("y")
-    onnx.save(builder.build(), path)
+    """(Conv(3->16)-BN-Relu) x 2 on 3x32x32 inputs."""
+    onnx.save(build_conv_bn_relu_chain_model(blocks=2, in_channels=SAMPLE_SHAPE[0], channels=16, batch="N",
+                                             spatial_size=SAMPLE_SHAPE[1]), path)
 
 
 def write_folder(folder: Path, count: int) -> int:
@@ -66,7 +52,8 @@ def write_folder(folder: Path, count: int) -> int:
 def peak_memory(model: Path, folder: Path, count: int, tmp_path: Path) -> dict:
     argv = [str(model), str(tmp_path / f"out_{count}.onnx"), "--data", str(folder), "--num-samples", str(count),
             "--device", "cpu", "-q"]
-    done = subprocess.run([sys.executable, "-c", RUN, str(REPO), *argv], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", RUN, str(REPO), str(REPO / "tools"), *argv], capture_output=True,
+                          text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -101,5 +88,6 @@ def test_one_large_batch_file_streams_too(tmp_path):
     np.save(large / "all.npy", data)
     data_mb = data.nbytes / 2**20
     del data
-    growth = peak_memory(model, large, 10_000, tmp_path)["peak_mb"] - peak_memory(model, small, 500, tmp_path)["peak_mb"]
+    growth = (peak_memory(model, large, 10_000, tmp_path)["peak_mb"]
+              - peak_memory(model, small, 500, tmp_path)["peak_mb"])
     assert growth < 0.2 * data_mb, growth

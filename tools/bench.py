@@ -59,6 +59,10 @@ from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E4
 from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
 from bnpass.runtime import CPU, create_session  # noqa: E402
 
+# tools/peak_memory.py, beside this script: the memory reader the memory tests use too.
+from peak_memory import reset_peak as _reset_peak  # noqa: E402
+from peak_memory import status_mb as _status_mb  # noqa: E402
+
 METHODS = ("plain", "floor", "stats", "pass", "bnpass", "torch")
 LABELS = {"plain": "(a) plain ORT inference", "stats": "(b) bnpass statistics loop",
           "pass": "(b+) reestimate pass from folder", "bnpass": "(c) bnpass end to end",
@@ -327,21 +331,6 @@ def methods_for(spec: dict) -> list:
 # ------------------------------------------------------------------------------------------------
 # Memory: each method alone in a subprocess
 # ------------------------------------------------------------------------------------------------
-
-def _reset_peak() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def _status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM peak), in MB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def worker(method: str, spec: dict) -> None:
     """Run one method once, streaming its data, and print its memory figures as JSON."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 import bnpass  # noqa: E402
+from bnpass.report import group_reasons  # noqa: E402
 
 LIGHT_MODELS = ("resnet50", "densenet121", "inception_v2", "shufflenet")
 
@@ -68,11 +68,11 @@ def print_tables(reports: list, group: bool) -> None:
         return
     print()
     if group:
-        counts = Counter((name, re.sub(r"'[^']*'", "'…'", reason)) for name, _, reason in stays)
         print("| model | BNs | why they stay |")
         print("|---|---|---|")
-        for (name, reason), count in counts.items():
-            print(f"| {name} | {count} | {reason} |")
+        for report in reports:
+            for reason, names in group_reasons(report["skipped"]):
+                print(f"| {report['name']} | {len(names)} | {reason} |")
     else:
         print("| model | BatchNormalization | why it stays |")
         print("|---|---|---|")

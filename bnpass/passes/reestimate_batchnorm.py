@@ -30,14 +30,22 @@ import onnx
 
 from .. import data as calibration_data
 from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model
+from ..data import plural
+from ..diagnostics import first_batchnorms, input_shift, preprocessing_warning
 from ..errors import DataError
 from ..graph import node_label
+from ..progress import progress_bar
 from ..rewrite import GraphEditor
 from ..runtime import BatchRunner, create_session, select_providers, session_device
 from ..stats import STATS_MODES, ChannelMoments
 from .base import PassResult, copy_model
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_NUM_SAMPLES = 2000  # NNCF's default num_bn_adaptation_samples
+SMALL_BATCH = 8     # fewer samples per batch make train-mode normalization noisy
+FEW_SAMPLES = 100   # fewer samples in all make the statistics themselves noisy
 
 
 @dataclass
@@ -55,12 +63,13 @@ class BatchNormStatistics:
 
 @dataclass
 class ReestimateResult(PassResult):
-    stats: dict = field(default_factory=dict)   # bn name -> BatchNormStatistics
+    stats: dict[str, BatchNormStatistics] = field(default_factory=dict)
     samples: int = 0
     batches: int = 0
     batch_size: int = 0
     device: str = ""
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what the data looked like it got wrong
 
 
 class ReestimateBatchNormPass:
@@ -71,8 +80,8 @@ class ReestimateBatchNormPass:
     thread count (None: its default, one per physical core).
     """
 
-    def __init__(self, samples: Iterable, *, stats: str = "pooled", batch_size: int = 32,
-                 num_samples: int = 2000, device: str = "auto", progress: bool = False,
+    def __init__(self, samples: Iterable, *, stats: str = "pooled", batch_size: int = DEFAULT_BATCH_SIZE,
+                 num_samples: int = DEFAULT_NUM_SAMPLES, device: str = "auto", progress: bool = False,
                  threads: Optional[int] = None):
         if stats not in STATS_MODES:
             raise ValueError(f"stats must be one of {STATS_MODES}, not {stats!r}")
@@ -98,17 +107,21 @@ class ReestimateBatchNormPass:
         limit = calibration_data.planned_sample_count(self.num_samples, batch_size)
         available = getattr(self.samples, "sample_count", None)
         if available is not None and available < batch_size:
-            raise DataError(f"the calibration data holds {available} samples, fewer than one batch of {batch_size}: "
-                            "add data or lower the batch size")
+            raise DataError(f"the calibration data holds {plural(available, 'sample')}, fewer than one batch of "
+                            f"{batch_size}: add data or lower the batch size")
         statistics = StatisticsSession(calibration, select_providers(self.device), threads=self.threads,
                                        release_model=True)
-
-        expected = min(limit, available) if available is not None else limit
-        logger.info("calibrating %d BatchNormalization nodes on %d samples (%s%d requested, rounded up to "
-                    "whole batches of %d; %s)", len(calibration.taps), expected,
-                    "" if available is None else f"{available} available, ", self.num_samples, batch_size,
-                    statistics.device)
-        progress = _progress_bar(math.ceil(expected / batch_size), self.progress)
+        expected = _expected_samples(limit, available, batch_size, fixed=calibration.fixed_batch is not None)
+        logger.info("calibrating %s on %s (%s; %s)", plural(len(calibration.taps), "BatchNormalization node"),
+                    _describe_selection(expected, available, limit), _describe_request(
+                        self.num_samples, limit, available, batch_size), statistics.device)
+        advice = _small_data_advice(expected, batch_size, fixed=calibration.fixed_batch is not None)
+        order = calibration_data.order_advice(self.samples, expected)
+        for line in (advice, order):
+            if line:
+                logger.warning("%s", line)
+        progress = progress_bar(math.ceil(expected / batch_size) if expected is not None else None,
+                                self.progress, "calibrating")
         try:
             moments, samples, batches = statistics.collect(
                 prefetched(calibration_data.batched(self.samples, batch_size, limit)), progress=progress)
@@ -126,6 +139,8 @@ class ReestimateBatchNormPass:
     def _write_statistics(self, model, taps, moments, result: ReestimateResult) -> ReestimateResult:
         editor = GraphEditor(model)
         bns = batchnorm_nodes(model)
+        first = {id(bn) for bn in first_batchnorms(model, editor.index)}
+        shifts = []
         for tap, moment in zip(taps, moments):
             if self.stats_mode == "batch-mean" and moment.smallest_batch < 2:
                 raise DataError(f"BatchNormalization '{tap.bn}' saw {moment.smallest_batch} value per channel "
@@ -152,9 +167,51 @@ class ReestimateBatchNormPass:
                 editor.set_constant_input(bn, 4, var.reshape(old_var.value.shape).astype(old_var.value.dtype),
                                           f"{label}.running_var")
             result.stats[node_label(bn)] = entry
+            if id(bn) in first and entry.old_mean is not None and entry.old_var is not None:
+                shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
+        warning = preprocessing_warning(shifts, images=getattr(self.samples, "preprocessing", None) is not None)
+        if warning:
+            logger.warning("%s", warning)
+            result.warnings.append(warning)
         editor.remove_dead()
         result.modified = any(entry.written for entry in result.stats.values())
         return result
+
+
+def _expected_samples(limit: int, available: Optional[int], batch_size: int, *, fixed: bool) -> Optional[int]:
+    """How many samples calibration will use: None when the source does not say how many it holds.
+    A model with a fixed batch size drops the short last batch."""
+    if available is None:
+        return None
+    count = min(limit, available)
+    return count - count % batch_size if fixed else count
+
+
+def _describe_selection(expected: Optional[int], available: Optional[int], limit: int) -> str:
+    if available is None:
+        return f"up to {plural(limit, 'sample')} from the data source"
+    if expected == available:
+        return f"all {plural(available, 'available sample')}" if available > 1 else "the only sample"
+    return f"{expected} of the {plural(available, 'available sample')}"
+
+
+def _describe_request(num_samples: int, limit: int, available: Optional[int], batch_size: int) -> str:
+    if limit == num_samples or (available is not None and available < limit):
+        return f"{num_samples} requested, batches of {batch_size}"
+    return f"{num_samples} requested, rounded up to whole batches of {batch_size}"
+
+
+def _small_data_advice(expected: Optional[int], batch_size: int, *, fixed: bool) -> str:
+    """A warning when batches or the whole set are too small for trustworthy statistics, else ""."""
+    problems = []
+    if batch_size < SMALL_BATCH and not fixed:  # a fixed batch gets its own warning from calibration
+        problems.append(f"batches of {plural(batch_size, 'sample')}: during calibration every BN normalizes with its "
+                        f"batch's statistics, as in training, and those of fewer than {SMALL_BATCH} samples are "
+                        "noisy (use batches of 32 or more)")
+    if expected is not None and expected < FEW_SAMPLES:
+        problems.append(f"{plural(expected, 'sample')} in all is little to estimate statistics from "
+                        f"(NNCF uses {DEFAULT_NUM_SAMPLES})")
+    return "; ".join(problems)
 
 
 class StatisticsSession:
@@ -250,10 +307,3 @@ def prefetched(items: Iterable, depth: int = 2):
     finally:
         stop.set()
         thread.join()
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    # disable=None lets tqdm turn itself off when stderr is not a terminal (CI logs).
-    return tqdm(total=total, unit="batch", desc="calibrating", disable=None if enabled else True, leave=False)
