@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .computed_constants import is_computable
 from .errors import ModelError
 from .graph import BATCHNORM, GraphIndex, attribute, default_opset, is_batchnorm, node_label, subgraph_reads
 from .protos import inferred_value_infos, model_without, tensor_dtype, unique_name, weightless_copy
@@ -46,6 +47,7 @@ from .rewrite import GraphEditor
 logger = logging.getLogger(__name__)
 
 FREE_BATCH = "bnpass_batch"
+SMALL_INTEGER_CONSTANT = 64  # elements; as many as weightless_copy keeps of an int64 initializer
 
 
 @dataclass(frozen=True)
@@ -229,10 +231,12 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
     if len(fixed) > 1:
         raise ModelError(f"the model inputs have different fixed batch sizes {sorted(fixed)}")
     batch = fixed.pop()
+    edits = _batch_free_edits(index, batch)
+    del index  # it may hold computed values
 
-    # Try the edit on a copy without weights; make it on the real copy only if it holds.
+    # Try the edits on a copy without weights; make them on the real copy only if they hold.
     candidate = weightless_copy(model)
-    _spell_batch_free(candidate, batch)
+    _spell_batch_free(candidate, edits)
     infos = inferred_value_infos(candidate)
     sizes = {node.output[0]: node.input[0] for node in candidate.graph.node if node.op_type == "Size"}
     for tap in taps:
@@ -242,26 +246,65 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
             logger.warning("the model's batch dimension is fixed at %d and its graph depends on it; "
                            "calibrating with batches of %d%s", batch, batch, advice)
             return batch
-    _spell_batch_free(model, batch)
+    _spell_batch_free(model, edits)
     logger.debug("freed the fixed batch dimension (%d) of the calibration copy", batch)
     return None
 
 
-def _spell_batch_free(model: onnx.ModelProto, batch: int) -> None:
-    """Make fixed batch dimensions of the inputs symbolic and Reshape targets ``[batch, ...]``
-    copy the batch (``[0, ...]``), in place."""
+@dataclass(frozen=True)
+class _InputEdit:
+    node: int          # position of the node in the graph's node list
+    slot: int          # position of the input
+    value: np.ndarray
+    drop_allowzero: bool = False
+
+
+def _batch_free_edits(index: GraphIndex, batch: int) -> list:
+    """The input edits that free the batch: a Reshape target ``[batch, ...]`` becomes ``[0, ...]``.
+
+    Targets may be computed (torch's dynamo exporter writes ``Concat(Constant [2], Constant [128])``,
+    :mod:`bnpass.computed_constants`); ``allowzero=1`` (also the dynamo exporter's) makes a 0 a
+    real zero-sized dimension, so it is dropped, which changes nothing else, when the target holds
+    no 0. Other small computed integer constants are written out as they are: shape inference
+    evaluates only a few shape ops, and the axes of a ReduceL2 computed by ``Reshape(Constant)``
+    (torch's weight_norm) would otherwise leave every shape after it unknown.
+    """
+    edits = []
+    for position, node in enumerate(index.graph.node):
+        for slot, name in enumerate(node.input):
+            producer = index.producers.get(name) if name else None
+            is_target = node.op_type == "Reshape" and slot == 1
+            if not is_target and (producer is None or not is_computable(producer)):
+                continue  # weights and activations are never read here
+            constant = index.constant(name)
+            if constant is None or constant.value.dtype.kind not in "iu":
+                continue
+            value = constant.value.reshape(-1)
+            if is_target and value.size and int(value[0]) == batch:
+                allowzero = bool(attribute(node, "allowzero", 0))
+                if allowzero and np.any(value == 0):
+                    continue
+                spelled_out = value.copy()
+                spelled_out[0] = 0
+                edits.append(_InputEdit(position, slot, spelled_out.reshape(constant.value.shape), allowzero))
+            elif producer is not None and is_computable(producer) and value.size <= SMALL_INTEGER_CONSTANT:
+                edits.append(_InputEdit(position, slot, constant.value))
+    return edits
+
+
+def _spell_batch_free(model: onnx.ModelProto, edits: list) -> None:
+    """Make fixed batch dimensions of the inputs symbolic and apply ``edits``, in place (each
+    input reads a new initializer; what nothing reads any more is removed)."""
     editor = GraphEditor(model)
     for value in editor.index.real_inputs():
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_param = FREE_BATCH
-    for node in [n for n in model.graph.node if n.op_type == "Reshape"]:
-        target = editor.index.constant(node.input[1])
-        if target is None or attribute(node, "allowzero", 0) or target.value.size == 0:
-            continue
-        if int(target.value.reshape(-1)[0]) == batch:
-            spelled_out = target.value.reshape(-1).copy()
-            spelled_out[0] = 0
-            editor.set_constant_input(node, 1, spelled_out.astype(target.value.dtype), f"{node.input[1]}_batch_free")
+    nodes = list(model.graph.node)
+    for edit in edits:
+        node = nodes[edit.node]
+        if edit.drop_allowzero:
+            editor.remove_attribute(node, "allowzero")
+        editor.set_input(node, edit.slot, editor.add_initializer(edit.value, f"{node.input[edit.slot]}_batch_free"))
     editor.remove_dead()

@@ -27,7 +27,7 @@ from .passes import FoldBatchNormPass, ReestimateBatchNormPass
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .paths import check_separate
 from .progress import progress_bar
-from .report import batchnorm_records, summary_lines
+from .report import batchnorm_records, no_batchnorm_notice, summary_lines
 from .runtime import DEVICES, select_providers
 from .stats import STATS_MODES
 from .verify import compare_models
@@ -223,7 +223,7 @@ def run(args) -> int:
     check_separate(_reads(args, external_files, samples), _writes(args, writes_external))
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
     if not bn_names:
-        logger.warning("'%s' has no BatchNormalization node; writing an unchanged copy", args.input)
+        logger.warning("%s", no_batchnorm_notice(model, args.input))
 
     reestimate = None
     unfolded = model

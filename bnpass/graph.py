@@ -9,9 +9,11 @@ that refer to the outer graph count as uses, so that nothing a subgraph reads is
 private to one node.
 
 Constant values are followed through the places exporters put them: initializers, ``Constant``
-nodes, ``Identity`` chains and ``ConstantOfShape`` of a constant shape. An initializer that is also
-a graph input is only a *default* from IR version 4 on (the caller may feed another value), so it
-is a constant only in IR-3 models, where every initializer must be listed as a graph input.
+nodes, ``Identity`` chains, ``ConstantOfShape`` of a constant shape, and small computations of
+constants such as torch's ``Expand(CastLike(Constant 0, x), Shape(W)[0:1])`` zero bias
+(:mod:`bnpass.computed_constants`). An initializer that is also a graph input is only a *default*
+from IR version 4 on (the caller may feed another value), so it is a constant only in IR-3 models,
+where every initializer must be listed as a graph input.
 
 Protobuf utilities (copies, value infos, fresh names) live in :mod:`bnpass.protos`.
 """
@@ -83,8 +85,9 @@ def subgraph_reads(node: onnx.NodeProto) -> set:
 class Constant:
     """A constant value and where it comes from.
 
-    ``source`` is the name of the initializer or the Constant/ConstantOfShape output the chain
-    ends at; ``chain`` lists the names from the node input back to ``source`` (Identity hops).
+    ``source`` is the name of the initializer, the Constant/ConstantOfShape output or the computed
+    node's output (:mod:`bnpass.computed_constants`) the chain ends at; ``chain`` lists the names
+    from the node input back to ``source`` (Identity hops).
     """
 
     value: np.ndarray
@@ -107,6 +110,7 @@ class GraphIndex:
         # name -> number of nodes whose subgraphs read it (a multiset, so removals can be undone)
         self.subgraph_reads: Counter = Counter()
         self._taken: Optional[set] = None  # every name in use, built on first need
+        self._computed = None  # ComputedConstants: made on first need, told of every edit
         for node in self.graph.node:
             self.register_node(node)
 
@@ -121,6 +125,7 @@ class GraphIndex:
                 self.consumers[name].append(node)
         reads = subgraph_reads(node)
         self.subgraph_reads.update(reads)
+        self._forget_computed(node.output)
         if self._taken is not None:
             self._taken.update(node.output)
             self._taken.add(node.name)
@@ -148,22 +153,31 @@ class GraphIndex:
             for name in reads:
                 if self.subgraph_reads[name] <= 0:
                     del self.subgraph_reads[name]
+        self._forget_computed(node.output)
 
     def register_initializer(self, tensor: onnx.TensorProto) -> None:
         self.initializers[tensor.name] = tensor
+        self._forget_computed((tensor.name,))
         if self._taken is not None:
             self._taken.add(tensor.name)
 
     def unregister_initializer(self, name: str) -> None:
         self.initializers.pop(name, None)
+        self._forget_computed((name,))
 
     def register_graph_input(self, value: onnx.ValueInfoProto) -> None:
         self.graph_inputs[value.name] = value
+        self._forget_computed((value.name,))
         if self._taken is not None:
             self._taken.add(value.name)
 
     def unregister_graph_input(self, name: str) -> None:
         self.graph_inputs.pop(name, None)
+        self._forget_computed((name,))
+
+    def _forget_computed(self, names) -> None:
+        if self._computed is not None:
+            self._computed.forget(names)
 
     def reserve_name(self, base: str) -> str:
         """A name no tensor, node or graph I/O of this graph uses (see :func:`unique_name`); it is
@@ -201,7 +215,7 @@ class GraphIndex:
 
     # --- constants ------------------------------------------------------------------------
     def constant(self, name: str) -> Optional[Constant]:
-        """The constant value of tensor ``name``, or None when it is computed or fed at run time."""
+        """The constant value of tensor ``name``, or None when it depends on what is fed at run time."""
         chain = [name]
         while name in self.producers and self.producers[name].op_type == "Identity":
             name = self.producers[name].input[0]
@@ -231,7 +245,11 @@ class GraphIndex:
             fill_value = numpy_helper.to_array(fill) if fill is not None else np.zeros(1, np.float32)
             return np.full(tuple(int(d) for d in shape.value.reshape(-1)), fill_value.reshape(-1)[0],
                            dtype=fill_value.dtype)
-        return None
+        if self._computed is None:
+            from .computed_constants import ComputedConstants  # it imports this module
+
+            self._computed = ComputedConstants(self)
+        return self._computed.value(node)
 
     def constant_chain_is_private(self, constant: Constant, node: onnx.NodeProto) -> bool:
         """True when every hop from ``node``'s input back to the source is read only once."""

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Optional
 
 import numpy as np
+import onnx
 
 from .data import plural
 from .passes import FoldResult, ReestimateResult
@@ -87,6 +88,20 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
         lines.extend(_per_batchnorm_lines(bn_names, reestimate, fold))
     return lines
 
+
+def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
+    """Two lines for a model without BatchNormalization: what likely removed it, and the fix."""
+    producer = model.producer_name.lower()
+    if producer == "pytorch":
+        cause = (f"exported by PyTorch {model.producer_version}: torch.onnx.export fuses BN into the layer before it "
+                 "by default; re-export with dynamo=True, optimize=False (or dynamo=False, do_constant_folding=False)")
+    elif producer == "tf2onnx":
+        cause = ("converted by tf2onnx, which fuses BN into the Conv before it by default; convert with "
+                 "tf2onnx.convert.from_keras(..., optimizers=...) leaving out 'remove_back_to_back'")
+    else:
+        cause = ("if the network had BN, its export fused BN into the layers before it; export it with BN kept "
+                 "(README: \"Exporting with BN kept\")")
+    return f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}"
 
 def _per_batchnorm_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:
     folded_into = dict(fold.folded) if fold else {}

@@ -5,7 +5,9 @@ Rule: never mutate a shared tensor.
 * a constant is overwritten where it lives (initializer or Constant node) only when every hop
   from the node being rewritten back to it is read by nothing else;
 * otherwise the node gets a fresh initializer with a unique name and the old chain is left to
-  its other readers;
+  its other readers; so does a node reading a computed constant (:mod:`bnpass.computed_constants`,
+  e.g. ``Expand(CastLike(...))``): the node reads a plain initializer and the computation, once
+  nothing reads it, goes with :meth:`GraphEditor.remove_dead`;
 * in IR < 4 models every initializer must also be a graph input, so a new initializer is listed
   there too, and a graph input that only served a removed initializer goes with it.
 
@@ -177,10 +179,17 @@ class GraphEditor:
         index = self.index
         if position < len(node.input) and node.input[position]:
             current = index.constant(node.input[position])
-            if current is not None and index.constant_chain_is_private(current, node):
+            if (current is not None and self._is_stored(current.source)
+                    and index.constant_chain_is_private(current, node)):
                 self._overwrite_source(current.source, value)
                 return
         self.set_input(node, position, self.add_initializer(value, name_hint))
+
+    def _is_stored(self, source: str) -> bool:
+        """True when constant ``source`` is stored (an initializer, a Constant or ConstantOfShape
+        node), False when a node computes it."""
+        producer = self.index.producers.get(source)
+        return producer is None or producer.op_type in ("Constant", "ConstantOfShape")
 
     def add_initializer(self, value: np.ndarray, name_hint: str) -> str:
         """Store ``value`` as a new initializer with a fresh name (IR < 4: also a graph input)."""

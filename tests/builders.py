@@ -1092,6 +1092,52 @@ def build_constant_of_shape_params_model(
     return builder.build()
 
 
+# --------------------------------------------------------------------------------------------
+# Computed constants, as torch's exporters write them (tests/test_computed_constants.py)
+# --------------------------------------------------------------------------------------------
+
+
+def add_computed_zero_bias(builder: GraphBuilder, x: str, weight: str, name: str) -> str:
+    """The zero bias torch's dynamo exporter (``optimize=False``) gives a bias-free Conv reading
+    ``x`` with ``weight``: ``Expand(CastLike(Constant 0, x), Expand(Shape(weight, end=1), [1]))``
+    (opset >= 15). Returns the bias name ``name``."""
+    builder.add_node("Shape", [weight], [f"{name}/channels"], name=f"{name}/shape", start=0, end=1)
+    builder.add_constant(f"{name}/one", np.array([1], np.int64), "constant_node")
+    builder.add_node("Expand", [f"{name}/channels", f"{name}/one"], [f"{name}/bias_shape"], name=f"{name}/expand_shape")
+    builder.add_constant(f"{name}/zero", np.array(0, np.float32), "constant_node")
+    builder.add_node("CastLike", [f"{name}/zero", x], [f"{name}/typed_zero"], name=f"{name}/cast_like")
+    builder.add_node("Expand", [f"{name}/typed_zero", f"{name}/bias_shape"], [name], name=f"{name}/expand")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch references (tests/test_torch_parity.py, tests/test_torch_exports.py); torch is
+# imported only here, so the builders above work without it
+# --------------------------------------------------------------------------------------------
+
+
+def make_batchnorm_statistics_stale(model):
+    """Give every BN of torch ``model`` random affine parameters and stale running statistics (as
+    after compression), in place; return the model in eval mode."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def update_bn_on(model, data: np.ndarray, batch_size: int):
+    """``torch.optim.swa_utils.update_bn`` on ``data`` split into batches of ``batch_size`` (the
+    last one shorter), as bnpass splits it; return the model in eval mode."""
+    import torch
+
+    batches = [torch.from_numpy(data[start:start + batch_size]) for start in range(0, len(data), batch_size)]
+    torch.optim.swa_utils.update_bn(batches, model)
+    return model.eval()
 def build_subgraph_reader_model(reads: Sequence[str] = ("conv_weight", "bn_mean"), *, seed: int = 0) -> onnx.ModelProto:
     """x -> conv -> BN -> y, plus ``If(cond)`` whose branches read tensors of the outer graph.
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import bnpass
-from builders import run_onnxruntime
+from builders import make_batchnorm_statistics_stale, run_onnxruntime, update_bn_on
 
 torch = pytest.importorskip("torch")  # the test extra; without it this module is skipped, not an error
 nn = torch.nn
@@ -38,14 +38,7 @@ class SmallNet(nn.Module):
 
 def stale_model(seed=0) -> SmallNet:
     torch.manual_seed(seed)
-    model = SmallNet()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-            module.running_mean.uniform_(-1, 1)       # stale statistics, as after compression
-            module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return make_batchnorm_statistics_stale(SmallNet())
 
 
 def export(model: nn.Module) -> onnx.ModelProto:
@@ -72,8 +65,7 @@ def test_batch_mean_statistics_match_update_bn(calibration_data):
     onnx_model = export(model)
     assert sum(n.op_type == "BatchNormalization" for n in onnx_model.graph.node) == 3
 
-    batches = [torch.from_numpy(calibration_data[i:i + 32]) for i in range(0, 100, 32)]  # 32, 32, 32, 4
-    torch.optim.swa_utils.update_bn(batches, model)
+    update_bn_on(model, calibration_data, 32)  # batches of 32, 32, 32, 4
     torch_bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     result = bnpass.reestimate_batchnorms(onnx_model, [calibration_data], stats="batch-mean", batch_size=32)
