@@ -7,10 +7,16 @@ logging silenced and says what it found in one line.
 
 Sessions run with all of onnxruntime's graph optimizations (``ORT_ENABLE_ALL``): on CPU its
 NCHWc layout is what makes convolutions fast, and none of its fusions touches the statistics
-nodes of a calibration graph (checked in tests/test_calibration_graph.py). :class:`BatchRunner`
-runs one session over many batches; on CUDA it feeds them through an I/O binding, so each batch
-is copied once into a device buffer that is reused, and only the outputs (per-channel vectors)
-are copied back to the host.
+nodes of a calibration graph (checked in tests/test_calibration_graph.py).
+
+**TF32.** onnxruntime's CUDA provider runs float32 convolutions and matrix products in TF32
+(10-bit mantissa) unless its provider option ``use_tf32`` is 0. bnpass's sessions turn it off
+unless ``tf32=True`` is asked for (:func:`session_providers`): with it, statistics measured on an
+H200 differed from the CPU's by up to 7.5e-3 (relative variance, ResNet-50; figure from issue 12).
+
+:class:`BatchRunner` runs one session over many batches; on CUDA it feeds them through an I/O
+binding, so each batch is copied once into a device buffer that is reused, and only the outputs
+(per-channel vectors) are copied back to the host.
 """
 
 from __future__ import annotations
@@ -100,17 +106,26 @@ def _say_once(message: str) -> None:
     logger.info("%s", message)
 
 
+def session_providers(providers: list, *, tf32: bool = False) -> list:
+    """What ``onnxruntime.InferenceSession`` gets for ``providers`` (names from
+    :func:`select_providers`): the CUDA provider with ``use_tf32`` set ("0" unless ``tf32``)."""
+    return [(name, {"use_tf32": "1" if tf32 else "0"}) if name == CUDA else name for name in providers]
+
+
 def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, optimize: bool = True,
                    threads: Optional[int] = None, memory_pattern: bool = True,
-                   profile_prefix: Optional[str] = None):
+                   profile_prefix: Optional[str] = None, tf32: bool = False):
     """An InferenceSession for ``model`` (a ModelProto, or one already serialized).
 
-    ``optimize=False`` disables graph optimizations; ``threads`` sets onnxruntime's intra-op
-    thread count (None: onnxruntime's default, one per physical core); ``memory_pattern=False``
-    turns off onnxruntime's pre-planned activation block (calibration graphs keep more tensors
-    alive than the model, and the planned block then costs ~160 MB more peak memory on the
-    MobileNet benchmark, for no speed); ``profile_prefix`` turns on onnxruntime's profiler
-    (``session.end_profiling()`` returns the JSON file).
+    ``providers`` are provider names (:func:`select_providers`). ``optimize=False`` disables
+    graph optimizations; ``threads`` sets onnxruntime's intra-op thread count (None: onnxruntime's
+    default, one per physical core); ``memory_pattern=False`` turns off onnxruntime's pre-planned
+    activation block (calibration graphs keep more tensors alive than the model, and the planned
+    block then costs ~160 MB more peak memory on the MobileNet benchmark, for no speed);
+    ``profile_prefix`` turns on onnxruntime's profiler (``session.end_profiling()`` returns the
+    JSON file); ``tf32=True`` lets the CUDA provider compute float32 convolutions and matrix
+    products in TF32 (off by default; no effect on CPU). Two sessions whose outputs are compared
+    (``--verify``) should be made with the same ``providers``, ``optimize`` and ``tf32``.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -126,6 +141,7 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    providers = session_providers(providers, tf32=tf32)
     if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
         # Over 2 GiB a model cannot be passed as one protobuf: onnxruntime reads it from files.
         with tempfile.TemporaryDirectory(prefix="bnpass-session-") as folder:

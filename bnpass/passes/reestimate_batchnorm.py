@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from .. import data as calibration_data
-from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model
+from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model, form_for_providers
 from ..errors import DataError
 from ..graph import node_label
 from ..rewrite import GraphEditor
@@ -68,12 +68,15 @@ class ReestimateBatchNormPass:
 
     ``samples`` may also have a ``sample_count`` attribute (the total available), used for the
     progress bar and the count printed before calibration. ``threads`` is onnxruntime's intra-op
-    thread count (None: its default, one per physical core).
+    thread count (None: its default, one per physical core). ``tf32=True`` lets the CUDA provider
+    run float32 convolutions in TF32 (faster, less exact; off by default). ``form`` forces the
+    calibration graph's statistics form (:data:`bnpass.calibration.FORMS`), for measurements;
+    None picks the one made for the provider (:data:`bnpass.calibration.FORM_FOR_PROVIDER`).
     """
 
     def __init__(self, samples: Iterable, *, stats: str = "pooled", batch_size: int = 32,
                  num_samples: int = 2000, device: str = "auto", progress: bool = False,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, tf32: bool = False, form: Optional[str] = None):
         if stats not in STATS_MODES:
             raise ValueError(f"stats must be one of {STATS_MODES}, not {stats!r}")
         if batch_size < 1 or num_samples < 1:
@@ -85,12 +88,16 @@ class ReestimateBatchNormPass:
         self.device = device
         self.progress = progress
         self.threads = threads
+        self.tf32 = tf32
+        self.form = form
 
     def call(self, model: onnx.ModelProto) -> ReestimateResult:
         started = time.perf_counter()
         if not batchnorm_nodes(model):
             return ReestimateResult(model=copy_model(model), modified=False)
-        calibration = build_calibration_model(model)  # reads ``model``, never changes it
+        providers = select_providers(self.device)
+        form = self.form or form_for_providers(providers)
+        calibration = build_calibration_model(model, form)  # reads ``model``, never changes it
         batch_size = self.batch_size
         if calibration.fixed_batch is not None and calibration.fixed_batch != batch_size:
             logger.info("batch size %d (fixed by the model)", calibration.fixed_batch)
@@ -100,8 +107,10 @@ class ReestimateBatchNormPass:
         if available is not None and available < batch_size:
             raise DataError(f"the calibration data holds {available} samples, fewer than one batch of {batch_size}: "
                             "add data or lower the batch size")
-        statistics = StatisticsSession(calibration, select_providers(self.device), threads=self.threads,
+        statistics = StatisticsSession(calibration, providers, threads=self.threads, tf32=self.tf32,
                                        release_model=True)
+        logger.debug("statistics form %s (%s)", form, ", ".join(
+            f"{calibration.forms.count(f)} BN {f}" for f in dict.fromkeys(calibration.forms)))
 
         expected = min(limit, available) if available is not None else limit
         logger.info("calibrating %d BatchNormalization nodes on %d samples (%s%d requested, rounded up to "
@@ -165,17 +174,19 @@ class StatisticsSession:
     :class:`ChannelMoments` per tap. A model with a fixed batch size stops at the first batch
     of another size (the short last one), with a warning. ``release_model=True`` drops
     ``calibration.model`` once serialized: the session holds its own copy of the weights, and a
-    third copy would only raise the peak memory on large models.
+    third copy would only raise the peak memory on large models. ``tf32`` as in
+    :func:`bnpass.runtime.create_session`.
     """
 
     def __init__(self, calibration: CalibrationModel, providers: list, *, threads: Optional[int] = None,
-                 optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False):
+                 optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False,
+                 tf32: bool = False):
         self.taps, self.fixed_batch = calibration.taps, calibration.fixed_batch
         model = calibration.model
         if release_model:
             calibration.model = None
         self.session = create_session(model, providers, optimize=optimize, threads=threads,
-                                      memory_pattern=False, profile_prefix=profile_prefix)
+                                      memory_pattern=False, profile_prefix=profile_prefix, tf32=tf32)
         del model
         self.device = session_device(self.session)
         names = [name for tap in self.taps for name in (tap.mean, tap.var, tap.size)]
