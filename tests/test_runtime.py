@@ -1,10 +1,15 @@
-"""The door to onnxruntime: provider options (TF32 off unless asked).
+"""The door to onnxruntime: provider options (TF32 off unless asked), and the runner that copies
+the next batch into the other device buffers while the current one runs.
 
 CUDA cannot load on the machines most tests run on, so what onnxruntime is handed is checked
-(its ``InferenceSession`` replaced by a recorder that then builds a real CPU session).
+(its ``InferenceSession`` replaced by a recorder that then builds a real CPU session), and the
+double-buffered runner runs on CPU buffers, the same code as on CUDA.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import onnx
@@ -13,9 +18,9 @@ import pytest
 
 import bnpass
 from bnpass import runtime
-from bnpass.calibration import FORM_FOR_PROVIDER
+from bnpass.calibration import FORM_FOR_PROVIDER, build_calibration_model
 from bnpass.cli import main
-from bnpass.runtime import CPU, CUDA, create_session, session_providers
+from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, session_providers
 from test_calibration_graph import direct_bn_model
 
 FORM_OPERATOR = {"reduce": "ReduceMean", "pooling": "GlobalAveragePool", "layernorm": "LayerNormalization"}
@@ -92,3 +97,101 @@ def test_the_cpu_provider_gets_the_cpu_form(recorded):
     operators = calibration_operators(call)
     assert FORM_OPERATOR[FORM_FOR_PROVIDER[CPU]] in operators
     assert not {op for form, op in FORM_OPERATOR.items() if form != FORM_FOR_PROVIDER[CPU]} & operators
+
+
+def runner_and_session():
+    calibration = build_calibration_model(direct_bn_model(3))
+    session = create_session(calibration.model, [CPU])
+    names = [name for tap in calibration.taps for name in (tap.mean, tap.var, tap.size)]
+    return session, names
+
+
+def test_double_buffered_runner_gives_session_runs_results_in_order():
+    session, names = runner_and_session()
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((n, 3, 5, 4)).astype(np.float32)} for n in (8, 8, 5, 8, 8, 3)]
+    copies = [feed["x"].copy() for feed in batches]
+    results = list(BatchRunner(session, names, device="cpu").run_all(iter(batches)))
+    assert [feed is batch for (feed, _), batch in zip(results, batches)] == [True] * len(batches)
+    for (_, got), feed in zip(results, batches):
+        for a, b in zip(session.run(names, feed), got):
+            np.testing.assert_array_equal(a, b)
+    for feed, copy in zip(batches, copies):
+        np.testing.assert_array_equal(feed["x"], copy)  # the caller's arrays are never written
+
+
+class WatchingSession:
+    """A session whose each run waits (up to 2 s) to see the next batch arrive in a device buffer
+    while it runs: the copy of batch k+1 must overlap the run of batch k."""
+
+    def __init__(self, session, batches):
+        self.session, self.batches, self.runner = session, batches, None
+        self.runs, self.overlapped = 0, []
+
+    def io_binding(self):
+        return self.session.io_binding()
+
+    def get_providers(self):
+        return self.session.get_providers()
+
+    def _next_batch_in_a_buffer(self) -> bool:
+        following = self.batches[self.runs + 1]["x"]
+        for buffers in self.runner._buffers:
+            entry = buffers.get("x")
+            if entry is not None and entry[0][0] == following.shape and np.array_equal(entry[1].numpy(), following):
+                return True
+        return False
+
+    def run_with_iobinding(self, binding):
+        if self.runs + 1 < len(self.batches):
+            deadline = time.monotonic() + 2
+            while not self._next_batch_in_a_buffer() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.overlapped.append(self._next_batch_in_a_buffer())
+        self.runs += 1
+        return self.session.run_with_iobinding(binding)
+
+
+def test_the_next_batch_is_copied_while_the_current_one_runs():
+    session, names = runner_and_session()
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((8, 3, 5, 4)).astype(np.float32)} for _ in range(5)]
+    watching = WatchingSession(session, batches)
+    runner = watching.runner = BatchRunner(watching, names, device="cpu")
+    results = list(runner.run_all(batches))
+    assert watching.overlapped == [True] * (len(batches) - 1)
+    for (_, got), feed in zip(results, batches):
+        np.testing.assert_array_equal(got[0], session.run(names, feed)[0])
+
+
+def test_leaving_the_runner_early_stops_reading_and_its_thread():
+    session, names = runner_and_session()
+    read = []
+
+    def feeds():
+        for number in range(100):
+            read.append(number)
+            yield {"x": np.full((4, 3, 5, 4), number, np.float32)}
+
+    threads_before = threading.active_count()
+    results = BatchRunner(session, names, device="cpu").run_all(feeds())
+    for number, (feed, values) in enumerate(results):
+        assert values[0][0] == number
+        if number == 2:
+            break
+    results.close()
+    assert threading.active_count() == threads_before
+    assert len(read) <= 4  # the three run and at most the one copied ahead
+
+
+def test_a_data_error_while_copying_reaches_the_caller():
+    session, names = runner_and_session()
+
+    def feeds():
+        yield {"x": np.zeros((4, 3, 5, 4), np.float32)}
+        raise bnpass.DataError("broken file")
+
+    results = BatchRunner(session, names, device="cpu").run_all(feeds())
+    next(results)
+    with pytest.raises(bnpass.DataError, match="broken file"):
+        next(results)

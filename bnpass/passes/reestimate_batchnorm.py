@@ -197,14 +197,20 @@ class StatisticsSession:
         moments = [ChannelMoments() for _ in taps]
         samples = batches = 0
         feeds = iter(feeds)
-        try:
+
+        def fitting():
             for feed in feeds:
                 count = next(iter(feed.values())).shape[0]
                 if fixed_batch is not None and count != fixed_batch:
                     logger.warning("dropped the last %d samples: the model's fixed batch size is %d",
                                    count, fixed_batch)
-                    break
-                values = self.runner.run(feed)
+                    return
+                yield feed
+
+        results = self.runner.run_all(fitting())
+        try:
+            for feed, values in results:
+                count = next(iter(feed.values())).shape[0]
                 for position, tap in enumerate(taps):
                     mean, var, size = values[3 * position: 3 * position + 3]
                     moments[position].add_batch_variance(mean, var, int(size) // tap.channels)
@@ -213,6 +219,7 @@ class StatisticsSession:
                 if progress is not None:
                     progress.update(1)
         finally:
+            results.close()  # waits for a copy in flight, which reads ``feeds``
             close = getattr(feeds, "close", None)
             if close is not None:
                 close()  # a prefetching generator stops its loading thread
