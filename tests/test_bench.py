@@ -50,3 +50,21 @@ def test_bench_measures_every_form_on_a_given_model_and_a_generated_network(tmp_
             assert f"{name} = " in ratios, name
     assert "| resnet | (d) torch update_bn |" in out and "| tiny | (d) torch update_bn |" not in out
     assert "**c/d = " in out
+
+
+def test_measure_forms_reports_each_forms_error_against_numpy_and_the_cpu():
+    def run(*arguments):
+        done = subprocess.run([sys.executable, str(REPO / "tools" / "measure_forms.py"), *arguments],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    rows = re.findall(r"^\| (\w+) \| (\w+) \| ([\d.e+-]+) \| ([\d.e+-]+) \| [\d.]+ \| ([\d.]+) \|$",
+                      run("--shape", "4x8x16x16", "--repeats", "2"), flags=re.M)
+    assert [(form, built) for form, built, *_ in rows] == [(form, form) for form in
+                                                          ("reduce", "pooling", "layernorm", "training")]
+    for form, _, mean_error, var_error, ratio in rows:
+        assert float(mean_error) < 1e-4 and float(var_error) < 1e-5, form  # exact on hard data
+    assert rows[0][4] == "1.00"
+    network = run("--network", "resnet", "--size", "16", "--batch-size", "4", "--forms", "pooling")
+    assert re.search(r"^\| pooling \| CPU \| off \| 20 pooling \| [\d.e+-]+ \| [\d.e+-]+ \|$", network, flags=re.M)
