@@ -89,15 +89,26 @@ def _networks():
             layers.append(nn.ReLU(inplace=True))
         return nn.Sequential(*layers)
 
-    class BasicBlock(nn.Module):
-        def __init__(self, cin, cout, stride):
+    class Residual(nn.Module):
+        """ReLU(body(x) + shortcut(x)); the shortcut projects (1x1 Conv + BN) where the shape changes."""
+
+        def __init__(self, body, cin, cout, stride):
             super().__init__()
-            self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, relu=False))
+            self.body = body
             self.shortcut = (conv_bn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout
                              else nn.Identity())
 
         def forward(self, x):
             return torch.relu(self.body(x) + self.shortcut(x))
+
+    def basic_block(cin, cout, stride):
+        return Residual(nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, relu=False)),
+                        cin, cout, stride)
+
+    def bottleneck(cin, width, stride):
+        body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
+                             conv_bn(width, width * 4, 1, relu=False))
+        return Residual(body, cin, width * 4, stride)
 
     class ResNetStyle(nn.Module):
         """ResNet-18 layout (2-2-2-2 basic blocks, widths 32-256), stride-1 stem: 20 BNs."""
@@ -107,7 +118,7 @@ def _networks():
             layers, cin = [conv_bn(3, 32)], 32
             for stage, width in enumerate((32, 64, 128, 256)):
                 for block in range(2):
-                    layers.append(BasicBlock(cin, width, 2 if stage and not block else 1))
+                    layers.append(basic_block(cin, width, 2 if stage and not block else 1))
                     cin = width
             self.features = nn.Sequential(*layers)
             self.head = nn.Linear(cin, classes)
@@ -144,18 +155,6 @@ def _networks():
         def forward(self, x):
             return self.head(self.features(x).mean((2, 3)))
 
-    class Bottleneck(nn.Module):
-        def __init__(self, cin, width, stride):
-            super().__init__()
-            cout = width * 4
-            self.body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
-                                      conv_bn(width, cout, 1, relu=False))
-            self.shortcut = (conv_bn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout
-                             else nn.Identity())
-
-        def forward(self, x):
-            return torch.relu(self.body(x) + self.shortcut(x))
-
     class ResNet50Style(nn.Module):
         """ResNet-50 layout (3-4-6-3 bottleneck blocks, widths 64-512, 7x7 stride-2 stem, max pool): 53 BNs."""
 
@@ -164,7 +163,7 @@ def _networks():
             layers, cin = [conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1)], 64
             for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
                 for block in range(blocks):
-                    layers.append(Bottleneck(cin, width, 2 if stage and not block else 1))
+                    layers.append(bottleneck(cin, width, 2 if stage and not block else 1))
                     cin = width * 4
             self.features = nn.Sequential(*layers)
             self.head = nn.Linear(cin, classes)
