@@ -51,10 +51,23 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .errors import ModelError
+from .graph import (
+    BATCHNORM,
+    DEFAULT_DOMAINS,
+    GraphIndex,
+    attribute,
+    copy_fields,
+    default_opset,
+    inferred_value_infos,
+    is_batchnorm,
+    node_label,
+    rank_of,
+    subgraph_reads,
+    tensor_dtype,
+    unique_name,
+    weightless_copy,
+)
 from .rewrite import GraphEditor
-from .graph import (BATCHNORM, DEFAULT_DOMAINS, GraphIndex, attribute, copy_fields, default_opset,
-                    inferred_value_infos, is_batchnorm, node_label, rank_of, subgraph_reads, tensor_dtype,
-                    unique_name, weightless_copy)
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def test_measure_forms_reports_each_forms_error_against_numpy_and_the_cpu():
                       run("--shape", "4x8x16x16", "--repeats", "2"), flags=re.M)
     assert [(form, built) for form, built, *_ in rows] == [(form, form) for form in
                                                           ("reduce", "pooling", "layernorm", "training")]
-    for form, _, mean_error, var_error, ratio in rows:
+    for form, _, mean_error, var_error, _ in rows:
         assert float(mean_error) < 1e-4 and float(var_error) < 1e-5, form  # exact on hard data
     assert rows[0][4] == "1.00"
     network = run("--network", "resnet", "--size", "16", "--batch-size", "4", "--forms", "pooling")

@@ -166,8 +166,8 @@ def test_each_form_puts_its_operator_in_the_graph_and_raises_the_opset_only_when
     (direct_bn_model(4, opset=12), "layernorm", "pooling"),         # no opset raise below 13
     (direct_bn_model(4, opset=9), "training", "reduce"),
     (direct_bn_model(2, opset=13), "training", "training"),         # BN's own kernel handles rank 2
-], ids=["rank2-pooling", "rank2-layernorm", "spatial0-pooling", "spatial0-training", "float64-layernorm", "float64-pooling",
-        "opset12-layernorm", "opset9-training", "rank2-training"])
+], ids=["rank2-pooling", "rank2-layernorm", "spatial0-pooling", "spatial0-training", "float64-layernorm",
+        "float64-pooling", "opset12-layernorm", "opset9-training", "rank2-training"])
 def test_a_form_that_does_not_fit_falls_back(model, form, expected):
     calibration = build_calibration_model(model, form)
     assert calibration.forms == [expected]

@@ -175,7 +175,7 @@ def test_leaving_the_runner_early_stops_reading_and_its_thread():
 
     threads_before = threading.active_count()
     results = BatchRunner(session, names, device="cpu").run_all(feeds())
-    for number, (feed, values) in enumerate(results):
+    for number, (_, values) in enumerate(results):
         assert values[0][0] == number
         if number == 2:
             break
