@@ -1,6 +1,7 @@
 """The calibration copy of a model: every BN normalizes with its batch statistics, as in training.
 
-Each BatchNormalization ``Y = BN(X, gamma, beta, mean, var)`` is replaced by::
+Each BatchNormalization ``Y = BN(X, gamma, beta, mean, var)`` is replaced by statistics nodes
+and an inference-mode BN fed their result. In the default (``reduce``) form::
 
     Xc   = Cast(X, F)                      F = float64 for float64 X, else float32
     X3   = Reshape(Xc, [0, C, -1])          (N, C, L): any rank (N,C), (N,C,L), (N,C,H,W), ...
@@ -16,7 +17,18 @@ the session; the caller turns ``var`` back into a sum of squared deviations ``va
 float64. Opset-7 BNs with ``spatial=0`` keep per-activation statistics: X is reshaped to
 (N, C*H*W...) and reduced over the batch axis only.
 
-Why this form (measured with onnxruntime 1.31's CPU provider, see BENCHMARKS.md): the two-pass
+Other forms compute the same two moments with other operators, for providers on which they run
+faster (:func:`batch_moments`; the choice per provider is :data:`FORM_FOR_PROVIDER`, in one
+place): ``pooling`` (GlobalAveragePool per (n, c), then a mean over the batch), ``layernorm``
+(LayerNormalization's per-(n, c) Mean and InvStdDev, combined by the law of total variance) and
+``training`` (BN's own ``training_mode=1``, CPU provider only). A BN a form does not fit gets the
+form's fallback (``reduce`` for rank-2 inputs, ``spatial=0`` BNs and, with ``pooling`` and
+``layernorm``, float64 models: LayerNormalization's Mean and InvStdDev are float32 only and the
+CPU provider has no float64 GlobalAveragePool). ``layernorm`` needs opset 17
+and ``training`` opset 14: the copy's opset is raised when the model's is 13 or later and no node
+changes meaning on the way (:func:`_opset_raise_refusal`), else the fallback is used.
+
+Why ``reduce`` on CPU (measured with onnxruntime 1.31's CPU provider, see BENCHMARKS.md): the two-pass
 centered variance is what keeps the statistics exact when a channel's mean is large against its
 spread (pruned channels are often constant); ``Mul`` + ``ReduceMean`` is both faster than
 ``ReduceSumSquare`` and ~70x more accurate on large tensors (ReduceSumSquare accumulates float32
@@ -31,7 +43,7 @@ shows every BN input keeps it, so calibration can use real batches.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -40,8 +52,17 @@ from onnx import TensorProto, numpy_helper
 
 from .computed_constants import is_computable
 from .errors import ModelError
-from .graph import BATCHNORM, GraphIndex, attribute, default_opset, is_batchnorm, node_label, subgraph_reads
-from .protos import inferred_value_infos, model_without, tensor_dtype, unique_name, weightless_copy
+from .graph import (
+    BATCHNORM,
+    DEFAULT_DOMAINS,
+    GraphIndex,
+    attribute,
+    default_opset,
+    is_batchnorm,
+    node_label,
+    subgraph_reads,
+)
+from .protos import inferred_value_infos, model_without, rank_of, tensor_dtype, unique_name, weightless_copy
 from .rewrite import GraphEditor
 
 logger = logging.getLogger(__name__)
@@ -67,6 +88,7 @@ class CalibrationModel:
     model: Optional[onnx.ModelProto]  # None once a StatisticsSession took it (release_model=True)
     taps: list
     fixed_batch: Optional[int]  # the batch size the data must have, None when free
+    forms: list = field(default_factory=list)  # the statistics form each BN got, in tap order
 
 
 def batchnorm_nodes(model: onnx.ModelProto) -> list:
@@ -83,15 +105,242 @@ def _reduce(op: str, name: str, data: str, axes: list, keepdims: int, opset: int
         nodes.append(onnx.helper.make_node(op, [data], [name], name=name, axes=axes, keepdims=keepdims))
 
 
-def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
-    """The calibration copy of ``model`` (see the module docstring); ``model`` is not changed."""
+# --- forms of the statistics nodes ----------------------------------------------------------
+
+FORMS = ("reduce", "pooling", "layernorm", "training")
+
+# Which form a session on each provider gets: the only place the choice is made (the pass looks
+# it up for the provider its session runs on; tools/bench.py and the pass's ``form`` argument
+# override it for measurements). Each entry is exact (two-pass or Welford variance, tested
+# against numpy in float64 on CPU).
+#
+# CPU: measured here with ``python tools/bench.py --forms ...`` (BENCHMARKS.md, "GPU" section).
+# CUDA: NOT measured by bnpass's developers (no GPU was at hand). Chosen from the H200 figures of
+# the person who filed issue 12 (torchvision ResNet-50 / MobileNetV2 at 224, batch 64, per batch
+# against plain CUDA inference): ``reduce`` 2.5-3.0x / 3.3x (cuDNN's reduce_tensor_kernel_free is
+# 60 % of the time), ``pooling`` 1.32-1.50x / 1.47-1.48x, ``layernorm`` 1.18x / 1.66x. ``pooling``
+# wins on MobileNetV2 and loses on ResNet-50, about even in sum; it is taken because it needs no
+# opset change (``layernorm`` needs opset 17 and falls back to ``pooling`` where the copy's
+# opset cannot be raised). tools/gpu_check.sh measures every form on CUDA to settle it.
+FORM_FOR_PROVIDER = {
+    "CPUExecutionProvider": "reduce",
+    "CUDAExecutionProvider": "pooling",
+}
+
+# Opset a form needs; where the model's is lower, the calibration copy's opset is raised when
+# that cannot change what any node of the model means (:func:`_opset_raise_refusal`), else the
+# BNs get the form's fallback.
+_FORM_OPSET = {"layernorm": 17, "training": 14}
+_FALLBACK = {"layernorm": "pooling", "training": "reduce", "pooling": "reduce"}
+# Raising the default opset from 13 (or later) to 17: every operator that got a new version at
+# 14-17 only gained types, optional inputs or attributes whose defaults keep the old meaning
+# (Add/Sub/Mul/Div/Relu/Reshape/Identity 14, Shape/Pow 15, Where/If/Loop/Scan/Scatter* 16...),
+# or is new, except these, whose meaning changed (RoiAlign 16: default coordinate_transformation_mode
+# half_pixel instead of output_half_pixel). BatchNormalization (14, 15) counts only when the copy
+# keeps one (in a subgraph): the copy's own BNs are all rewritten. Before 13 many operators moved
+# attributes to inputs (Squeeze, Unsqueeze, Split, ReduceSum...): no raise from there.
+_RAISE_FROM = 13
+_MEANING_CHANGED = {14: {"BatchNormalization"}, 15: {"BatchNormalization"}, 16: {"RoiAlign"}}
+
+
+def form_for_providers(providers: list) -> str:
+    """The statistics form for a session on ``providers`` (the first one runs the graph)."""
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    return FORM_FOR_PROVIDER.get(first, "reduce")
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What the statistics nodes of one BN need to know about it."""
+
+    bn: onnx.NodeProto
+    data: str               # the BN input X, cast to ``compute`` where it is not already
+    compute: np.dtype       # float32, or float64 for float64 models
+    x_dtype: np.dtype       # X's own dtype
+    rank: Optional[int]     # X's rank when shape inference knows it
+    param_shape: list       # shape of the BN's mean and variance
+    per_activation: bool    # opset-7 ``spatial=0``: statistics per (C, H, W...) position
+    opset: int              # the calibration copy's default opset
+
+
+@dataclass
+class Moments:
+    """Nodes computing one BN's batch moments, and the names of what they return.
+
+    ``mean`` and ``var`` have the BN's parameter shape and the compute dtype; ``var`` is the
+    biased batch variance; ``size`` is Size(X) (int64 scalar). When ``normalizes`` is set the
+    nodes also compute the BN's output (train-mode BN); otherwise the caller adds an
+    inference-mode BN fed ``mean`` and ``var``.
+    """
+
+    form: str
+    mean: str
+    var: str
+    size: str
+    nodes: list
+    initializers: list
+    normalizes: bool = False
+
+
+def resolved_form(form: str, site: _Site) -> str:
+    """The form one BN gets: ``form``, or its fallback where it does not apply to this BN."""
+    while True:
+        if site.per_activation or form == "reduce":
+            return "reduce"  # per-activation statistics: a reduction over the batch only
+        needed = _FORM_OPSET.get(form, 0)
+        unfit = (site.opset < needed
+                 or (form in ("pooling", "layernorm") and site.rank == 2)   # no spatial axis to pool over
+                 # LayerNormalization's Mean/InvStdDev are float32 only; the CPU provider has no
+                 # float64 GlobalAveragePool
+                 or (form in ("pooling", "layernorm") and site.compute == np.float64))
+        if not unfit:
+            return form
+        form = _FALLBACK[form]
+
+
+def batch_moments(form: str, site: _Site, out) -> Moments:
+    """The nodes of ``form`` computing the batch mean and biased variance of ``site.data``.
+
+    ``out(suffix)`` makes a fresh unique tensor/node name. Forms (all exact: the variance is
+    centred on the mean before squaring, or computed by Welford's method):
+
+    - ``reduce``: X3 = Reshape(X, [0, C, -1]); mean = ReduceMean(X3, [0, 2]); var =
+      ReduceMean((X3 - mean)^2, [0, 2]).
+    - ``pooling``: per-(n, c) means by GlobalAveragePool, mean = ReduceMean over the batch;
+      var = ReduceMean over the batch of GlobalAveragePool((X - mean)^2).
+    - ``layernorm``: LayerNormalization(X, axis=2, epsilon=0) gives per-(n, c) Mean m_nc and
+      InvStdDev 1/sqrt(v_nc); mean = E_n[m_nc], var = E_n[v_nc] + E_n[(m_nc - mean)^2] (law of
+      total variance). The normalized output is computed and dropped.
+    - ``training``: BatchNormalization(training_mode=1, momentum=0) fed zeros and ones as running
+      statistics returns the batch mean and biased variance as its running ones, and normalizes.
+    """
+    nodes, inits = [], []
+    opset = site.opset
+    size = out("size")
+    nodes.append(onnx.helper.make_node("Size", [site.bn.input[0]], [size], name=size))
+    channels = int(np.prod(site.param_shape))
+    param_shape = out("param_shape")
+    inits.append(numpy_helper.from_array(np.array(site.param_shape, dtype=np.int64), param_shape))
+
+    def node(op, inputs, **attributes):
+        name = out(op.lower())
+        nodes.append(onnx.helper.make_node(op, inputs, [name], name=name, **attributes))
+        return name
+
+    def reduce(data, axes, keepdims):
+        name = out("mean" if keepdims else "reduced")
+        _reduce("ReduceMean", name, data, axes, keepdims, opset, nodes, inits)
+        return name
+
+    def per_channel(name):
+        return node("Reshape", [name, param_shape])
+
+    def as_3d(data):
+        target = out("shape3d")
+        inits.append(numpy_helper.from_array(
+            np.array([0, -1] if site.per_activation else [0, channels, -1], dtype=np.int64), target))
+        return node("Reshape", [data, target])
+
+    if form == "reduce":
+        flat = as_3d(site.data)
+        axes = [0] if site.per_activation else [0, 2]
+        mean_kept = reduce(flat, axes, 1)
+        centered = node("Sub", [flat, mean_kept])
+        variance = reduce(node("Mul", [centered, centered]), axes, 0)
+        return Moments(form, per_channel(mean_kept), per_channel(variance), size, nodes, inits)
+
+    data = site.data if site.rank is not None and site.rank >= 3 else as_3d(site.data)
+    if form == "pooling":
+        mean_kept = reduce(node("GlobalAveragePool", [data]), [0], 1)
+        centered = node("Sub", [data, mean_kept])
+        variance = reduce(node("GlobalAveragePool", [node("Mul", [centered, centered])]), [0], 0)
+        return Moments(form, per_channel(mean_kept), per_channel(variance), size, nodes, inits)
+
+    if form == "layernorm":
+        scale = out("ones")
+        inits.append(numpy_helper.from_array(np.ones(1, dtype=site.compute), scale))
+        normalized, group_mean, group_inverse_std = out("normalized"), out("group_mean"), out("group_inv_std")
+        nodes.append(onnx.helper.make_node("LayerNormalization", [data, scale],
+                                           [normalized, group_mean, group_inverse_std],
+                                           name=normalized, axis=2, epsilon=0.0))
+        group_std = node("Reciprocal", [group_inverse_std])  # 1/inf = 0 for a constant group
+        within = reduce(node("Mul", [group_std, group_std]), [0], 0)
+        mean_kept = reduce(group_mean, [0], 1)
+        spread = node("Sub", [group_mean, mean_kept])
+        between = reduce(node("Mul", [spread, spread]), [0], 0)
+        variance = node("Add", [within, between])
+        return Moments(form, per_channel(mean_kept), per_channel(variance), size, nodes, inits)
+
+    if form == "training":
+        bn = site.bn
+        inputs = [site.data]
+        for position in (1, 2):  # scale and B in the compute dtype (opset 14 wants one type)
+            inputs.append(node("Cast", [bn.input[position]], to=onnx.helper.np_dtype_to_tensor_dtype(site.compute)))
+        for value, suffix in ((0.0, "zeros"), (1.0, "ones")):
+            name = out(suffix)
+            inits.append(numpy_helper.from_array(np.full(site.param_shape, value, dtype=site.compute), name))
+            inputs.append(name)
+        normalized = out("normalized") if site.x_dtype != site.compute else bn.output[0]
+        mean, variance = out("mean"), out("variance")
+        nodes.append(onnx.helper.make_node(BATCHNORM, inputs, [normalized, mean, variance], name=bn.name,
+                                           epsilon=attribute(bn, "epsilon", 1e-5), momentum=0.0, training_mode=1))
+        if normalized != bn.output[0]:
+            nodes.append(onnx.helper.make_node("Cast", [normalized], [bn.output[0]], name=out("cast_back"),
+                                               to=onnx.helper.np_dtype_to_tensor_dtype(site.x_dtype)))
+        return Moments(form, mean, variance, size, nodes, inits, normalizes=True)
+
+    raise ValueError(f"unknown statistics form {form!r}; expected one of {FORMS}")
+
+
+def _opset_raise_refusal(model: onnx.ModelProto, opset: int, target: int) -> Optional[str]:
+    """Why the calibration copy of ``model`` cannot import opset ``target`` instead of ``opset``
+    (None when it can: no node it keeps changes meaning between the two)."""
+    if opset < _RAISE_FROM:
+        return f"opset {opset} is below {_RAISE_FROM}"
+    if model.functions:
+        return "the model has local functions, which import their own opsets"
+    changed = set().union(*(ops for version, ops in _MEANING_CHANGED.items() if opset < version <= target))
+
+    def kept_nodes(graph, nested):
+        for node in graph.node:
+            if nested or not is_batchnorm(node):  # top-level BNs are all rewritten in the copy
+                yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                            attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                    yield from kept_nodes(sub, True)
+
+    for node in kept_nodes(model.graph, False):
+        if node.domain in DEFAULT_DOMAINS and node.op_type in changed:
+            return f"its {node.op_type} node '{node_label(node)}' means something else at opset {target}"
+    return None
+
+
+def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> CalibrationModel:
+    """The calibration copy of ``model`` (see the module docstring); ``model`` is not changed.
+
+    ``form`` names the statistics nodes (:data:`FORMS`); a BN the form does not fit gets its
+    fallback (:func:`resolved_form`), and ``CalibrationModel.forms`` says what each BN got.
+    """
+    if form not in FORMS:
+        raise ValueError(f"unknown statistics form {form!r}; expected one of {FORMS}")
     opset = default_opset(model)
     if opset < 7:
         raise ModelError(f"opset {opset} is not supported: BatchNormalization needs opset 7 or later")
+    copy_opset = opset
+    if opset < _FORM_OPSET.get(form, 0):
+        refusal = _opset_raise_refusal(model, opset, _FORM_OPSET[form])
+        if refusal is None:
+            copy_opset = _FORM_OPSET[form]
+            logger.debug("the calibration copy imports opset %d (the model: %d) for the %s form",
+                         copy_opset, opset, form)
+        else:
+            logger.debug("the %s form needs opset %d; the model's %d stays (%s): BNs get the %s form",
+                         form, _FORM_OPSET[form], opset, refusal, _FALLBACK[form])
     index = GraphIndex(model)  # read only: the calibration copy is assembled at the end, once
     value_infos = inferred_value_infos(model)
     taken = index.all_names()
-    taps, compute_types, new_inits = [], [], []
+    taps, compute_types, new_inits, forms = [], [], [], []
     new_nodes: list = []
 
     for position, bn in enumerate(batchnorm_nodes(model)):
@@ -109,7 +358,7 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
             param_shape = _dims(value_infos, mean_name)
         if param_dtype is None or param_shape is None or not all(isinstance(d, int) for d in param_shape):
             raise ModelError(f"cannot tell the shape and type of the running mean of BatchNormalization '{label}'")
-        x_dtype = tensor_dtype(index, x, value_infos) or param_dtype
+        x_dtype = np.dtype(tensor_dtype(index, x, value_infos) or param_dtype)
         compute = np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
         per_activation = attribute(bn, "spatial", 1) == 0
         channels = int(np.prod(param_shape))
@@ -124,43 +373,29 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
             data = out("cast")
             nodes.append(onnx.helper.make_node("Cast", [x], [data], name=data,
                                                to=onnx.helper.np_dtype_to_tensor_dtype(compute)))
-        target = out("shape3d")
-        new_inits.append(numpy_helper.from_array(
-            np.array([0, -1] if per_activation else [0, channels, -1], dtype=np.int64), target))
-        flat = out("flat")
-        nodes.append(onnx.helper.make_node("Reshape", [data, target], [flat], name=flat))
-        axes = [0] if per_activation else [0, 2]
-        mean_kept = out("mean_kept")
-        _reduce("ReduceMean", mean_kept, flat, axes, 1, opset, nodes, new_inits)
-        centered = out("centered")
-        nodes.append(onnx.helper.make_node("Sub", [flat, mean_kept], [centered], name=centered))
-        squared = out("squared")
-        nodes.append(onnx.helper.make_node("Mul", [centered, centered], [squared], name=squared))
-        variance_flat = out("variance_flat")
-        _reduce("ReduceMean", variance_flat, squared, axes, 0, opset, nodes, new_inits)
-        param_shape_name = out("param_shape")
-        new_inits.append(numpy_helper.from_array(np.array(param_shape, dtype=np.int64), param_shape_name))
-        mean = out("mean")
-        nodes.append(onnx.helper.make_node("Reshape", [mean_kept, param_shape_name], [mean], name=mean))
-        variance = out("variance")
-        nodes.append(onnx.helper.make_node("Reshape", [variance_flat, param_shape_name], [variance], name=variance))
-        size = out("size")
-        nodes.append(onnx.helper.make_node("Size", [x], [size], name=size))
-        bn_mean, bn_variance = mean, variance
-        if param_dtype != compute:
-            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(param_dtype))
-            bn_mean, bn_variance = out("mean_cast"), out("variance_cast")
-            nodes.append(onnx.helper.make_node("Cast", [mean], [bn_mean], name=bn_mean, to=to))
-            nodes.append(onnx.helper.make_node("Cast", [variance], [bn_variance], name=bn_variance, to=to))
-        batch_norm = onnx.helper.make_node(
-            BATCHNORM, [x, bn.input[1], bn.input[2], bn_mean, bn_variance], [bn.output[0]],
-            name=bn.name, epsilon=attribute(bn, "epsilon", 1e-5))
-        if opset < 9:
-            batch_norm.attribute.append(onnx.helper.make_attribute("spatial", int(not per_activation)))
-        nodes.append(batch_norm)
+        site = _Site(bn=bn, data=data, compute=compute, x_dtype=x_dtype, rank=rank_of(value_infos, x),
+                     param_shape=param_shape, per_activation=per_activation, opset=copy_opset)
+        moments = batch_moments(resolved_form(form, site), site, out)
+        nodes.extend(moments.nodes)
+        new_inits.extend(moments.initializers)
+        if not moments.normalizes:
+            bn_mean, bn_variance = moments.mean, moments.var
+            if param_dtype != compute:
+                to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(param_dtype))
+                bn_mean, bn_variance = out("mean_cast"), out("variance_cast")
+                nodes.append(onnx.helper.make_node("Cast", [moments.mean], [bn_mean], name=bn_mean, to=to))
+                nodes.append(onnx.helper.make_node("Cast", [moments.var], [bn_variance], name=bn_variance, to=to))
+            batch_norm = onnx.helper.make_node(
+                BATCHNORM, [x, bn.input[1], bn.input[2], bn_mean, bn_variance], [bn.output[0]],
+                name=bn.name, epsilon=attribute(bn, "epsilon", 1e-5))
+            if copy_opset < 9:
+                batch_norm.attribute.append(onnx.helper.make_attribute("spatial", int(not per_activation)))
+            nodes.append(batch_norm)
         new_nodes.append((bn, nodes))
         compute_types.append(onnx.helper.np_dtype_to_tensor_dtype(compute))
-        taps.append(Tap(bn=label, position=position, mean=mean, var=variance_flat, size=size, channels=channels))
+        forms.append(moments.form)
+        taps.append(Tap(bn=label, position=position, mean=moments.mean, var=moments.var, size=moments.size,
+                        channels=channels))
 
     # Each BN replaced by its nodes, in place, so the node list stays topologically sorted; then
     # only what the statistics need is copied into the calibration model.
@@ -174,8 +409,19 @@ def build_calibration_model(model: onnx.ModelProto) -> CalibrationModel:
         outputs.append(onnx.helper.make_tensor_value_info(tap.var, compute_type, None))
         outputs.append(onnx.helper.make_tensor_value_info(tap.size, TensorProto.INT64, []))
     calibration = _assemble(model, ordered, list(model.graph.initializer) + new_inits, outputs)
+    if copy_opset != opset:
+        _import_opset(calibration, copy_opset)
     fixed_batch = _free_batch_dimension(calibration, taps)
-    return CalibrationModel(model=calibration, taps=taps, fixed_batch=fixed_batch)
+    return CalibrationModel(model=calibration, taps=taps, fixed_batch=fixed_batch, forms=forms)
+
+
+def _import_opset(model: onnx.ModelProto, opset: int) -> None:
+    """Make ``model`` import default opset ``opset``, with an IR version that allows it."""
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            entry.version = opset
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", opset)]))
 
 
 def _dims(value_infos: dict, name: str) -> Optional[list]:

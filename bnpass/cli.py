@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto uses CUDA when its provider really loads, else CPU (default: auto)")
     runtime.add_argument("--threads", type=_positive_int, metavar="N",
                          help="onnxruntime intra-op threads (default: onnxruntime's, one per physical core)")
+    runtime.add_argument("--tf32", action="store_true",
+                         help="let the CUDA provider run float32 convolutions in TF32: faster, less exact "
+                              "(default: off; no effect on CPU)")
 
     folding = parser.add_argument_group("Folding")
     mode = folding.add_mutually_exclusive_group()
@@ -230,7 +233,7 @@ def run(args) -> int:
     if bn_names and reestimating:
         reestimate = ReestimateBatchNormPass(
             samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
-            device=args.device, progress=not args.quiet, threads=args.threads).call(model)
+            device=args.device, progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)
         unfolded = reestimate.model
 
     fold = None

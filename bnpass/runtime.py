@@ -7,10 +7,28 @@ logging silenced and says what it found in one line.
 
 Sessions run with all of onnxruntime's graph optimizations (``ORT_ENABLE_ALL``): on CPU its
 NCHWc layout is what makes convolutions fast, and none of its fusions touches the statistics
-nodes of a calibration graph (checked in tests/test_calibration_graph.py). :class:`BatchRunner`
-runs one session over many batches; on CUDA it feeds them through an I/O binding, so each batch
-is copied once into a device buffer that is reused, and only the outputs (per-channel vectors)
-are copied back to the host.
+nodes of a calibration graph (checked in tests/test_calibration_graph.py).
+
+**TF32.** onnxruntime's CUDA provider runs float32 convolutions and matrix products in TF32
+(10-bit mantissa) unless its provider option ``use_tf32`` is 0. bnpass's sessions turn it off
+unless ``tf32=True`` is asked for (:func:`session_providers`): with it, statistics measured on an
+H200 differed from the CPU's by up to 7.5e-3 (relative variance, ResNet-50; figure from issue 12).
+
+:class:`BatchRunner` runs one session over many batches; on CUDA it feeds them through I/O
+bindings, so each batch is copied once into a device buffer that is reused, and only the outputs
+(per-channel vectors) are copied back to the host. Two buffer sets alternate: while the session
+runs batch k from one, a worker thread copies batch k+1 into the other. What onnxruntime's Python
+API does underneath (read in its pybind and CUDA provider sources): ``OrtValue.update_inplace``
+is a plain synchronous ``cudaMemcpy`` from pageable host memory on the legacy default stream,
+holding the GIL; ``run_with_iobinding`` releases the GIL and runs on the provider's own stream.
+Recent sources create that stream non-blocking, so the copy can overlap the compute; where it is
+a blocking stream, CUDA serializes the two instead (no overlap, still correct). Either way the
+alternation keeps them apart (a buffer is refilled only after the run that read it returned) and
+``IOBinding.synchronize_inputs`` (the provider's ``Sync``: ``cudaDeviceSynchronize``) completes
+each copy on the device before the run that reads it (a pageable ``cudaMemcpy`` may return before
+its DMA ends). Pinned staging buffers would make the copy itself faster, but the Python
+``OrtValue`` API refuses the ``cuda_pinned`` device (1.31.1). None of this has been measured on a
+GPU by bnpass's developers: on CPU the same code runs in the tests (``device="cpu"``).
 """
 
 from __future__ import annotations
@@ -20,7 +38,8 @@ import functools
 import logging
 import os
 import tempfile
-from typing import Optional, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -100,17 +119,26 @@ def _say_once(message: str) -> None:
     logger.info("%s", message)
 
 
+def session_providers(providers: list, *, tf32: bool = False) -> list:
+    """What ``onnxruntime.InferenceSession`` gets for ``providers`` (names from
+    :func:`select_providers`): the CUDA provider with ``use_tf32`` set ("0" unless ``tf32``)."""
+    return [(name, {"use_tf32": "1" if tf32 else "0"}) if name == CUDA else name for name in providers]
+
+
 def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, optimize: bool = True,
                    threads: Optional[int] = None, memory_pattern: bool = True,
-                   profile_prefix: Optional[str] = None):
+                   profile_prefix: Optional[str] = None, tf32: bool = False):
     """An InferenceSession for ``model`` (a ModelProto, or one already serialized).
 
-    ``optimize=False`` disables graph optimizations; ``threads`` sets onnxruntime's intra-op
-    thread count (None: onnxruntime's default, one per physical core); ``memory_pattern=False``
-    turns off onnxruntime's pre-planned activation block (calibration graphs keep more tensors
-    alive than the model, and the planned block then costs ~160 MB more peak memory on the
-    MobileNet benchmark, for no speed); ``profile_prefix`` turns on onnxruntime's profiler
-    (``session.end_profiling()`` returns the JSON file).
+    ``providers`` are provider names (:func:`select_providers`). ``optimize=False`` disables
+    graph optimizations; ``threads`` sets onnxruntime's intra-op thread count (None: onnxruntime's
+    default, one per physical core); ``memory_pattern=False`` turns off onnxruntime's pre-planned
+    activation block (calibration graphs keep more tensors alive than the model, and the planned
+    block then costs ~160 MB more peak memory on the MobileNet benchmark, for no speed);
+    ``profile_prefix`` turns on onnxruntime's profiler (``session.end_profiling()`` returns the
+    JSON file); ``tf32=True`` lets the CUDA provider compute float32 convolutions and matrix
+    products in TF32 (off by default; no effect on CPU). Two sessions whose outputs are compared
+    (``--verify``) should be made with the same ``providers``, ``optimize`` and ``tf32``.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -126,6 +154,7 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
+    providers = session_providers(providers, tf32=tf32)
     if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
         # Over 2 GiB a model cannot be passed as one protobuf: onnxruntime reads it from files.
         with tempfile.TemporaryDirectory(prefix="bnpass-session-") as folder:
@@ -140,11 +169,15 @@ class BatchRunner:
     """Runs ``session`` on one feed after another and returns ``output_names`` as numpy arrays.
 
     On CPU this is ``session.run``. When the session runs on CUDA (or when ``device`` names a
-    device explicitly: ``"cpu"`` exercises the same path in tests), inputs go through an I/O binding: each input gets a device buffer that is
-    refilled in place while the batch shape stays the same (one host-to-device copy per batch,
-    no allocation), and the outputs are bound to host memory, so what crosses back is only the
-    small tensors the caller asked for.
+    device explicitly: ``"cpu"`` exercises the same path in tests), inputs go through two I/O
+    bindings, each with its own input buffers on the device, used in turn: while the session runs
+    one batch, a worker thread copies the next into the other buffers (the module docstring says
+    why this is safe). A buffer is refilled in place while the batch shape stays the same (no
+    allocation); the outputs are bound to host memory, so what crosses back is only the small
+    tensors the caller asked for.
     """
+
+    SLOTS = 2
 
     def __init__(self, session, output_names: list, *, device: Optional[str] = None):
         self.session = session
@@ -152,34 +185,72 @@ class BatchRunner:
         if device is None:
             device = "cuda" if CUDA in session.get_providers() else None
         self.device = device
-        self._binding = None
-        self._buffers: dict = {}
+        self._bindings: list = []
+        self._buffers: list = []   # per slot: input name -> (shape and dtype, OrtValue, host array it may share)
         if device is not None:
-            self._binding = session.io_binding()
-            for name in self.output_names:
-                self._binding.bind_output(name, "cpu")
+            for _ in range(self.SLOTS):
+                binding = session.io_binding()
+                for name in self.output_names:
+                    binding.bind_output(name, "cpu")
+                self._bindings.append(binding)
+                self._buffers.append({})
 
     def run(self, feed: dict) -> list:
-        if self._binding is None:
-            return self.session.run(self.output_names, feed)
+        """The outputs for one feed."""
+        for _, values in self.run_all([feed]):
+            return values
+        raise AssertionError("unreachable: one feed gives one result")
+
+    def run_all(self, feeds: Iterable) -> Iterator[tuple]:
+        """``(feed, outputs)`` for each feed, in order; on a device, feed k+1 is copied while k runs.
+
+        ``feeds`` is read from the worker thread (one item ahead); an exception raised while
+        reading it reaches the caller here. Leaving the loop early waits for the copy in flight.
+        """
+        if self.device is None:
+            for feed in feeds:
+                yield feed, self.session.run(self.output_names, feed)
+            return
+        feeds = iter(feeds)
+
+        def stage(slot: int):
+            feed = next(feeds, None)
+            if feed is not None:
+                self._fill(slot, feed)
+            return feed
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnpass-device-copy") as copier:
+            slot = 0
+            pending = copier.submit(stage, slot)
+            while True:
+                feed = pending.result()
+                if feed is None:
+                    return
+                binding = self._bindings[slot]
+                binding.synchronize_inputs()  # this slot's copy has reached the device
+                pending = copier.submit(stage, 1 - slot)  # the next copy overlaps this run
+                self.session.run_with_iobinding(binding)
+                binding.synchronize_outputs()
+                yield feed, binding.copy_outputs_to_cpu()
+                slot = 1 - slot
+
+    def _fill(self, slot: int, feed: dict) -> None:
+        """Copy ``feed`` into the input buffers of ``slot`` (new buffers when a shape changes)."""
         ort = _onnxruntime()
+        buffers, binding = self._buffers[slot], self._bindings[slot]
         for name, array in feed.items():
             array = np.ascontiguousarray(array)
             key = (array.shape, array.dtype)
-            buffer = self._buffers.get(name)
+            buffer = buffers.get(name)
             if buffer is not None and buffer[0] == key:
                 buffer[1].update_inplace(array)
             else:  # first batch, or a new shape (the short last batch): a new device buffer
                 # A CPU OrtValue would share the caller's array, which update_inplace would then
                 # overwrite: own a copy. (Production CPU runs use session.run; this is for tests.)
-                source = array.copy() if self.device == "cpu" else array
-                value = ort.OrtValue.ortvalue_from_numpy(source, self.device, 0)
-                self._buffers[name] = (key, value)
-                self._binding.bind_ortvalue_input(name, value)
-        self._binding.synchronize_inputs()
-        self.session.run_with_iobinding(self._binding)
-        self._binding.synchronize_outputs()
-        return self._binding.copy_outputs_to_cpu()
+                source = array.copy() if self.device == "cpu" else None
+                value = ort.OrtValue.ortvalue_from_numpy(array if source is None else source, self.device, 0)
+                buffers[name] = (key, value, source)
+                binding.bind_ortvalue_input(name, value)
 
 
 def session_device(session) -> str:

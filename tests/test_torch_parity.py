@@ -68,7 +68,10 @@ def test_batch_mean_statistics_match_update_bn(calibration_data):
     update_bn_on(model, calibration_data, 32)  # batches of 32, 32, 32, 4
     torch_bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    result = bnpass.reestimate_batchnorms(onnx_model, [calibration_data], stats="batch-mean", batch_size=32)
+    # CPU: the 1e-5 below is a CPU-to-CPU figure; on CUDA (TF32 off) the issue-12 filer measured
+    # 9.6e-6, too close to it. CUDA's own agreement with the CPU is tests/test_cuda.py's.
+    result = bnpass.reestimate_batchnorms(onnx_model, [calibration_data], stats="batch-mean", batch_size=32,
+                                          device="cpu")
     assert result.batches == 4 and result.samples == 100
     for torch_bn, stats in zip(torch_bns, result.stats.values()):
         np.testing.assert_allclose(stats.mean, torch_bn.running_mean.double().numpy(), rtol=1e-5, atol=1e-6)

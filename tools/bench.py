@@ -1,18 +1,24 @@
 """Benchmark bnpass against plain inference and PyTorch's update_bn, in one interleaved run.
 
 For each case (the generated networks, or a model and calibration folder you give) it measures,
-on the same calibration samples, batch size, provider and thread count:
+on the same calibration samples, batch size, device (``--device cpu|cuda``), precision (TF32 off
+in every CUDA session, ``--tf32`` turns it on in all of them, onnxruntime's and torch's alike)
+and thread count:
 
   (a) plain    onnxruntime inference of the original model (ORT_ENABLE_ALL, which folds BN into
-               the convolutions and runs them in its NCHWc layout), session built once
+               the convolutions and runs them in its NCHWc layout on CPU), session built once,
+               batches fed the way bnpass feeds them (``BatchRunner``: on CUDA two device buffers,
+               the next batch copied while the current one runs)
+  (r) resident CUDA only: plain inference of batches already in device memory (no copy at all)
   (b) stats    bnpass statistics collection only: the calibration session loop
-               (``StatisticsSession.collect``), session built once
+               (``StatisticsSession.collect``), session built once, in the statistics form the
+               provider gets (``FORM_FOR_PROVIDER``); ``--forms`` adds one (b) row per form
   (b+) pass    ReestimateBatchNormPass from the folder: calibration graph, session, prefetched
                data loading, statistics written into the model
   (c) bnpass   end to end, as the CLI does it: load + check, calibrate, fold, check, save
   (d) torch    ``torch.optim.swa_utils.update_bn`` on the same network (generated cases only),
-               reading the same .npy files through a DataLoader, ``torch.set_num_threads`` equal
-               to onnxruntime's intra-op threads
+               reading the same .npy files through a DataLoader, on the same device,
+               ``torch.set_num_threads`` equal to onnxruntime's intra-op threads
   (f) floor    diagnostic: the model with every BN fed its mean and variance at run time, no
                statistics at all. onnxruntime can then neither fold BN into the convolutions nor
                keep the NCHWc layout across it: the cost of train-mode BN semantics in any
@@ -26,6 +32,9 @@ profile of the plain and calibration sessions.
 
     python tools/bench.py                                  # generated ResNet- and MobileNet-style
     python tools/bench.py --model m.onnx --data calib/     # your model and data: (a), (b), (c), (e)
+    python tools/bench.py --model m.onnx --networks        # your model, random data of its input shape
+    python tools/bench.py --device cuda --networks resnet50 mobilenet --size 224 --batch-size 64 \
+        --forms reduce pooling layernorm --no-memory       # the issue-12 cases on a GPU
 
 Needs PyTorch for the generated networks and (d).
 """
@@ -52,19 +61,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import bnpass  # noqa: E402
-from bnpass.calibration import build_calibration_model  # noqa: E402
+from bnpass.calibration import FORMS, build_calibration_model, form_for_providers  # noqa: E402
 from bnpass.data import batched, model_input_specs, planned_sample_count  # noqa: E402
 from bnpass.model_io import load_model, save_model  # noqa: E402
 from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E402
 from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
-from bnpass.runtime import CPU, create_session  # noqa: E402
+from bnpass.runtime import BatchRunner, create_session, select_providers  # noqa: E402
 
 # tools/peak_memory.py, beside this script: the memory reader the memory tests use too.
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
 from peak_memory import status_mb as _status_mb  # noqa: E402
 
-METHODS = ("plain", "floor", "stats", "pass", "bnpass", "torch")
+METHODS = ("plain", "resident", "floor", "stats", "pass", "bnpass", "torch")
 LABELS = {"plain": "(a) plain ORT inference", "stats": "(b) bnpass statistics loop",
+          "resident": "(r) plain ORT inference, batches already on the device",
           "pass": "(b+) reestimate pass from folder", "bnpass": "(c) bnpass end to end",
           "torch": "(d) torch update_bn", "floor": "(f) floor: BN fed mean/var, no statistics"}
 
@@ -83,15 +93,26 @@ def _networks():
             layers.append(nn.ReLU(inplace=True))
         return nn.Sequential(*layers)
 
-    class BasicBlock(nn.Module):
-        def __init__(self, cin, cout, stride):
+    class Residual(nn.Module):
+        """ReLU(body(x) + shortcut(x)); the shortcut projects (1x1 Conv + BN) where the shape changes."""
+
+        def __init__(self, body, cin, cout, stride):
             super().__init__()
-            self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, relu=False))
+            self.body = body
             self.shortcut = (conv_bn(cin, cout, 1, stride, relu=False) if stride != 1 or cin != cout
                              else nn.Identity())
 
         def forward(self, x):
             return torch.relu(self.body(x) + self.shortcut(x))
+
+    def basic_block(cin, cout, stride):
+        return Residual(nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, relu=False)),
+                        cin, cout, stride)
+
+    def bottleneck(cin, width, stride):
+        body = nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, width, 3, stride),
+                             conv_bn(width, width * 4, 1, relu=False))
+        return Residual(body, cin, width * 4, stride)
 
     class ResNetStyle(nn.Module):
         """ResNet-18 layout (2-2-2-2 basic blocks, widths 32-256), stride-1 stem: 20 BNs."""
@@ -101,7 +122,7 @@ def _networks():
             layers, cin = [conv_bn(3, 32)], 32
             for stage, width in enumerate((32, 64, 128, 256)):
                 for block in range(2):
-                    layers.append(BasicBlock(cin, width, 2 if stage and not block else 1))
+                    layers.append(basic_block(cin, width, 2 if stage and not block else 1))
                     cin = width
             self.features = nn.Sequential(*layers)
             self.head = nn.Linear(cin, classes)
@@ -138,15 +159,38 @@ def _networks():
         def forward(self, x):
             return self.head(self.features(x).mean((2, 3)))
 
-    return {"resnet": (ResNetStyle, (3, 64, 64)), "mobilenet": (MobileNetStyle, (3, 96, 96))}
+    class ResNet50Style(nn.Module):
+        """ResNet-50 layout (3-4-6-3 bottleneck blocks, widths 64-512, 7x7 stride-2 stem, max pool): 53 BNs."""
+
+        def __init__(self, classes=1000):
+            super().__init__()
+            layers, cin = [conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1)], 64
+            for stage, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+                for block in range(blocks):
+                    layers.append(bottleneck(cin, width, 2 if stage and not block else 1))
+                    cin = width * 4
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(cin, classes)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean((2, 3)))
+
+    return {"resnet": (ResNetStyle, (3, 64, 64)), "mobilenet": (MobileNetStyle, (3, 96, 96)),
+            "resnet50": (ResNet50Style, (3, 224, 224))}
 
 
-def build_network(name: str):
-    """The torch network ``name`` with stale (random) BN statistics, and its input shape."""
+NETWORKS = ("resnet", "mobilenet", "resnet50")
+
+
+def build_network(name: str, size=None):
+    """The torch network ``name`` with stale (random) BN statistics, and its input shape
+    (``size`` x ``size`` pixels instead of the network's default when given)."""
     import torch
     from torch import nn
 
     factory, shape = _networks()[name]
+    if size:
+        shape = (shape[0], size, size)
     torch.manual_seed(0)
     net = factory()
     for module in net.modules():
@@ -192,7 +236,11 @@ def write_samples(folder: Path, count: int, shape, seed: int = 0) -> None:
 # ------------------------------------------------------------------------------------------------
 
 class Case:
-    """One model + calibration folder, and what every method needs, prepared once."""
+    """One model + calibration folder, and what every method needs, prepared once.
+
+    ``spec`` (JSON, also handed to the memory workers) may set ``device`` ("cpu" or "cuda"),
+    ``tf32`` and ``forms`` (statistics forms measured besides the provider's own).
+    """
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -203,10 +251,15 @@ class Case:
         self.samples = spec["samples"]
         self.threads = spec["threads"]
         self.out = spec["out"]
+        self.device = spec.get("device", "cpu")
+        self.tf32 = spec.get("tf32", False)
+        self.providers = select_providers(self.device)
+        self.form = form_for_providers(self.providers)
         self._model = None
         self._batches = None
         self._sessions = {}
         self._net = None
+        self.built_forms = {}  # form asked for -> the form each BN got (fallbacks included)
 
     @property
     def model(self):
@@ -226,21 +279,50 @@ class Case:
         folder = bnpass.calibration_samples(self.model, self.data)
         return batched(folder.samples(), self.batch_size, planned_sample_count(self.samples, self.batch_size))
 
-    def plain_session(self, profile_prefix=None):
-        return create_session(self.model, [CPU], threads=self.threads, profile_prefix=profile_prefix)
+    def session(self, model, profile_prefix=None):
+        return create_session(model, self.providers, threads=self.threads, profile_prefix=profile_prefix,
+                              tf32=self.tf32)
 
-    def statistics_session(self, profile_prefix=None):
-        return StatisticsSession(build_calibration_model(self.model), [CPU], threads=self.threads,
-                                 profile_prefix=profile_prefix)
+    def plain_session(self, profile_prefix=None):
+        return self.session(self.model, profile_prefix)
+
+    def statistics_session(self, profile_prefix=None, form=None):
+        form = form or self.form
+        calibration = build_calibration_model(self.model, form)
+        self.built_forms[form] = list(calibration.forms)
+        return StatisticsSession(calibration, self.providers, threads=self.threads, profile_prefix=profile_prefix,
+                                 tf32=self.tf32)
+
+    def _runner(self, key, session):
+        if key not in self._sessions:
+            self._sessions[key] = BatchRunner(session, [output.name for output in session.get_outputs()])
+        return self._sessions[key]
 
     # (a)
     def plain(self, batches=None):
-        if "plain" not in self._sessions:
-            self._sessions["plain"] = self.plain_session()
-        session = self._sessions["plain"]
-        names = [output.name for output in session.get_outputs()]
-        for feed in batches if batches is not None else self.batches():
-            session.run(names, feed)
+        runner = self._runner("plain", self.plain_session())
+        for _ in runner.run_all(batches if batches is not None else self.batches()):
+            pass
+
+    # (r)
+    def resident(self):
+        """Batches bound from device buffers filled once, before any timing: no copy per batch."""
+        import onnxruntime
+
+        if "resident" not in self._sessions:
+            session = self.plain_session()
+            values = [{name: onnxruntime.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for name, array in feed.items()}
+                      for feed in self.batches()]
+            self._sessions["resident"] = (session, values)
+        session, values = self._sessions["resident"]
+        binding = session.io_binding()
+        for output in session.get_outputs():
+            binding.bind_output(output.name, "cpu")
+        for feed in values:
+            for name, value in feed.items():
+                binding.bind_ortvalue_input(name, value)
+            session.run_with_iobinding(binding)
+            binding.copy_outputs_to_cpu()
 
     # (f)
     def floor(self, batches=None):
@@ -274,26 +356,28 @@ class Case:
         kept = [tensor for tensor in model.graph.initializer if tensor.name in used]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
-        return create_session(model, [CPU], threads=self.threads), fed
+        return self.session(model), fed
 
-    # (b)
-    def stats(self, batches=None):
-        if "stats" not in self._sessions:
-            self._sessions["stats"] = self.statistics_session()
-        self._sessions["stats"].collect(batches if batches is not None else self.batches())
+    # (b), in the provider's form or another one
+    def stats(self, batches=None, form=None):
+        form = form or self.form
+        if ("stats", form) not in self._sessions:
+            self._sessions[("stats", form)] = self.statistics_session(form=form)
+        self._sessions[("stats", form)].collect(batches if batches is not None else self.batches())
 
     # (b+)
     def reestimate(self):
         samples = bnpass.calibration_samples(self.model, self.data)
         ReestimateBatchNormPass(samples, batch_size=self.batch_size, num_samples=self.samples,
-                                device="cpu", threads=self.threads).call(self.model)
+                                device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
 
     # (c): what bnpass.cli.run does, with the thread count set
     def bnpass(self):
         model = load_model(self.model_path)
         samples = bnpass.calibration_samples(model, self.data)
         reestimated = ReestimateBatchNormPass(samples, batch_size=self.batch_size, num_samples=self.samples,
-                                              device="cpu", threads=self.threads).call(model)
+                                              device=self.device, threads=self.threads,
+                                              tf32=self.tf32).call(model)
         folded = FoldBatchNormPass().call(reestimated.model)
         onnx.checker.check_model(folded.model, full_check=True)
         save_model(folded.model, self.out)
@@ -303,8 +387,10 @@ class Case:
         import torch
 
         torch.set_num_threads(self.threads)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
         if self._net is None:
-            self._net, _ = build_network(self.spec["network"])
+            self._net, _ = build_network(self.spec["network"], self.spec.get("size"))
+            self._net.to(self.device)
         files = sorted(str(p) for p in Path(self.data).glob("*.npy"))
         limit = planned_sample_count(self.samples, self.batch_size)
 
@@ -316,16 +402,36 @@ class Case:
                 return torch.from_numpy(np.load(files[index]))
 
         loader = torch.utils.data.DataLoader(Samples(), batch_size=self.batch_size, shuffle=False, num_workers=0)
-        torch.optim.swa_utils.update_bn(loader, self._net)
+        torch.optim.swa_utils.update_bn(loader, self._net, device=torch.device(self.device))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
 
 def run_method(case: Case, method: str) -> None:
-    {"plain": case.plain, "floor": case.floor, "stats": case.stats, "pass": case.reestimate,
-     "bnpass": case.bnpass, "torch": case.torch}[method]()
+    if method.startswith("stats:"):
+        case.stats(form=method.split(":", 1)[1])
+        return
+    {"plain": case.plain, "resident": case.resident, "floor": case.floor, "stats": case.stats,
+     "pass": case.reestimate, "bnpass": case.bnpass, "torch": case.torch}[method]()
 
 
 def methods_for(spec: dict) -> list:
-    return [m for m in METHODS if m != "torch" or spec.get("network")]
+    """The methods measured for ``spec``: ``stats:FORM`` for each extra form (``--forms``)."""
+    chosen = spec.get("methods") or METHODS
+    methods = [m for m in METHODS if m in chosen and (m != "torch" or spec.get("network"))
+               and (m != "resident" or spec.get("device") == "cuda")]
+    own = form_for_providers(select_providers(spec.get("device", "cpu")))
+    extra = [f"stats:{form}" for form in spec.get("forms", []) if form != own]
+    position = methods.index("stats") + 1 if "stats" in methods else len(methods)
+    return methods[:position] + extra + methods[position:]
+
+
+def label(method: str, case: Case) -> str:
+    if method == "stats" or method.startswith("stats:"):
+        form = method.split(":", 1)[1] if ":" in method else case.form
+        got = collections.Counter(case.built_forms.get(form, []))
+        return f"(b) bnpass statistics loop, {form} form ({', '.join(f'{n} BN {f}' for f, n in got.items())})"
+    return LABELS[method]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,6 +604,8 @@ def machine() -> dict:
         import torch
 
         info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
     return info
@@ -505,20 +613,27 @@ def machine() -> dict:
 
 def prepare_cases(args, workdir: Path) -> list:
     specs = []
-    common = {"batch_size": args.batch_size, "samples": args.samples, "threads": args.threads}
+    common = {"batch_size": args.batch_size, "samples": args.samples, "threads": args.threads,
+              "device": args.device, "tf32": args.tf32, "forms": args.forms, "methods": args.methods}
+    count = planned_sample_count(args.samples, args.batch_size)
     if args.model:
-        if not args.data:
-            raise SystemExit("--model needs --data")
-        specs.append({"name": Path(args.model).stem, "model": str(args.model), "data": str(args.data),
+        data = args.data
+        if not data:  # random samples of the model's input shape
+            specs_in = model_input_specs(onnx.load(args.model))
+            if len(specs_in) != 1 or not all(isinstance(d, int) for d in specs_in[0].shape[1:]):
+                raise SystemExit("--model without --data needs one input with fixed dims after the batch")
+            data = workdir / "user_calib"
+            write_samples(data, count, tuple(specs_in[0].shape[1:]))
+        specs.append({"name": Path(args.model).stem, "model": str(args.model), "data": str(data),
                       "out": str(workdir / "user_out.onnx"), **common})
     for name in args.networks:
-        net, shape = build_network(name)
+        net, shape = build_network(name, args.size)
         model_path = workdir / f"{name}.onnx"
         export_network(net, shape, model_path)
         data = workdir / f"{name}_calib"
-        write_samples(data, planned_sample_count(args.samples, args.batch_size), shape)
-        specs.append({"name": name, "network": name, "model": str(model_path), "data": str(data),
-                      "out": str(workdir / f"{name}_out.onnx"), **common})
+        write_samples(data, count, shape)
+        specs.append({"name": name, "network": name, "size": args.size, "model": str(model_path),
+                      "data": str(data), "out": str(workdir / f"{name}_out.onnx"), **common})
     return specs
 
 
@@ -534,9 +649,19 @@ def describe(spec: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an ONNX model with BatchNormalization (optional)")
-    parser.add_argument("--data", help="its calibration folder of .npy/.npz files")
-    parser.add_argument("--networks", nargs="*", default=["resnet", "mobilenet"], choices=["resnet", "mobilenet"],
-                        help="generated networks to measure (default: both; give none to skip)")
+    parser.add_argument("--data", help="its calibration folder of .npy/.npz files (default: random samples)")
+    parser.add_argument("--networks", nargs="*", default=["resnet", "mobilenet"], choices=NETWORKS,
+                        help="generated networks to measure (default: resnet mobilenet; give none to skip)")
+    parser.add_argument("--size", type=int, help="input height and width of the generated networks "
+                                                 "(default: 64 resnet, 96 mobilenet, 224 resnet50)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where onnxruntime and torch run (default: cpu)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 on in every CUDA session, onnxruntime's and torch's (default: off in all)")
+    parser.add_argument("--forms", nargs="*", default=[], choices=FORMS,
+                        help="statistics forms to measure besides the provider's own: one (b) row each")
+    parser.add_argument("--methods", nargs="*", choices=METHODS,
+                        help="measure only these methods (default: all that apply)")
     parser.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; medians reported")
@@ -581,7 +706,7 @@ def main(argv=None) -> int:
         if not args.no_memory:
             for case in cases:
                 for method in methods_for(case.spec):
-                    if method != "floor":
+                    if method not in ("floor", "resident") and not method.startswith("stats:"):
                         memory[(case.name, method)] = measure_memory(method, case.spec)
 
         profiles = {case.name: profile(case, workdir) for case in cases} if args.profile else {}
@@ -592,29 +717,35 @@ def main(argv=None) -> int:
 
 def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str:
     info = machine()
+    provider = "CUDAExecutionProvider" if args.device == "cuda" else "CPUExecutionProvider"
+    gpu = f"; GPU {info['gpu']}" if args.device == "cuda" and "gpu" in info else ""
+    precision = (f" TF32 {'on' if args.tf32 else 'off'} in every CUDA session (onnxruntime's use_tf32, "
+                 "torch's allow_tf32)." if args.device == "cuda" else "")
     lines = [f"Command: `python tools/bench.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
-             f"Machine: {info['nproc']} CPUs ({info['cpu']}); Python {info['python']}, onnxruntime "
-             f"{info['onnxruntime']} (CPUExecutionProvider), onnx {info['onnx']}, numpy {info['numpy']}"
+             f"Machine: {info['nproc']} CPUs ({info['cpu']}){gpu}; Python {info['python']}, onnxruntime "
+             f"{info['onnxruntime']} ({provider}), onnx {info['onnx']}, numpy {info['numpy']}"
              + (f", torch {info['torch']}" if "torch" in info else "") + ".",
              f"Threads: onnxruntime intra-op = torch = {args.threads}. Batch {args.batch_size}, "
              f"{planned_sample_count(args.samples, args.batch_size)} samples, median of {args.repeats} "
-             "interleaved repetitions.", ""]
+             f"interleaved repetitions.{precision}", ""]
     for spec in specs:
         lines.append(f"- `{spec['name']}`: {describe(spec)}")
-    lines += ["", "| case | method | median s | ms / sample | min s | max s | peak RSS MB | over baseline MB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| case | method | median s | ms / batch | ms / sample | min s | max s | peak RSS MB | "
+                  "over baseline MB |", "|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for case in cases:
-        samples = sum(next(iter(feed.values())).shape[0] for feed in case.batches())  # what the folder held
+        batches = case.batches()
+        samples = sum(next(iter(feed.values())).shape[0] for feed in batches)  # what the folder held
         medians = {}
         for method in methods_for(case.spec):
             values = times[case.name][method]
             medians[method] = statistics.median(values)
             mem = memory.get((case.name, method))
             mem_cells = (f"{mem['peak_mb']:.0f} | {mem['peak_mb'] - mem['baseline_mb']:.0f}" if mem else "- | -")
-            lines.append(f"| {case.name} | {LABELS[method]} | {medians[method]:.2f} | "
-                         f"{1000 * medians[method] / samples:.2f} | {min(values):.2f} | {max(values):.2f} | "
-                         f"{mem_cells} |")
+            lines.append(f"| {case.name} | {label(method, case)} | {medians[method]:.2f} | "
+                         f"{1000 * medians[method] / len(batches):.1f} | {1000 * medians[method] / samples:.2f} | "
+                         f"{min(values):.2f} | {max(values):.2f} | {mem_cells} |")
+
         def ratio(top, bottom):
             """Ratio of medians; in brackets the median of the per-repetition ratios (each pair
             measured back to back) and the ratio of the fastest runs."""
@@ -622,11 +753,22 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
             best = min(times[case.name][top]) / min(times[case.name][bottom])
             return f"{medians[top] / medians[bottom]:.2f} ({paired:.2f} paired, {best:.2f} best)"
 
-        line = (f"- `{case.name}`: **b/a = {ratio('stats', 'plain')}**; floor f/a = {ratio('floor', 'plain')}; "
-                f"(b+)/a = {ratio('pass', 'plain')}; c/a = {ratio('bnpass', 'plain')}")
-        if "torch" in medians:
-            line += f"; **c/d = {ratio('bnpass', 'torch')}**; d/a = {ratio('torch', 'plain')}"
-        ratios.append(line)
+        parts = []
+        stats_methods = [m for m in medians if m == "stats" or m.startswith("stats:")]
+        forms = {m: (m.split(":", 1)[1] if ":" in m else case.form) for m in stats_methods}
+        if "plain" in medians:
+            parts += [f"**b/a {forms[m]} = {ratio(m, 'plain')}**" for m in stats_methods]
+            parts += [f"{name} = {ratio(m, 'plain')}" for m, name in
+                      (("resident", "r/a"), ("floor", "floor f/a"), ("pass", "(b+)/a"), ("bnpass", "c/a"))
+                      if m in medians]
+        reduce = next((m for m in stats_methods if forms[m] == "reduce"), None)
+        if reduce is not None:
+            parts += [f"{forms[m]}/reduce = {ratio(m, reduce)}" for m in stats_methods if m != reduce]
+        if "torch" in medians and "bnpass" in medians:
+            parts.append(f"**c/d = {ratio('bnpass', 'torch')}**")
+        if "torch" in medians and "plain" in medians:
+            parts.append(f"d/a = {ratio('torch', 'plain')}")
+        ratios.append(f"- `{case.name}`: " + "; ".join(parts))
     lines += ["", "Ratios of medians from the same run (in brackets: median of the ratios of runs made back to "
                   "back, and ratio of the fastest runs):", ""] + ratios
     for name, tables in profiles.items():

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from .. import data as calibration_data
-from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model
+from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model, form_for_providers
 from ..data import plural
 from ..diagnostics import first_batchnorms, input_shift, preprocessing_warning
 from ..errors import DataError
@@ -77,12 +77,15 @@ class ReestimateBatchNormPass:
 
     ``samples`` may also have a ``sample_count`` attribute (the total available), used for the
     progress bar and the count printed before calibration. ``threads`` is onnxruntime's intra-op
-    thread count (None: its default, one per physical core).
+    thread count (None: its default, one per physical core). ``tf32=True`` lets the CUDA provider
+    run float32 convolutions in TF32 (faster, less exact; off by default). ``form`` forces the
+    calibration graph's statistics form (:data:`bnpass.calibration.FORMS`), for measurements;
+    None picks the one made for the provider (:data:`bnpass.calibration.FORM_FOR_PROVIDER`).
     """
 
     def __init__(self, samples: Iterable, *, stats: str = "pooled", batch_size: int = DEFAULT_BATCH_SIZE,
                  num_samples: int = DEFAULT_NUM_SAMPLES, device: str = "auto", progress: bool = False,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, tf32: bool = False, form: Optional[str] = None):
         if stats not in STATS_MODES:
             raise ValueError(f"stats must be one of {STATS_MODES}, not {stats!r}")
         if batch_size < 1 or num_samples < 1:
@@ -94,12 +97,16 @@ class ReestimateBatchNormPass:
         self.device = device
         self.progress = progress
         self.threads = threads
+        self.tf32 = tf32
+        self.form = form
 
     def call(self, model: onnx.ModelProto) -> ReestimateResult:
         started = time.perf_counter()
         if not batchnorm_nodes(model):
             return ReestimateResult(model=copy_model(model), modified=False)
-        calibration = build_calibration_model(model)  # reads ``model``, never changes it
+        providers = select_providers(self.device)
+        form = self.form or form_for_providers(providers)
+        calibration = build_calibration_model(model, form)  # reads ``model``, never changes it
         batch_size = self.batch_size
         if calibration.fixed_batch is not None and calibration.fixed_batch != batch_size:
             logger.info("batch size %d (fixed by the model)", calibration.fixed_batch)
@@ -109,8 +116,10 @@ class ReestimateBatchNormPass:
         if available is not None and available < batch_size:
             raise DataError(f"the calibration data holds {plural(available, 'sample')}, fewer than one batch of "
                             f"{batch_size}: add data or lower the batch size")
-        statistics = StatisticsSession(calibration, select_providers(self.device), threads=self.threads,
+        statistics = StatisticsSession(calibration, providers, threads=self.threads, tf32=self.tf32,
                                        release_model=True)
+        logger.debug("statistics form %s (%s)", form, ", ".join(
+            f"{calibration.forms.count(f)} BN {f}" for f in dict.fromkeys(calibration.forms)))
         expected = _expected_samples(limit, available, batch_size, fixed=calibration.fixed_batch is not None)
         logger.info("calibrating %s on %s (%s; %s)", plural(len(calibration.taps), "BatchNormalization node"),
                     _describe_selection(expected, available, limit), _describe_request(
@@ -222,17 +231,19 @@ class StatisticsSession:
     :class:`ChannelMoments` per tap. A model with a fixed batch size stops at the first batch
     of another size (the short last one), with a warning. ``release_model=True`` drops
     ``calibration.model`` once serialized: the session holds its own copy of the weights, and a
-    third copy would only raise the peak memory on large models.
+    third copy would only raise the peak memory on large models. ``tf32`` as in
+    :func:`bnpass.runtime.create_session`.
     """
 
     def __init__(self, calibration: CalibrationModel, providers: list, *, threads: Optional[int] = None,
-                 optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False):
+                 optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False,
+                 tf32: bool = False):
         self.taps, self.fixed_batch = calibration.taps, calibration.fixed_batch
         model = calibration.model
         if release_model:
             calibration.model = None
         self.session = create_session(model, providers, optimize=optimize, threads=threads,
-                                      memory_pattern=False, profile_prefix=profile_prefix)
+                                      memory_pattern=False, profile_prefix=profile_prefix, tf32=tf32)
         del model
         self.device = session_device(self.session)
         names = [name for tap in self.taps for name in (tap.mean, tap.var, tap.size)]
@@ -243,14 +254,20 @@ class StatisticsSession:
         moments = [ChannelMoments() for _ in taps]
         samples = batches = 0
         feeds = iter(feeds)
-        try:
+
+        def fitting():
             for feed in feeds:
                 count = next(iter(feed.values())).shape[0]
                 if fixed_batch is not None and count != fixed_batch:
                     logger.warning("dropped the last %d samples: the model's fixed batch size is %d",
                                    count, fixed_batch)
-                    break
-                values = self.runner.run(feed)
+                    return
+                yield feed
+
+        results = self.runner.run_all(fitting())
+        try:
+            for feed, values in results:
+                count = next(iter(feed.values())).shape[0]
                 for position, tap in enumerate(taps):
                     mean, var, size = values[3 * position: 3 * position + 3]
                     moments[position].add_batch_variance(mean, var, int(size) // tap.channels)
@@ -259,6 +276,7 @@ class StatisticsSession:
                 if progress is not None:
                     progress.update(1)
         finally:
+            results.close()  # waits for a copy in flight, which reads ``feeds``
             close = getattr(feeds, "close", None)
             if close is not None:
                 close()  # a prefetching generator stops its loading thread
