@@ -249,7 +249,7 @@ def run(args) -> int:
         bar = progress_bar(count, not args.quiet, "verifying")
         try:
             difference = compare_models(unfolded, result, _first_batches(samples, batch_size, model, count),
-                                        providers, progress=bar)
+                                        providers, progress=bar, tf32=args.tf32)
         finally:
             bar.close()
 

@@ -1,7 +1,8 @@
 """``--verify``: run two models on the same batches and measure how far their outputs differ.
 
-Like with like: both sessions run on the same providers with the same options and with
-onnxruntime's graph optimizations off, so the difference measures the fold alone. With
+Like with like: both sessions run on the same providers with the same options (TF32 as asked, off
+by default) and with onnxruntime's graph optimizations off, so the difference measures the fold
+alone. With
 optimizations on one side only, onnxruntime's own rewrites (Conv+BN fusion, QDQ pairs turned into
 integer kernels) would count as fold error: on a QDQ model where nothing folded they showed a
 relative difference of 0.053.
@@ -29,13 +30,13 @@ class Difference:
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable,
-                   providers: list, *, progress=None) -> Difference:
+                   providers: list, *, progress=None, tf32: bool = False) -> Difference:
     """Largest output differences of ``candidate`` against ``reference`` over ``feeds``.
 
     ``progress``, when given, is updated once per batch (a tqdm bar).
     """
-    reference_session = create_session(reference, providers, optimize=False)
-    candidate_session = create_session(candidate, providers, optimize=False)
+    reference_session = create_session(reference, providers, optimize=False, tf32=tf32)
+    candidate_session = create_session(candidate, providers, optimize=False, tf32=tf32)
     names = [output.name for output in reference.graph.output]
     batches, max_abs, max_rel = 0, 0.0, 0.0
     for feed in feeds:

@@ -18,8 +18,9 @@ from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, cuda_unavaila
 from test_calibration_graph import torch_conv_net
 from test_statistics import direct_bn_model, make_data, pooled_reference
 
-pytestmark = pytest.mark.skipif(cuda_unavailable_reason() is not None,
-                                reason=f"the CUDA provider does not load here ({cuda_unavailable_reason()})")
+pytestmark = [pytest.mark.cuda,  # exempt from tests/conftest.py's CPU pin
+              pytest.mark.skipif(cuda_unavailable_reason() is not None,
+                                 reason=f"the CUDA provider does not load here ({cuda_unavailable_reason()})")]
 
 CUDA_FORMS = ("reduce", "pooling", "layernorm")  # training: the CUDA provider refuses training_mode=1
 

@@ -21,6 +21,7 @@ from bnpass import runtime
 from bnpass.calibration import FORM_FOR_PROVIDER, build_calibration_model
 from bnpass.cli import main
 from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, session_providers
+from builders import build_conv_bn_relu_chain_model
 from test_calibration_graph import direct_bn_model
 
 FORM_OPERATOR = {"reduce": "ReduceMean", "pooling": "GlobalAveragePool", "layernorm": "LayerNormalization"}
@@ -87,6 +88,19 @@ def test_the_cli_tf32_flag_reaches_the_calibration_session(recorded, tmp_path):
         assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
                      "--batch-size", "8", "--device", "cuda", "--no-fold", "-q", *flags]) == 0
         assert recorded.calls[0]["providers"] == [(CUDA, {"use_tf32": expected}), CPU]
+
+
+def test_verify_runs_both_models_with_the_calibrations_tf32_setting(recorded, tmp_path):
+    """--verify compares like with like: TF32 on both sides or on neither, as --tf32 says."""
+    onnx.save(build_conv_bn_relu_chain_model(), tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.random.default_rng(0).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    for flags, expected in (([], "0"), (["--tf32"], "1")):
+        recorded.calls.clear()
+        assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+                     "--batch-size", "8", "--device", "cuda", "--verify", "-q", *flags]) == 0
+        assert len(recorded.calls) == 3  # calibration, then the unfolded and the folded model
+        assert all(call["providers"] == [(CUDA, {"use_tf32": expected}), CPU] for call in recorded.calls)
 
 
 def test_the_cpu_provider_gets_the_cpu_form(recorded):
@@ -195,3 +209,12 @@ def test_a_data_error_while_copying_reaches_the_caller():
     next(results)
     with pytest.raises(bnpass.DataError, match="broken file"):
         next(results)
+
+
+def test_tests_not_marked_cuda_run_on_the_cpu_even_where_cuda_loads():
+    """tests/conftest.py: the probe answers "unavailable" here and CLI subprocesses see no GPU."""
+    import os
+
+    assert runtime.select_providers("auto") == [runtime.CPU]
+    assert "tests/conftest.py" in runtime.cuda_unavailable_reason()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
