@@ -21,13 +21,14 @@ from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
 from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
+from .passes.match_reference import MatchReferencePass, ReferenceResult
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "reestimate_batchnorms", "fold_batchnorms", "calibration_samples", "ImageOptions",
-    "FoldResult", "ReestimateResult", "BatchNormStatistics",
+    "FoldResult", "ReestimateResult", "ReferenceResult", "BatchNormStatistics",
     "BnpassError", "ModelError", "DataError", "RuntimeUnavailableError",
 ]
 
@@ -52,7 +53,9 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
                           batch_size: int = DEFAULT_BATCH_SIZE, num_samples: int = DEFAULT_NUM_SAMPLES,
                           device: str = "auto", progress: bool = False,
                           image_options: Optional[ImageOptions] = None, shuffle: bool = False, seed: int = 0,
-                          threads: Optional[int] = None, tf32: bool = False) -> ReestimateResult:
+                          threads: Optional[int] = None, tf32: bool = False,
+                          reference: Union[None, onnx.ModelProto, str, os.PathLike] = None,
+                          candidate: str = "auto") -> ReestimateResult:
     """Recompute every BN's mean and variance from ``data``; ``model`` is left unchanged.
 
     ``model``: an ``onnx.ModelProto`` or the path of an ``.onnx`` file. ``data``: a folder, an
@@ -62,11 +65,19 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
     ``torch.optim.swa_utils.update_bn``). ``num_samples`` is rounded up to whole batches.
     ``tf32=True`` lets onnxruntime's CUDA provider run float32 convolutions in TF32: faster, but
     the statistics then differ from the CPU's by up to ~1e-2 (off by default; no effect on CPU).
+
+    ``reference``: the uncompressed model (a ModelProto or a path). Then the statistics that make
+    every BN reproduce the reference BN's output moments are computed too, and ``candidate``
+    ("auto": by agreement with the reference on held-out batches; "reestimated"; "matched") says
+    which are kept; the result is a :class:`~bnpass.passes.match_reference.ReferenceResult`.
     """
     model = as_model(model)
     samples = calibration_samples(model, data, image_options, shuffle=shuffle, seed=seed)
-    return ReestimateBatchNormPass(samples, stats=stats, batch_size=batch_size, num_samples=num_samples,
-                                   device=device, progress=progress, threads=threads, tf32=tf32).call(model)
+    options = dict(stats=stats, batch_size=batch_size, num_samples=num_samples, device=device, progress=progress,
+                   threads=threads, tf32=tf32)
+    if reference is not None:
+        return MatchReferencePass(samples, reference, choose=candidate, **options).call(model)
+    return ReestimateBatchNormPass(samples, **options).call(model)
 
 
 def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike]) -> FoldResult:

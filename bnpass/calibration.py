@@ -38,6 +38,16 @@ sequentially: 2e-5 relative error on a 32x96x48x48 tensor, against 3e-7). A one-
 The copy keeps only what the statistics need (the graph after the last BN is dropped) and, when
 the model was exported with a fixed batch size, frees the batch dimension where shape inference
 shows every BN input keeps it, so calibration can use real batches.
+
+Two more modes serve ``--reference`` (:mod:`bnpass.passes.match_reference`):
+
+- ``observe``: every BN stays as it is (inference mode, stored statistics); the moments of its
+  input are computed beside it. Run on the uncompressed model, it measures (m_o, v_o) per batch.
+- ``matched``: every BN normalizes with statistics matched to the reference's, batch by batch:
+  the copy takes two more inputs per BN, the reference's batch mean and variance of that BN's
+  input (``Tap.reference_mean``, ``Tap.reference_var``, fed from the ``observe`` session's outputs
+  for the same batch), and computes from them, its own batch moments and the reference BN's stored
+  statistics the matched (mu', v') of :func:`bnpass.matching.match_batch_statistics`, op for op.
 """
 
 from __future__ import annotations
@@ -81,6 +91,8 @@ class Tap:
     var: str           # output: per-channel biased batch variance
     size: str          # output: number of elements of X
     channels: int      # number of statistics (C, or C*H*W... for spatial=0)
+    reference_mean: Optional[str] = None  # "matched" mode: input fed the reference's batch mean
+    reference_var: Optional[str] = None   # ... and its biased batch variance
 
 
 @dataclass
@@ -89,6 +101,19 @@ class CalibrationModel:
     taps: list
     fixed_batch: Optional[int]  # the batch size the data must have, None when free
     forms: list = field(default_factory=list)  # the statistics form each BN got, in tap order
+
+
+MODES = ("train", "observe", "matched")
+
+
+@dataclass(frozen=True)
+class MatchTarget:
+    """What a BN of the compressed model is matched to (``matched`` mode): the stored statistics
+    (mu_r, v_r) of the corresponding BN of the reference model, and their epsilon."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    epsilon: float
 
 
 def batchnorm_nodes(model: onnx.ModelProto) -> list:
@@ -316,14 +341,25 @@ def _opset_raise_refusal(model: onnx.ModelProto, opset: int, target: int) -> Opt
     return None
 
 
-def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> CalibrationModel:
+def build_calibration_model(model: onnx.ModelProto, form: str = "reduce", *, mode: str = "train",
+                            targets: Optional[list] = None) -> CalibrationModel:
     """The calibration copy of ``model`` (see the module docstring); ``model`` is not changed.
 
     ``form`` names the statistics nodes (:data:`FORMS`); a BN the form does not fit gets its
     fallback (:func:`resolved_form`), and ``CalibrationModel.forms`` says what each BN got.
+    ``mode`` (:data:`MODES`): ``train`` (every BN normalizes with its batch statistics),
+    ``observe`` or ``matched`` (see the module docstring); ``matched`` takes ``targets``, one
+    :class:`MatchTarget` per BN in node order. The ``training`` form normalizes by itself, so the
+    other modes use ``reduce`` instead.
     """
     if form not in FORMS:
         raise ValueError(f"unknown statistics form {form!r}; expected one of {FORMS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
+    if mode == "matched" and (targets is None or len(targets) != len(batchnorm_nodes(model))):
+        raise ValueError("matched mode needs one MatchTarget per BatchNormalization node")
+    if mode != "train" and form == "training":
+        form = "reduce"
     opset = default_opset(model)
     if opset < 7:
         raise ModelError(f"opset {opset} is not supported: BatchNormalization needs opset 7 or later")
@@ -342,6 +378,7 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> Cal
     taken = index.all_names()
     taps, compute_types, new_inits, forms = [], [], [], []
     new_nodes: list = []
+    reference_inputs: list = []  # "matched" mode: the inputs fed the reference's batch moments
 
     for position, bn in enumerate(batchnorm_nodes(model)):
         label = node_label(bn)
@@ -378,8 +415,18 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> Cal
         moments = batch_moments(resolved_form(form, site), site, out)
         nodes.extend(moments.nodes)
         new_inits.extend(moments.initializers)
-        if not moments.normalizes:
+        reference_mean = reference_var = None
+        if mode == "observe":
+            nodes.append(bn)  # the BN as it is, beside the statistics of its input
+        elif not moments.normalizes:
             bn_mean, bn_variance = moments.mean, moments.var
+            if mode == "matched":
+                reference_mean, reference_var = out("reference_mean"), out("reference_var")
+                reference_inputs.extend(onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(compute), param_shape)
+                    for name in (reference_mean, reference_var))
+                bn_mean, bn_variance = _matched_statistics_nodes(
+                    targets[position], site, moments, reference_mean, reference_var, out, nodes, new_inits)
             if param_dtype != compute:
                 to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(param_dtype))
                 bn_mean, bn_variance = out("mean_cast"), out("variance_cast")
@@ -395,7 +442,7 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> Cal
         compute_types.append(onnx.helper.np_dtype_to_tensor_dtype(compute))
         forms.append(moments.form)
         taps.append(Tap(bn=label, position=position, mean=moments.mean, var=moments.var, size=moments.size,
-                        channels=channels))
+                        channels=channels, reference_mean=reference_mean, reference_var=reference_var))
 
     # Each BN replaced by its nodes, in place, so the node list stays topologically sorted; then
     # only what the statistics need is copied into the calibration model.
@@ -409,10 +456,63 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce") -> Cal
         outputs.append(onnx.helper.make_tensor_value_info(tap.var, compute_type, None))
         outputs.append(onnx.helper.make_tensor_value_info(tap.size, TensorProto.INT64, []))
     calibration = _assemble(model, ordered, list(model.graph.initializer) + new_inits, outputs)
+    calibration.graph.input.extend(reference_inputs)
     if copy_opset != opset:
         _import_opset(calibration, copy_opset)
-    fixed_batch = _free_batch_dimension(calibration, taps)
+    fixed_batch = _free_batch_dimension(calibration, taps, {value.name for value in reference_inputs})
     return CalibrationModel(model=calibration, taps=taps, fixed_batch=fixed_batch, forms=forms)
+
+
+def _matched_statistics_nodes(target: MatchTarget, site: _Site, moments: Moments, reference_mean: str,
+                              reference_var: str, out, nodes: list, inits: list) -> tuple:
+    """The nodes of :func:`bnpass.matching.match_batch_statistics`, in the compute dtype: the matched
+    (mean, var) of one batch from its moments in both models and the reference BN's stored statistics.
+
+    A channel whose stored ``v_r + e`` is 0 (the reference divides by zero there) gets a stored scale
+    of 1 in the graph, so no NaN spreads through the batch; its final statistics stay the stored ones
+    (:func:`bnpass.matching.match_statistics`).
+    """
+    from .matching import DEFAULT_CONSTANT_TOLERANCE
+
+    shape = site.param_shape
+
+    def constant(value, suffix):
+        name = out(suffix)
+        inits.append(numpy_helper.from_array(np.broadcast_to(np.asarray(value, np.float64), shape)
+                                             .astype(site.compute), name))
+        return name
+
+    def node(op, *inputs):
+        name = out(op.lower())
+        nodes.append(onnx.helper.make_node(op, list(inputs), [name], name=name))
+        return name
+
+    def less_or_equal(a, b):
+        if site.opset >= 12:
+            return node("LessOrEqual", a, b)
+        return node("Not", node("Greater", a, b))
+
+    stored_mean = np.asarray(target.mean, np.float64).reshape(shape)
+    stored_var = np.asarray(target.var, np.float64).reshape(shape)
+    scale_squared = stored_var + target.epsilon
+    stored_mean_name, stored_var_name = constant(stored_mean, "stored_mean"), constant(stored_var, "stored_var")
+    epsilon, one, zero = constant(target.epsilon, "epsilon"), constant(1.0, "one"), constant(0.0, "zero")
+    scale_squared_name = constant(np.where(scale_squared > 0, scale_squared, 1.0), "stored_scale_squared")
+    scale = constant(np.sqrt(np.where(scale_squared > 0, scale_squared, 1.0)), "stored_scale")
+    threshold = constant(DEFAULT_CONSTANT_TOLERANCE ** 2, "threshold")
+
+    def is_constant(mean, var):
+        return less_or_equal(var, node("Mul", threshold, node("Max", node("Mul", mean, mean), scale_squared_name)))
+
+    constant_channel = node("Or", is_constant(reference_mean, reference_var), is_constant(moments.mean, moments.var))
+    safe_reference_var = node("Where", constant_channel, one, reference_var)
+    ratio = node("Where", constant_channel, one, node("Div", moments.var, safe_reference_var))
+    unclamped = node("Add", node("Mul", stored_var_name, ratio), node("Mul", epsilon, node("Sub", ratio, one)))
+    var = node("Max", unclamped, zero)
+    scale_ratio = node("Div", node("Sqrt", node("Add", var, epsilon)), scale)
+    mean = node("Add", node("Add", stored_mean_name, node("Sub", moments.mean, reference_mean)),
+                node("Mul", node("Sub", one, scale_ratio), node("Sub", reference_mean, stored_mean_name)))
+    return mean, var
 
 
 def _import_opset(model: onnx.ModelProto, opset: int) -> None:
@@ -458,8 +558,10 @@ def _assemble(model: onnx.ModelProto, nodes: list, initializers: list, outputs: 
     return result
 
 
-def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
+def _free_batch_dimension(model: onnx.ModelProto, taps: list, per_channel_inputs: set) -> Optional[int]:
     """Make a fixed batch dimension of the inputs symbolic where the graph allows it.
+
+    ``per_channel_inputs`` (the reference moments of ``matched`` mode) have no batch dimension.
 
     Returns None when the batch is (now) free, or the fixed batch size data must be fed in.
     Constant Reshape targets that spell the batch size out (``[1, -1]`` from ``x.view(1, -1)``)
@@ -470,7 +572,7 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
     fixed = set()
     for value in index.real_inputs():
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
+        if value.name not in per_channel_inputs and dims and dims[0].HasField("dim_value"):
             fixed.add(dims[0].dim_value)
     if not fixed:
         return None
@@ -482,7 +584,7 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
 
     # Try the edits on a copy without weights; make them on the real copy only if they hold.
     candidate = weightless_copy(model)
-    _spell_batch_free(candidate, edits)
+    _spell_batch_free(candidate, edits, per_channel_inputs)
     infos = inferred_value_infos(candidate)
     sizes = {node.output[0]: node.input[0] for node in candidate.graph.node if node.op_type == "Size"}
     for tap in taps:
@@ -492,7 +594,7 @@ def _free_batch_dimension(model: onnx.ModelProto, taps: list) -> Optional[int]:
             logger.warning("the model's batch dimension is fixed at %d and its graph depends on it; "
                            "calibrating with batches of %d%s", batch, batch, advice)
             return batch
-    _spell_batch_free(model, edits)
+    _spell_batch_free(model, edits, per_channel_inputs)
     logger.debug("freed the fixed batch dimension (%d) of the calibration copy", batch)
     return None
 
@@ -538,13 +640,13 @@ def _batch_free_edits(index: GraphIndex, batch: int) -> list:
     return edits
 
 
-def _spell_batch_free(model: onnx.ModelProto, edits: list) -> None:
-    """Make fixed batch dimensions of the inputs symbolic and apply ``edits``, in place (each
-    input reads a new initializer; what nothing reads any more is removed)."""
+def _spell_batch_free(model: onnx.ModelProto, edits: list, per_channel_inputs: set) -> None:
+    """Make fixed batch dimensions of the inputs (but ``per_channel_inputs``) symbolic and apply
+    ``edits``, in place (each input reads a new initializer; what nothing reads any more is removed)."""
     editor = GraphEditor(model)
     for value in editor.index.real_inputs():
         dims = value.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value"):
+        if value.name not in per_channel_inputs and dims and dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_param = FREE_BATCH
     nodes = list(model.graph.node)

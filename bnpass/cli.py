@@ -24,10 +24,12 @@ from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .model_io import exceeds_protobuf_limit, read_model, save_model, set_metadata, write_bytes_atomically
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
+from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .paths import check_separate
+from .plot import plot_drift, require_matplotlib
 from .progress import progress_bar
-from .report import batchnorm_records, no_batchnorm_notice, summary_lines
+from .report import batchnorm_drifts, batchnorm_records, no_batchnorm_notice, reference_record, summary_lines
 from .runtime import DEVICES, select_providers
 from .stats import STATS_MODES
 from .verify import compare_models
@@ -119,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "batch-mean: mean of batch means and of unbiased batch variances, "
                             "as torch.optim.swa_utils.update_bn and AIMET")
 
+    reference = parser.add_argument_group("Reference (the uncompressed model)")
+    reference.add_argument("--reference", metavar="ORIGINAL.onnx",
+                           help="the model before compression: also compute statistics with which every BN "
+                                "reproduces the per-channel output mean and spread of the original's, and keep "
+                                "whichever candidate (re-estimated or matched) agrees better with the original on "
+                                "calibration batches held out from the statistics")
+    reference.add_argument("--candidate", choices=CHOICES, default="auto",
+                           help="which candidate --reference keeps (default: auto, by agreement with the original)")
+
     runtime = parser.add_argument_group("Runtime")
     runtime.add_argument("--device", choices=DEVICES, default="auto",
                          help="auto uses CUDA when its provider really loads, else CPU (default: auto)")
@@ -136,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("Output")
     output.add_argument("--report", metavar="FILE", help="write per-BN results as JSON")
+    output.add_argument("--plot", metavar="FILE.png",
+                        help="draw, per BN in graph order, how far the new statistics drifted from the stored "
+                             "ones (and, with --reference, from the original model's); needs bnpass[plot]")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
                              "batches (no more than calibration used), both without onnxruntime's graph "
@@ -200,6 +214,17 @@ def _check_request(args, num_samples: int) -> None:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
     if args.loader and (args.shuffle or args.seed is not None):
         raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
+    reestimating = not args.fold_only and num_samples > 0
+    if args.reference and not reestimating:
+        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation (drop --fold-only, "
+                          "or num_bn_adaptation_samples 0)")
+    if args.candidate != "auto" and not args.reference:
+        raise BnpassError(f"--candidate {args.candidate} chooses between the candidates of --reference; give "
+                          "--reference ORIGINAL.onnx")
+    if args.plot:
+        if not reestimating:
+            raise BnpassError("--plot draws re-estimated statistics: it needs --data or --loader, without --fold-only")
+        require_matplotlib()
 
 
 def _providers(args) -> list:
@@ -218,12 +243,13 @@ def run(args) -> int:
     reestimating = not args.fold_only and num_samples > 0
     providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
     model, external_files = read_model(args.input)
+    reference, reference_files = read_model(args.reference) if args.reference else (None, [])
     specs = model_input_specs(model)
     if settings is not None:
         check_sample_sizes(settings, specs, args.config)
     samples = _samples(args, model) if reestimating or args.verify else None  # a folder is checked here
     writes_external = bool(external_files) or exceeds_protobuf_limit(model)
-    check_separate(_reads(args, external_files, samples), _writes(args, writes_external))
+    check_separate(_reads(args, external_files, reference_files, samples), _writes(args, writes_external))
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
     if not bn_names:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
@@ -231,10 +257,15 @@ def run(args) -> int:
     reestimate = None
     unfolded = model
     if bn_names and reestimating:
-        reestimate = ReestimateBatchNormPass(
-            samples, stats=args.stats, batch_size=args.batch_size, num_samples=num_samples,
-            device=args.device, progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)
+        options = dict(stats=args.stats, batch_size=args.batch_size, num_samples=num_samples, device=args.device,
+                       progress=not args.quiet, threads=args.threads, tf32=args.tf32)
+        if reference is not None:
+            reestimate = MatchReferencePass(samples, reference, choose=args.candidate, **options).call(model)
+        else:
+            reestimate = ReestimateBatchNormPass(samples, **options).call(model)
         unfolded = reestimate.model
+        if args.plot:
+            plot_drift(batchnorm_drifts(model, reestimate), args.plot)
 
     fold = None
     result = unfolded
@@ -260,7 +291,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - started
 
     if args.report:
-        _write_report(args, bn_names, reestimate, fold, difference, seconds)
+        _write_report(args, model, reestimate, fold, difference, seconds)
     if not args.quiet:
         for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
             print(line)
@@ -273,10 +304,13 @@ def run(args) -> int:
     return 0
 
 
-def _reads(args, external_files: list, samples) -> list:
+def _reads(args, external_files: list, reference_files: list, samples) -> list:
     """Every file the run reads, by role: none of them may be written."""
     reads = [("the input model", args.input)]
     reads += [("the input model's external data", path) for path in external_files]
+    if args.reference:
+        reads.append(("the --reference model", args.reference))
+        reads += [("the --reference model's external data", path) for path in reference_files]
     reads += [("a calibration data file", path) for path in getattr(samples, "files", ())]
     if args.config:
         reads.append(("the --config file", args.config))
@@ -292,6 +326,8 @@ def _writes(args, external: bool) -> list:
         writes.append(("the output's external data", args.output + ".data"))
     if args.report:
         writes.append(("--report", args.report))
+    if args.plot:
+        writes.append(("--plot", args.plot))
     return writes
 
 
@@ -301,6 +337,9 @@ def _provenance(args, reestimate, fold, bn_names: list) -> dict:
     if reestimate is not None:
         entries.update({"bnpass.stats": args.stats, "bnpass.samples": reestimate.samples,
                         "bnpass.batch_size": reestimate.batch_size})
+    if isinstance(reestimate, ReferenceResult):
+        entries.update({"bnpass.reference": os.path.basename(args.reference),
+                        "bnpass.candidate": reestimate.chosen})
     if fold is not None:
         entries["bnpass.folded"] = f"{len(fold.folded)} of {len(bn_names)}"
     return entries
@@ -342,7 +381,7 @@ def _first_batches(samples, batch_size: int, model, count: int):
         yield feed
 
 
-def _write_report(args, bn_names, reestimate, fold, difference, seconds) -> None:
+def _write_report(args, model, reestimate, fold, difference, seconds) -> None:
     report = {
         "bnpass_version": __version__,
         "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
@@ -352,8 +391,10 @@ def _write_report(args, bn_names, reestimate, fold, difference, seconds) -> None
         "batch_size": reestimate.batch_size if reestimate else None,
         "device": reestimate.device if reestimate else None,
         "warnings": reestimate.warnings if reestimate else [],
-        "batchnorms": batchnorm_records(bn_names, reestimate, fold),
+        "batchnorms": batchnorm_records(model, reestimate, fold),
     }
+    if isinstance(reestimate, ReferenceResult):
+        report["reference"] = {"model": args.reference, **reference_record(reestimate)}
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}

@@ -25,14 +25,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .errors import BnpassError
-from .model_io import _umask
+from .model_io import write_bytes_atomically
 
 WIDTH_PIXELS, HEIGHT_PIXELS, DPI = 1600, 900, 100
 LABELED_TICKS = 40          # at most this many BN names on the x axis
@@ -70,7 +69,7 @@ def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] =
     """Draw ``drifts`` (one per BN, in graph order) into the PNG file ``path``, atomically."""
     if not drifts:
         raise ValueError("nothing to plot: no BatchNormalization drift was given")
-    figure_class, canvas_class = _matplotlib()
+    figure_class, canvas_class = require_matplotlib()
     figure = figure_class(figsize=(WIDTH_PIXELS / DPI, HEIGHT_PIXELS / DPI), dpi=DPI, layout="constrained")
     canvas = canvas_class(figure)
     shift_axes, ratio_axes = figure.subplots(2, 1, sharex=True)
@@ -109,10 +108,15 @@ def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] =
 
     buffer = io.BytesIO()
     canvas.print_png(buffer)
-    _write_atomically(path, buffer.getvalue())
+    try:
+        write_bytes_atomically(path, buffer.getvalue())
+    except OSError as error:
+        raise BnpassError(f"cannot write the plot '{os.fspath(path)}': {error.strerror or error}") from error
 
 
-def _matplotlib():
+def require_matplotlib():
+    """matplotlib's Figure and Agg canvas classes, or a BnpassError saying how to install it (the CLI
+    asks before any compute, so a run never ends without the picture it was asked for)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -139,21 +143,3 @@ def _tick_labels(labels: list, width: int = 28) -> list:
     if suffix and all(len(label) > len(suffix) for label in labels):
         labels = [label[:-len(suffix)] for label in labels]
     return [label if len(label) <= width else "..." + label[-(width - 3):] for label in labels]
-
-
-def _write_atomically(path, content: bytes) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as error:
-        raise BnpassError(f"cannot write the plot '{path}': {error.strerror or error}") from error
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a plot gets a normal file's mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

@@ -9,8 +9,12 @@ from typing import Optional
 import numpy as np
 import onnx
 
+from .calibration import batchnorm_nodes
 from .data import plural
+from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
+from .passes.match_reference import CANDIDATES, ReferenceResult
+from .plot import measure_drift
 
 
 def _summary(values: Optional[np.ndarray]) -> Optional[dict]:
@@ -20,8 +24,68 @@ def _summary(values: Optional[np.ndarray]) -> Optional[dict]:
     return {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean())}
 
 
-def batchnorm_records(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:
-    """One JSON-ready record per BN of the input model, in node order."""
+def _percentiles(values) -> dict:
+    """Median and 10-90% range over channels of the finite values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {"p10": None, "median": None, "p90": None}
+    low, median, high = np.percentile(values, [10, 50, 90])
+    return {"p10": float(low), "median": float(median), "p90": float(high)}
+
+
+def _epsilons(model: onnx.ModelProto) -> dict:
+    return {node_label(bn): float(attribute(bn, "epsilon", 1e-5)) for bn in batchnorm_nodes(model)}
+
+
+def reference_record(result: ReferenceResult) -> dict:
+    """The ``reference`` part of the report: what was kept and why, and each model's agreement."""
+    return {
+        "chosen": result.chosen, "why": result.why, "held_out": result.held_out,
+        "agreement_samples": result.held_out_samples,
+        "agreement": {name: {"top1": meter.top1, "output_error": meter.relative_error}
+                      for name, meter in result.agreement.items()},
+    }
+
+
+def _matching_record(result: ReferenceResult, name: str, epsilon: float, stats) -> dict:
+    """Per BN with --reference: the reference's input moments, the matched statistics and their rules,
+    and the matched shift: where the reference BN's output sits, in its own stored units, which is
+    exactly what matching keeps and re-estimation resets (to a mean of 0 and a spread of 1)."""
+    reference_mean, reference_var = result.reference_moments[name]
+    matched = result.matched[name]
+    record = {"reference_input": {"mean": _summary(reference_mean), "var": _summary(reference_var)},
+              "matched": {"mean": _summary(matched.mean), "var": _summary(matched.var),
+                          "rules": matched.rule_counts()}}
+    if stats is not None and stats.old_mean is not None and stats.old_var is not None:
+        scale = np.sqrt(stats.old_var + epsilon)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            record["matched_shift"] = {"mean": _percentiles((reference_mean - stats.old_mean) / scale),
+                                       "spread": _percentiles(np.sqrt(reference_var + epsilon) / scale)}
+    return record
+
+
+def batchnorm_drifts(model: onnx.ModelProto, result: ReestimateResult) -> list:
+    """``--plot``'s input: per BN of ``model`` (the input model), in graph order, how far its re-estimated
+    statistics moved from the stored ones and, with a reference, from the reference's measured ones."""
+    epsilons, drifts = _epsilons(model), []
+    for name, stats in result.stats.items():
+        if stats.old_mean is None or stats.old_var is None:
+            continue
+        mean, var = stats.mean, stats.var
+        reference = (None, None)
+        if isinstance(result, ReferenceResult):
+            mean, var = result.reestimated[name]
+            reference = result.reference_moments[name]
+        drifts.append(measure_drift(name, epsilons[name], stats.old_mean, stats.old_var, mean, var, *reference))
+    return drifts
+
+
+def batchnorm_records(model: onnx.ModelProto, reestimate: Optional[ReestimateResult],
+                      fold: Optional[FoldResult]) -> list:
+    """One JSON-ready record per BN of the input ``model``, in node order."""
+    epsilons = _epsilons(model)
+    bn_names = list(epsilons)
     folded_into = dict(fold.folded) if fold else {}
     records = []
     for name in bn_names:
@@ -36,6 +100,8 @@ def batchnorm_records(bn_names: list, reestimate: Optional[ReestimateResult], fo
                 record["not_reestimated_because"] = stats.reason
         else:
             record["reestimated"] = False
+        if isinstance(reestimate, ReferenceResult) and name in reestimate.matched:
+            record.update(_matching_record(reestimate, name, epsilons[name], stats))
         if name in folded_into:
             record["folded_into"] = folded_into[name]
         elif fold is not None:
@@ -76,6 +142,8 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
         for name, stats in reestimate.stats.items():
             if not stats.written:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
+        if isinstance(reestimate, ReferenceResult):
+            lines.extend(_reference_lines(reestimate))
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
@@ -102,6 +170,30 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
         cause = ("if the network had BN, its export fused BN into the layers before it; export it with BN kept "
                  "(README: \"Exporting with BN kept\")")
     return f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}"
+
+def _reference_lines(result: ReferenceResult) -> list:
+    where = (f"{plural(result.held_out_samples, 'held-out sample')}" if result.held_out else
+             "the calibration samples (too few batches to hold any out)")
+    scores = ", ".join(f"{name} {_agreement(result.agreement[name])}" for name in CANDIDATES)
+    lines = [f"kept the {result.chosen} statistics ({result.why}); agreement with the reference on {where}: "
+             f"{scores}", result.agreement_line()]
+    changed = Counter()
+    for matched in result.matched.values():
+        changed.update({rule: count for rule, count in matched.rule_counts().items() if rule != "matched"})
+    if changed:
+        lines.append("  matching rules other than the formula: " + ", ".join(
+            f"{plural(count, 'channel')} {rule.replace('_', ' ')}" for rule, count in changed.items()))
+    return lines
+
+
+def _agreement(meter) -> str:
+    parts = []
+    if meter.top1 is not None:
+        parts.append(f"top-1 {100 * meter.top1:.1f}%")
+    if meter.relative_error is not None:
+        parts.append(f"output error {meter.relative_error:.3g}")
+    return " ".join(parts) or "no comparable output"
+
 
 def _per_batchnorm_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:
     folded_into = dict(fold.folded) if fold else {}

@@ -32,7 +32,7 @@ from .. import data as calibration_data
 from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model, form_for_providers
 from ..data import plural
 from ..diagnostics import first_batchnorms, input_shift, preprocessing_warning
-from ..errors import DataError
+from ..errors import DataError, ModelError
 from ..graph import node_label
 from ..progress import progress_bar
 from ..rewrite import GraphEditor
@@ -107,28 +107,14 @@ class ReestimateBatchNormPass:
         providers = select_providers(self.device)
         form = self.form or form_for_providers(providers)
         calibration = build_calibration_model(model, form)  # reads ``model``, never changes it
-        batch_size = self.batch_size
-        if calibration.fixed_batch is not None and calibration.fixed_batch != batch_size:
-            logger.info("batch size %d (fixed by the model)", calibration.fixed_batch)
-            batch_size = calibration.fixed_batch
-        limit = calibration_data.planned_sample_count(self.num_samples, batch_size)
-        available = getattr(self.samples, "sample_count", None)
-        if available is not None and available < batch_size:
-            raise DataError(f"the calibration data holds {plural(available, 'sample')}, fewer than one batch of "
-                            f"{batch_size}: add data or lower the batch size")
+        batch_size = self._batch_size([calibration])
+        limit, expected = self._selection(batch_size, fixed=calibration.fixed_batch is not None)
         statistics = StatisticsSession(calibration, providers, threads=self.threads, tf32=self.tf32,
                                        release_model=True)
         logger.debug("statistics form %s (%s)", form, ", ".join(
             f"{calibration.forms.count(f)} BN {f}" for f in dict.fromkeys(calibration.forms)))
-        expected = _expected_samples(limit, available, batch_size, fixed=calibration.fixed_batch is not None)
-        logger.info("calibrating %s on %s (%s; %s)", plural(len(calibration.taps), "BatchNormalization node"),
-                    _describe_selection(expected, available, limit), _describe_request(
-                        self.num_samples, limit, available, batch_size), statistics.device)
-        advice = _small_data_advice(expected, batch_size, fixed=calibration.fixed_batch is not None)
-        order = calibration_data.order_advice(self.samples, expected)
-        for line in (advice, order):
-            if line:
-                logger.warning("%s", line)
+        self._announce(len(calibration.taps), batch_size, limit, expected, statistics.device,
+                       fixed=calibration.fixed_batch is not None)
         progress = progress_bar(math.ceil(expected / batch_size) if expected is not None else None,
                                 self.progress, "calibrating")
         try:
@@ -140,31 +126,72 @@ class ReestimateBatchNormPass:
             raise DataError("no calibration samples: the data source is empty")
         device = statistics.device
         del statistics  # the session's memory goes back before the output model is made
-        model = copy_model(model)
-        return self._write_statistics(model, calibration.taps, moments, ReestimateResult(
-            model=model, modified=True, samples=samples, batches=batches, batch_size=batch_size,
+        results = [self._result(tap, moment) for tap, moment in zip(calibration.taps, moments)]
+        return self._write_statistics(copy_model(model), calibration.taps, results, ReestimateResult(
+            model=None, modified=True, samples=samples, batches=batches, batch_size=batch_size,
             device=device, seconds=time.perf_counter() - started))
 
-    def _write_statistics(self, model, taps, moments, result: ReestimateResult) -> ReestimateResult:
+    # --- steps the reference pass shares -----------------------------------------------------
+    def _batch_size(self, calibrations: list) -> int:
+        """The batch size: the one asked for, or the one the model fixes (the same in every copy)."""
+        fixed = {calibration.fixed_batch for calibration in calibrations if calibration.fixed_batch is not None}
+        if len(fixed) > 1:
+            raise ModelError(f"the models fix different batch sizes {sorted(fixed)}; they must take the same batches")
+        if fixed:
+            batch_size = fixed.pop()
+            if batch_size != self.batch_size:
+                logger.info("batch size %d (fixed by the model)", batch_size)
+            return batch_size
+        return self.batch_size
+
+    def _selection(self, batch_size: int, *, fixed: bool) -> tuple:
+        """``(limit, expected)``: at most how many samples are read, and how many will be used (None
+        when the source does not say how many it holds). Too few for one batch is an error."""
+        limit = calibration_data.planned_sample_count(self.num_samples, batch_size)
+        available = getattr(self.samples, "sample_count", None)
+        if available is not None and available < batch_size:
+            raise DataError(f"the calibration data holds {plural(available, 'sample')}, fewer than one batch of "
+                            f"{batch_size}: add data or lower the batch size")
+        return limit, _expected_samples(limit, available, batch_size, fixed=fixed)
+
+    def _announce(self, batchnorms: int, batch_size: int, limit: int, expected: Optional[int], device: str, *,
+                  fixed: bool) -> None:
+        """The line saying what calibration is about to do, and warnings about the data."""
+        available = getattr(self.samples, "sample_count", None)
+        logger.info("calibrating %s on %s (%s; %s)", plural(batchnorms, "BatchNormalization node"),
+                    _describe_selection(expected, available, limit),
+                    _describe_request(self.num_samples, limit, available, batch_size), device)
+        for line in (_small_data_advice(expected, batch_size, fixed=fixed),
+                     calibration_data.order_advice(self.samples, expected)):
+            if line:
+                logger.warning("%s", line)
+
+    def _result(self, tap, moment: ChannelMoments) -> tuple:
+        """``(mean, var, count)`` of one BN in this pass's statistics mode, checked."""
+        if self.stats_mode == "batch-mean" and moment.smallest_batch < 2:
+            raise DataError(f"BatchNormalization '{tap.bn}' saw {moment.smallest_batch} value per channel "
+                            "in a batch, so its unbiased batch variance is undefined: use a larger batch "
+                            "size or --stats pooled")
+        mean, var = moment.result(self.stats_mode)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+            raise DataError(f"the statistics of BatchNormalization '{tap.bn}' are not finite (NaN or Inf): "
+                            "check the calibration data")
+        return mean, var, moment.count
+
+    def _write_statistics(self, model, taps, results: list, result: ReestimateResult) -> ReestimateResult:
+        """Write ``results`` (``(mean, var, count)`` per tap) into ``model``'s BNs, in place; fill and
+        return ``result`` with the model, each BN's old and new statistics and the data warnings."""
         editor = GraphEditor(model)
         bns = batchnorm_nodes(model)
-        first = {id(bn) for bn in first_batchnorms(model, editor.index)}
+        first = first_batchnorms(model, editor.index)  # node wrappers, compared while both lists are alive
         shifts = []
-        for tap, moment in zip(taps, moments):
-            if self.stats_mode == "batch-mean" and moment.smallest_batch < 2:
-                raise DataError(f"BatchNormalization '{tap.bn}' saw {moment.smallest_batch} value per channel "
-                                "in a batch, so its unbiased batch variance is undefined: use a larger batch "
-                                "size or --stats pooled")
-            mean, var = moment.result(self.stats_mode)
-            if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
-                raise DataError(f"the statistics of BatchNormalization '{tap.bn}' are not finite (NaN or Inf): "
-                                "check the calibration data")
+        for tap, (mean, var, count) in zip(taps, results):
             bn = bns[tap.position]
             old_mean, old_var = (editor.index.constant(name) for name in bn.input[3:5])
             entry = BatchNormStatistics(
                 old_mean=None if old_mean is None else old_mean.value.astype(np.float64).reshape(-1),
                 old_var=None if old_var is None else old_var.value.astype(np.float64).reshape(-1),
-                mean=mean, var=var, count=moment.count)
+                mean=mean, var=var, count=count)
             if old_mean is None or old_var is None:
                 entry.written = False
                 entry.reason = "its running mean or variance is not a constant (fed at run time)"
@@ -176,13 +203,14 @@ class ReestimateBatchNormPass:
                 editor.set_constant_input(bn, 4, var.reshape(old_var.value.shape).astype(old_var.value.dtype),
                                           f"{label}.running_var")
             result.stats[node_label(bn)] = entry
-            if id(bn) in first and entry.old_mean is not None and entry.old_var is not None:
+            if any(bn is node for node in first) and entry.old_mean is not None and entry.old_var is not None:
                 shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
         warning = preprocessing_warning(shifts, images=getattr(self.samples, "preprocessing", None) is not None)
-        if warning:
+        if warning and warning not in result.warnings:
             logger.warning("%s", warning)
             result.warnings.append(warning)
         editor.remove_dead()
+        result.model = model
         result.modified = any(entry.written for entry in result.stats.values())
         return result
 
@@ -268,9 +296,7 @@ class StatisticsSession:
         try:
             for feed, values in results:
                 count = next(iter(feed.values())).shape[0]
-                for position, tap in enumerate(taps):
-                    mean, var, size = values[3 * position: 3 * position + 3]
-                    moments[position].add_batch_variance(mean, var, int(size) // tap.channels)
+                self.absorb(moments, values)
                 samples += count
                 batches += 1
                 if progress is not None:
@@ -281,6 +307,12 @@ class StatisticsSession:
             if close is not None:
                 close()  # a prefetching generator stops its loading thread
         return moments, samples, batches
+
+    def absorb(self, moments: list, values: list) -> None:
+        """Merge one batch's session outputs (mean, var, size per tap) into ``moments``."""
+        for position, tap in enumerate(self.taps):
+            mean, var, size = values[3 * position: 3 * position + 3]
+            moments[position].add_batch_variance(mean, var, int(size) // tap.channels)
 
 
 def prefetched(items: Iterable, depth: int = 2):

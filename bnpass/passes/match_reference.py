@@ -1,0 +1,381 @@
+"""MatchReferencePass (``--reference``): re-estimate, match the uncompressed model, keep the better.
+
+Re-estimation makes every BN of the compressed model output N(beta, gamma^2) per channel on the
+calibration data. The uncompressed model's BNs do not: on the same data their outputs have means
+and spreads of their own, which every later layer was trained on. Given that model (the
+*reference*), this pass computes two candidates in one pass over the data and keeps the one whose
+outputs agree better with the reference's on batches held out from the statistics:
+
+- **reestimated**: plain re-estimation (:class:`ReestimateBatchNormPass`);
+- **matched**: each BN's statistics chosen so that its output has, per channel, the mean and
+  variance the reference BN's output has (:mod:`bnpass.matching`), measured with every upstream BN
+  already matched.
+
+Per batch three sessions run, all on the same feed: the reference with each BN input's moments
+tapped (``observe`` calibration copy); the compressed model's ``matched`` copy, fed those moments,
+in which each BN normalizes with statistics matched on this batch (as a train-mode BN normalizes
+with its batch's); and the plain ``train`` copy. Pooled moments of both sides give the final
+matched statistics; with one batch holding every sample this equals matching level by level
+exactly (tests/test_match_reference.py checks it against an independent PyTorch implementation).
+
+**Held-out batches.** The last ``min(4, batches // 4)`` batches are kept out of the statistics
+(the stream is read once; up to 4 batches wait in memory, so nothing grows with the sample count).
+On them, the reference, the compressed model as given and both candidates run; top-1 agreement
+(classifier-shaped outputs) and relative output error against the reference (:mod:`bnpass.agreement`)
+decide: ``choose="auto"`` keeps the candidate with the higher top-1 agreement, then the lower
+error, re-estimation on a tie. With fewer than 4 batches every batch serves both, and the result
+says so. Agreement with the uncompressed model is the right signal only when that model is good on
+the calibration data: on data of another domain, re-estimation can beat the uncompressed model
+itself, and agreement then prefers the matched candidate that copies its weakness (measured in
+tools/make_reference_example.py's shifted domain). That case shows in the reference itself: the
+first BNs of a model see the input through one layer, and on data of its own domain their input
+moments stay at the stored statistics (there: spread ratio 0.99-1.01, mean shift <= 0.03 stored
+standard deviations, also when only a subset of the classes is seen), while on the shifted images
+the spread fell to 0.67. So when the reference's first BNs see a spread outside
+[1/DOMAIN_SPREAD_LIMIT, DOMAIN_SPREAD_LIMIT] of the stored one, or a mean moved by more than
+DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick the wrong candidate.
+``choose`` forces a candidate.
+
+BNs correspond by node name when both models name every BN, uniquely, with the same set of
+names; otherwise by order. Counts, channels, epsilons, inputs and outputs must agree, or a
+ModelError names the first difference. Only the BNs are compared, so a QDQ-quantized model matches
+its float original.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+
+from .. import data as calibration_data
+from ..agreement import AgreementMeter, best_candidate, format_agreement
+from ..calibration import MatchTarget, batchnorm_nodes, build_calibration_model, form_for_providers
+from ..data import model_input_specs, plural
+from ..diagnostics import first_batchnorms, input_shift
+from ..errors import DataError, ModelError
+from ..graph import GraphIndex, attribute, node_label
+from ..matching import MatchedStatistics, match_statistics
+from ..model_io import as_model
+from ..progress import progress_bar
+from ..runtime import create_session, select_providers
+from ..stats import ChannelMoments
+from .base import copy_model
+from .reestimate_batchnorm import ReestimateBatchNormPass, ReestimateResult, StatisticsSession, prefetched
+
+logger = logging.getLogger(__name__)
+
+CANDIDATES = ("reestimated", "matched")
+CHOICES = ("auto",) + CANDIDATES
+HELD_OUT_BATCHES = 4   # at most; a quarter of the batches at most
+DOMAIN_SPREAD_LIMIT = 1.25  # the reference's first BNs: spread ratio against the stored statistics
+DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
+
+
+@dataclass
+class ReferenceResult(ReestimateResult):
+    """A :class:`ReestimateResult` for the kept candidate, with what the choice rested on.
+
+    ``agreement`` holds an :class:`~bnpass.agreement.AgreementMeter` against the reference for
+    "compressed" (the model as given), "reestimated" and "matched"; ``held_out_samples`` counts the
+    samples they were measured on, ``held_out`` is False when those also served the statistics.
+    Per BN: ``reference_moments`` (m_o, v_o), ``compressed_moments`` (m_c, v_c, upstream matched),
+    ``matched`` (the matched statistics and the rule per channel), ``reestimated`` (mean, var).
+    """
+
+    chosen: str = ""
+    why: str = ""
+    agreement: dict[str, AgreementMeter] = field(default_factory=dict)
+    held_out_samples: int = 0
+    held_out: bool = True
+    reference_moments: dict[str, tuple] = field(default_factory=dict)
+    compressed_moments: dict[str, tuple] = field(default_factory=dict)
+    matched: dict[str, MatchedStatistics] = field(default_factory=dict)
+    reestimated: dict[str, tuple] = field(default_factory=dict)
+
+    def agreement_line(self) -> str:
+        """``agreement with reference (N samples): 41.2% -> 98.6% top-1, output error 0.83 -> 0.07``."""
+        return format_agreement(self.agreement["compressed"], self.agreement[self.chosen])
+
+
+def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
+    """``[(position in the model's BN order, position in the reference's)]``, checked (see the
+    module docstring); a ModelError names the first difference."""
+    mine, theirs = batchnorm_nodes(model), batchnorm_nodes(reference)
+    prefix = "the reference does not correspond to the model:"
+    if len(mine) != len(theirs):
+        raise ModelError(f"{prefix} it has {plural(len(theirs), 'BatchNormalization node')}, the model {len(mine)}")
+    names, reference_names = [bn.name for bn in mine], [bn.name for bn in theirs]
+    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
+        where = {name: position for position, name in enumerate(reference_names)}
+        pairs = [(position, where[name]) for position, name in enumerate(names)]
+    else:
+        pairs = [(position, position) for position in range(len(mine))]
+    model_index, reference_index = GraphIndex(model), GraphIndex(reference)
+    for position, reference_position in pairs:
+        bn, other = mine[position], theirs[reference_position]
+        label = f"BatchNormalization #{position + 1} ('{node_label(bn)}' / '{node_label(other)}')"
+        stored = [reference_index.constant(name) for name in other.input[3:5]]
+        if any(value is None for value in stored):
+            raise ModelError(f"{prefix} the running statistics of the reference's {label} are not constants")
+        own = model_index.constant(bn.input[3])
+        channels, reference_channels = (own.value.size if own is not None else None), stored[0].value.size
+        if channels is not None and channels != reference_channels:
+            raise ModelError(f"{prefix} {label} has {channels} channels in the model, {reference_channels} in the "
+                             "reference")
+        epsilon, reference_epsilon = attribute(bn, "epsilon", 1e-5), attribute(other, "epsilon", 1e-5)
+        if np.float32(epsilon) != np.float32(reference_epsilon):  # attributes are float32; the default is 1e-5
+            raise ModelError(f"{prefix} {label} has epsilon {epsilon:g} in the model, {reference_epsilon:g} in the "
+                             "reference")
+    specs, reference_specs = model_input_specs(model), model_input_specs(reference)
+    for spec, other in zip(specs, reference_specs):
+        if (spec.name, spec.dtype, len(spec.shape)) != (other.name, other.dtype, len(other.shape)):
+            raise ModelError(f"{prefix} the model's input {spec.describe()} is {other.describe()} in the reference")
+    if len(specs) != len(reference_specs):
+        raise ModelError(f"{prefix} it has {plural(len(reference_specs), 'input')}, the model {len(specs)}")
+    if len(model.graph.output) != len(reference.graph.output):
+        raise ModelError(f"{prefix} it has {plural(len(reference.graph.output), 'output')}, the model "
+                         f"{len(model.graph.output)}")
+    return pairs
+
+
+def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
+    """One :class:`~bnpass.calibration.MatchTarget` per pair (per BN of the model): the stored
+    statistics of the reference BN it corresponds to."""
+    theirs, index = batchnorm_nodes(reference), GraphIndex(reference)
+    targets = []
+    for _, reference_position in pairs:
+        bn = theirs[reference_position]
+        mean, var = (index.constant(name).value.astype(np.float64).reshape(-1) for name in bn.input[3:5])
+        targets.append(MatchTarget(mean=mean, var=var, epsilon=float(attribute(bn, "epsilon", 1e-5))))
+    return targets
+
+
+class MatchReferencePass(ReestimateBatchNormPass):
+    """Re-estimate and match ``reference`` (a ModelProto or a path), keep the better candidate.
+
+    Takes :class:`ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by agreement on
+    held-out batches), "reestimated" or "matched".
+    """
+
+    def __init__(self, samples: Iterable, reference, *, choose: str = "auto", **options):
+        super().__init__(samples, **options)
+        if choose not in CHOICES:
+            raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
+        self.reference = as_model(reference)
+        self.choose = choose
+
+    def call(self, model: onnx.ModelProto) -> ReferenceResult:
+        started = time.perf_counter()
+        if not batchnorm_nodes(model):
+            return ReferenceResult(model=copy_model(model), modified=False)
+        pairs = pair_batchnorms(model, self.reference)
+        batch_size_for_evaluation = _evaluation_batch(model, self.reference)
+        providers = select_providers(self.device)
+        form = self.form or form_for_providers(providers)
+        targets = match_targets(self.reference, pairs)
+        plain = build_calibration_model(model, form)
+        matched = build_calibration_model(model, form, mode="matched", targets=targets)
+        observed = build_calibration_model(self.reference, form, mode="observe")
+        batch_size = self._batch_size([plain, matched, observed])
+        fixed = batch_size_for_evaluation is not None or any(
+            copy.fixed_batch is not None for copy in (plain, matched, observed))
+        limit, expected = self._selection(batch_size, fixed=fixed)
+        options = dict(threads=self.threads, tf32=self.tf32, release_model=True)
+        sessions = _Sessions(StatisticsSession(plain, providers, **options),
+                             StatisticsSession(matched, providers, **options),
+                             StatisticsSession(observed, providers, **options), pairs)
+        self._announce(len(plain.taps), batch_size, limit, expected, sessions.plain.device, fixed=fixed)
+        logger.info("matching the reference model as well: three sessions per batch, then the candidates "
+                    "compared on held-out batches")
+        batches = calibration_data.batched(self.samples, batch_size, limit)
+        progress = progress_bar(math.ceil(expected / batch_size) if expected is not None else None,
+                                self.progress, "calibrating")
+        try:
+            held_out, kept_out, samples, statistics_batches = sessions.collect(prefetched(batches), batch_size,
+                                                                               fixed, progress)
+        finally:
+            progress.close()
+        if statistics_batches == 0:
+            raise DataError("no calibration samples: the data source is empty")
+        device = sessions.plain.device
+        taps = plain.taps
+        reestimated = [self._result(tap, moment) for tap, moment in zip(taps, sessions.plain_moments)]
+        compressed = [self._moments(tap, moment) for tap, moment in zip(taps, sessions.matched_moments)]
+        references = [self._moments(tap, sessions.reference_moments[reference_position])
+                      for tap, (_, reference_position) in zip(taps, pairs)]
+        matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own, name=tap.bn)
+                   for tap, target, reference, own in zip(taps, targets, references, compressed)]
+        del sessions  # the calibration sessions' memory goes back before the candidates are made
+
+        candidates = {
+            "reestimated": self._write_statistics(copy_model(model), taps, reestimated, ReestimateResult(
+                model=None, modified=True)),
+            "matched": self._write_statistics(copy_model(model), taps, [
+                (match.mean, match.var, count) for match, (_, _, count) in zip(matches, reestimated)],
+                ReestimateResult(model=None, modified=True)),
+        }
+        agreement, evaluated = self._evaluate(model, candidates, held_out, batch_size_for_evaluation, providers)
+        chosen, why = self._choose(agreement)
+        result = ReferenceResult(
+            model=candidates[chosen].model, modified=candidates[chosen].modified, stats=candidates[chosen].stats,
+            warnings=candidates["reestimated"].warnings, samples=samples, batches=statistics_batches,
+            batch_size=batch_size, device=device, chosen=chosen, why=why, agreement=agreement,
+            held_out_samples=evaluated, held_out=kept_out)
+        for tap, reference, own, match, (mean, var, _) in zip(taps, references, compressed, matches, reestimated):
+            result.reference_moments[tap.bn] = reference
+            result.compressed_moments[tap.bn] = own
+            result.matched[tap.bn] = match
+            result.reestimated[tap.bn] = (mean, var)
+        warning = _domain_warning(self.reference, pairs, targets, references)
+        if warning:
+            logger.warning("%s", warning)
+            result.warnings.append(warning)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _moments(self, tap, moment: ChannelMoments) -> tuple:
+        """``(mean, var)`` of one BN input in this pass's statistics mode, checked."""
+        return self._result(tap, moment)[:2]
+
+    def _evaluate(self, model, candidates: dict, batches: list, chunk: Optional[int], providers: list) -> tuple:
+        """Agreement of the model as given and of each candidate with the reference on ``batches``."""
+        names = [output.name for output in model.graph.output]
+        reference_names = [output.name for output in self.reference.graph.output]
+        options = dict(tf32=self.tf32, threads=self.threads)
+        reference_session = create_session(self.reference, providers, **options)
+        sessions = {"compressed": create_session(model, providers, **options)}
+        sessions.update((name, create_session(candidate.model, providers, **options))
+                        for name, candidate in candidates.items())
+        agreement = {name: AgreementMeter(names) for name in sessions}
+        samples = 0
+        for feed in _chunks(batches, chunk):
+            expected = reference_session.run(reference_names, feed)
+            for name, session in sessions.items():
+                agreement[name].add(expected, session.run(names, feed))
+            samples += next(iter(feed.values())).shape[0]
+        return agreement, samples
+
+    def _choose(self, agreement: dict) -> tuple:
+        if self.choose != "auto":
+            return self.choose, "asked for"
+        chosen = best_candidate({name: agreement[name] for name in CANDIDATES})
+        other = CANDIDATES[1 - CANDIDATES.index(chosen)]
+        if agreement[chosen].preference() == agreement[other].preference():
+            return chosen, "the candidates agree equally with the reference"
+        top1, other_top1 = agreement[chosen].top1, agreement[other].top1
+        if top1 is not None and other_top1 is not None and top1 != other_top1:
+            return chosen, f"top-1 agreement {100 * top1:.1f}% against {100 * other_top1:.1f}%"
+        return chosen, (f"output error {agreement[chosen].relative_error:.3g} against "
+                        f"{agreement[other].relative_error:.3g}")
+
+
+class _Sessions:
+    """The three calibration sessions of one reference run, fed the same batches in lockstep."""
+
+    def __init__(self, plain: StatisticsSession, matched: StatisticsSession, observed: StatisticsSession,
+                 pairs: list):
+        self.plain, self.matched, self.observed, self.pairs = plain, matched, observed, pairs
+        self.plain_moments = [ChannelMoments() for _ in plain.taps]
+        self.matched_moments = [ChannelMoments() for _ in matched.taps]
+        self.reference_moments = [ChannelMoments() for _ in observed.taps]
+
+    def absorb(self, feed: dict) -> None:
+        """One batch through all three sessions: the reference's moments feed the matched copy."""
+        observed = self.observed.runner.run(feed)
+        self.observed.absorb(self.reference_moments, observed)
+        reference_inputs = {}
+        for tap, (_, reference_position) in zip(self.matched.taps, self.pairs):
+            mean, var, _ = observed[3 * reference_position: 3 * reference_position + 3]
+            reference_inputs[tap.reference_mean] = mean
+            reference_inputs[tap.reference_var] = var
+        self.matched.absorb(self.matched_moments, self.matched.runner.run({**feed, **reference_inputs}))
+        self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
+
+    def collect(self, feeds, batch_size: int, fixed: bool, progress) -> tuple:
+        """Absorb every batch but the last ``min(HELD_OUT_BATCHES, batches // 4)``; returns
+        ``(held-out batches, held out?, samples absorbed, batches absorbed)``. With too few batches
+        to hold any out, every batch is absorbed and also returned for the evaluation."""
+        pending: deque = deque()  # the last batches read, not absorbed yet
+        samples = batches = 0
+
+        def absorb_oldest():
+            nonlocal samples, batches
+            feed = pending.popleft()
+            self.absorb(feed)
+            samples += next(iter(feed.values())).shape[0]
+            batches += 1
+            if progress is not None:
+                progress.update(1)
+            return feed
+
+        feeds = iter(feeds)
+        try:
+            for feed in feeds:
+                if fixed and next(iter(feed.values())).shape[0] != batch_size:
+                    logger.warning("dropped the last %d samples: the model's fixed batch size is %d",
+                                   next(iter(feed.values())).shape[0], batch_size)
+                    break
+                pending.append(feed)
+                if len(pending) > HELD_OUT_BATCHES:
+                    absorb_oldest()
+        finally:
+            close = getattr(feeds, "close", None)
+            if close is not None:
+                close()  # a prefetching generator stops its loading thread
+        keep = min(HELD_OUT_BATCHES, (batches + len(pending)) // 4)
+        if keep == 0:
+            return [absorb_oldest() for _ in range(len(pending))], False, samples, batches
+        while len(pending) > keep:
+            absorb_oldest()
+        return list(pending), True, samples, batches
+
+
+def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
+    """A warning when the reference's first BNs see the calibration data unlike its training data
+    (see the module docstring), else "". ``targets`` and ``moments`` (m_o, v_o) are per pair."""
+    theirs = batchnorm_nodes(reference)
+    first = first_batchnorms(reference)  # node wrappers, compared while both lists are alive
+    for (_, reference_position), (mean, var), target in zip(pairs, moments, targets):
+        bn = theirs[reference_position]
+        if not any(bn is node for node in first):
+            continue
+        shift = input_shift(bn, target.mean, target.var, mean, var)
+        if shift is None:
+            continue
+        if not (1 / DOMAIN_SPREAD_LIMIT <= shift.std_ratio <= DOMAIN_SPREAD_LIMIT) or (
+                shift.mean_shift > DOMAIN_SHIFT_LIMIT):
+            return (f"the reference's first BatchNormalization ('{node_label(bn)}') sees the calibration data "
+                    f"with {shift.std_ratio:.2g}x the spread it was trained on (mean moved by "
+                    f"{shift.mean_shift:.2g} standard deviations): the data differ from the reference's own, so "
+                    "agreement with it may favour the wrong candidate; check on labelled data, or choose one "
+                    "with --candidate")
+    return ""
+
+
+def _evaluation_batch(model: onnx.ModelProto, reference: onnx.ModelProto) -> Optional[int]:
+    """The batch size both models' own inputs fix (None when free): held-out batches are run through
+    the models as they are, so they are cut to it."""
+    fixed = {spec.shape[0] for candidate in (model, reference) for spec in model_input_specs(candidate)
+             if spec.shape and spec.shape[0] is not None}
+    if len(fixed) > 1:
+        raise ModelError(f"the reference does not correspond to the model: their inputs fix different batch "
+                         f"sizes {sorted(fixed)}")
+    return fixed.pop() if fixed else None
+
+
+def _chunks(batches: Iterable, size: Optional[int]):
+    """``batches`` as they are, or cut into pieces of ``size`` samples (a short rest is dropped)."""
+    for feed in batches:
+        if size is None:
+            yield feed
+            continue
+        count = next(iter(feed.values())).shape[0]
+        for start in range(0, count - size + 1, size):
+            yield {name: array[start:start + size] for name, array in feed.items()}

@@ -1,0 +1,258 @@
+"""``--reference`` (bnpass/passes/match_reference.py) against an independent reference: the PyTorch
+implementations of level-by-level and one-pass matching in tests/matching_reference.py, on a network
+with BNs at four depths and a residual branch, pruned and quantized. Then correspondence, the choice
+between the candidates, and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnpass  # noqa: E402
+from bnpass.cli import main  # noqa: E402
+from bnpass.errors import ModelError  # noqa: E402
+from bnpass.passes.match_reference import pair_batchnorms  # noqa: E402
+from builders import GraphBuilder, add_batchnorm, random_bn_params, random_weight  # noqa: E402
+from matching_reference import (  # noqa: E402
+    ResidualNet,
+    batchnorms,
+    export_to_onnx,
+    fake_quantize,
+    magnitude_prune,
+    make_network,
+    match_level_by_level,
+    match_one_pass,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "reference"
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    rng = np.random.default_rng(11)
+    offsets = rng.uniform(-1, 1, size=(1, 3, 1, 1))
+    return (rng.standard_normal((128, 3, 8, 8)) * 1.5 + offsets).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def network():
+    return make_network(seed=0)
+
+
+def onnx_statistics(result, model: onnx.ModelProto) -> dict:
+    """``{torch module name: (mean, var)}`` of ``result.matched``: the exported BN's running-mean input
+    is named ``<module>.running_mean``."""
+    module_of = {node.name: node.input[3].rsplit(".", 1)[0] for node in model.graph.node
+                 if node.op_type == "BatchNormalization"}
+    return {module_of[label]: (matched.mean, matched.var) for label, matched in result.matched.items()}
+
+
+def torch_statistics(model) -> dict:
+    return {name: (bn.running_mean.double().numpy(), bn.running_var.double().numpy())
+            for name, bn in batchnorms(model).items()}
+
+
+def assert_statistics_close(got: dict, expected: dict, *, rtol: float):
+    assert sorted(got) == sorted(expected)
+    for name, (mean, var) in expected.items():
+        scale = np.sqrt(var).max()
+        np.testing.assert_allclose(got[name][0], mean, rtol=0, atol=rtol * scale, err_msg=f"{name} mean")
+        np.testing.assert_allclose(got[name][1], var, rtol=rtol, atol=rtol * var.max(), err_msg=f"{name} var")
+
+
+@pytest.mark.parametrize("compression", ["prune70", "int4"])
+def test_one_batch_equals_level_by_level_matching_in_pytorch(network, data, compression):
+    """With one batch holding every sample, batch moments are pooled moments: the one-pass graph must
+    give what matching depth by depth gives (float32 graph against float64 PyTorch)."""
+    compressed = magnitude_prune(network, 0.7) if compression == "prune70" else fake_quantize(network, bits=4)
+    expected, _ = match_level_by_level(network, compressed, torch.from_numpy(data), ResidualNet.batchnorm_levels())
+    model = export_to_onnx(compressed, torch.from_numpy(data[:2]))
+    result = bnpass.reestimate_batchnorms(model, [data], batch_size=len(data), num_samples=len(data),
+                                          reference=export_to_onnx(network, torch.from_numpy(data[:2])),
+                                          candidate="matched")
+    assert result.batches == 1 and not result.held_out  # one batch: nothing to hold out
+    assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
+
+
+def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
+    """Each BN normalizes with statistics matched on its batch: the product against PyTorch's one-pass
+    form over the same batches (the last quarter of them held out for the agreement check)."""
+    compressed = magnitude_prune(network, 0.7)
+    batches = [data[start:start + 16] for start in range(0, len(data), 16)]   # 8 batches: 2 held out
+    expected = match_one_pass(network, compressed, [torch.from_numpy(b) for b in batches[:6]])
+    model = export_to_onnx(compressed, torch.from_numpy(data[:2]))
+    result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, num_samples=len(data),
+                                          reference=export_to_onnx(network, torch.from_numpy(data[:2])),
+                                          candidate="matched")
+    assert (result.batches, result.held_out, result.held_out_samples) == (6, True, 32)
+    assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
+    assert not np.allclose(onnx_statistics(result, model)["bn4"][1],
+                           torch_statistics(match_level_by_level(network, compressed, torch.from_numpy(data[:96]),
+                                                                 ResidualNet.batchnorm_levels())[0])["bn4"][1],
+                           rtol=1e-3)  # below the first level, batches change the result
+
+
+def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
+    model = export_to_onnx(network, torch.from_numpy(data[:2]))
+    result = bnpass.reestimate_batchnorms(model, [data], batch_size=32, reference=model, candidate="matched")
+    assert_statistics_close(onnx_statistics(result, model), torch_statistics(network), rtol=1e-5)
+    assert all(set(matched.rule_counts()) == {"matched"} for matched in result.matched.values())
+
+
+def test_the_choice_follows_agreement_on_held_out_batches_or_is_forced():
+    """The shipped showcase: deployed on digits 0-4 only, the 70%-pruned model is best matched."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    data = EXAMPLE / "classes-0-4" / "calib"
+    auto = bnpass.reestimate_batchnorms(model, data, batch_size=64, reference=EXAMPLE / "model.onnx")
+    assert auto.chosen == "matched" and auto.why.startswith("top-1 agreement")
+    assert auto.agreement["matched"].top1 > auto.agreement["reestimated"].top1 > auto.agreement["compressed"].top1
+    assert (auto.batches, auto.held_out_samples) == (5, 64)
+    forced = bnpass.reestimate_batchnorms(model, data, batch_size=64, reference=EXAMPLE / "model.onnx",
+                                          candidate="reestimated")
+    plain = bnpass.reestimate_batchnorms(model, data, batch_size=64, num_samples=320)  # the same 5 batches
+    assert forced.chosen == "reestimated" and forced.why == "asked for"
+    for name, stats in forced.stats.items():
+        np.testing.assert_allclose(stats.var, plain.stats[name].var, rtol=1e-6)
+        np.testing.assert_allclose(auto.stats[name].var, auto.matched[name].var, rtol=0)
+
+
+def test_a_reference_seeing_another_domain_gets_a_warning():
+    """Shifted images: the uncompressed model is poor on them itself, and says so at its first BN."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    shifted = bnpass.reestimate_batchnorms(model, EXAMPLE / "shifted" / "calib", batch_size=64,
+                                           reference=EXAMPLE / "model.onnx")
+    assert any("agreement with it may favour the wrong candidate" in w for w in shifted.warnings)
+    same = bnpass.reestimate_batchnorms(model, EXAMPLE / "in-domain" / "calib", batch_size=64,
+                                        reference=EXAMPLE / "model.onnx")
+    assert not any("favour the wrong candidate" in w for w in same.warnings)
+
+
+def conv_bn_model(*, channels=4, epsilon=1e-5, names=("bn_a", "bn_b"), inputs=(("x", 3),), quantized=False):
+    """x -> Conv -> BN -> Relu -> Conv -> BN -> y, with seeded weights (the same for every variant)."""
+    rng = np.random.default_rng(0)
+    builder = GraphBuilder(opset=13)
+    for name, width in inputs:
+        builder.add_input(name, np.float32, ["N", width, 6, 6])
+    weight = random_weight((channels, 3, 3, 3), rng)
+    if quantized:  # per-channel int8 weights, as onnxruntime's quantizer writes them
+        scale = (np.abs(weight).reshape(channels, -1).max(axis=1) / 127).astype(np.float32)
+        builder.add_initializer("w1_quantized", np.round(weight / scale[:, None, None, None]).astype(np.int8))
+        builder.add_initializer("w1_scale", scale)
+        builder.add_node("DequantizeLinear", ["w1_quantized", "w1_scale"], ["w1"], name="dequantize", axis=0)
+    else:
+        builder.add_initializer("w1", weight)
+    builder.add_node("Conv", [inputs[0][0], "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])
+    params = random_bn_params((channels,), rng)
+    add_batchnorm(builder, "c1", params, output="b1", name=names[0], epsilon=epsilon)
+    builder.add_node("Relu", ["b1"], ["r1"], name="relu")
+    builder.add_initializer("w2", random_weight((channels, channels, 1, 1), rng))
+    builder.add_node("Conv", ["r1", "w2"], ["c2"], name="conv2")
+    add_batchnorm(builder, "c2", random_bn_params((channels,), rng), output="y", name=names[1])
+    builder.add_output("y")
+    return builder.build()
+
+
+@pytest.mark.parametrize("reference, words", [
+    (lambda: conv_bn_model(channels=5), "BatchNormalization #1 ('bn_a' / 'bn_a') has 4 channels in the model, 5 "
+                                        "in the reference"),
+    (lambda: conv_bn_model(epsilon=1e-3), "has epsilon 1e-05 in the model, 0.001 in the reference"),
+    (lambda: conv_bn_model(inputs=(("z", 3),)), "the model's input 'x' float32[?, 3, 6, 6] is 'z' float32"),
+    (lambda: ResidualNet and export_to_onnx(make_network(), torch.zeros(2, 3, 8, 8)),
+     "it has 5 BatchNormalization nodes, the model 2"),
+])
+def test_a_reference_that_does_not_correspond_is_named(reference, words):
+    with pytest.raises(ModelError, match="the reference does not correspond to the model: .*" + words.replace(
+            "(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("?", r"\?")):
+        pair_batchnorms(conv_bn_model(), reference())
+
+
+def test_bns_pair_by_name_and_else_by_order():
+    model = conv_bn_model()
+    swapped = conv_bn_model(names=("bn_b", "bn_a"))  # same names, other order: paired by name
+    assert pair_batchnorms(model, swapped) == [(0, 1), (1, 0)]
+    renamed = conv_bn_model(names=("first", "second"))
+    assert pair_batchnorms(model, renamed) == [(0, 0), (1, 1)]
+
+
+def test_a_qdq_quantized_model_matches_its_float_original():
+    data = np.random.default_rng(3).standard_normal((64, 3, 6, 6)).astype(np.float32)
+    model = conv_bn_model(quantized=True)
+    result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, reference=conv_bn_model())
+    assert set(result.matched) == {"bn_a", "bn_b"} and result.held_out_samples == 16
+    folded = bnpass.fold_batchnorms(result.model)
+    assert folded.folded and not folded.skipped
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "bnpass", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_cli_reference_report_plot_and_provenance(tmp_path):
+    done = run_cli(EXAMPLE / "model_compressed.onnx", "out.onnx", "--data", EXAMPLE / "classes-0-4" / "calib",
+                   "--reference", EXAMPLE / "model.onnx", "--batch-size", "64", "--report", "report.json",
+                   "--plot", "drift.png", "--verify", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kept the matched statistics (top-1 agreement" in done.stdout
+    assert "agreement with reference (64 samples): 32.8% -> 90.6% top-1" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reference"]["chosen"] == "matched" and report["reference"]["agreement_samples"] == 64
+    assert set(report["reference"]["agreement"]) == {"compressed", "reestimated", "matched"}
+    assert all("matched_shift" in record and record["matched"]["rules"] for record in report["batchnorms"])
+    assert report["verify"]["max_rel"] < 1e-5
+    written = onnx.load(tmp_path / "out.onnx")
+    props = {p.key: p.value for p in written.metadata_props}
+    assert props["bnpass.reference"] == "model.onnx" and props["bnpass.candidate"] == "matched"
+    from PIL import Image
+
+    with Image.open(tmp_path / "drift.png") as image:
+        assert image.size == (1600, 900) and np.asarray(image.convert("L")).std() > 10
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["--fold-only", "--reference", "ref.onnx"], "--reference works on re-estimated statistics"),
+    (["--data", "calib", "--candidate", "matched"],
+     "--candidate matched chooses between the candidates of --reference"),
+    (["--data", "calib", "--reference", "ref.onnx", "--report", "ref.onnx"],
+     "--report 'ref.onnx' is the --reference model"),
+    (["--fold-only", "--plot", "p.png"], "--plot draws re-estimated statistics"),
+])
+def test_cli_reference_mistakes_are_one_line_errors(tmp_path, arguments, words):
+    onnx.save(conv_bn_model(), tmp_path / "model.onnx")
+    onnx.save(conv_bn_model(), tmp_path / "ref.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.zeros((8, 3, 6, 6), np.float32))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    done = run_cli("model.onnx", "out.onnx", *arguments, cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, data):
+    """A legacy export with its batch fixed at 1: calibration frees it, the held-out check runs the
+    models as they are, one sample at a time."""
+    compressed = magnitude_prune(network, 0.5)
+    for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
+        exported = export_to_onnx(source, torch.from_numpy(data[:1]))
+        for value in list(exported.graph.input) + list(exported.graph.output):
+            value.type.tensor_type.shape.dim[0].Clear()
+            value.type.tensor_type.shape.dim[0].dim_value = 1
+        onnx.save(exported, tmp_path / name)
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", data)
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+                 "--reference", str(tmp_path / "ref.onnx"), "--batch-size", "16", "--report",
+                 str(tmp_path / "r.json"), "-q"]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batch_size"] == 16 and report["reference"]["agreement_samples"] == 32
