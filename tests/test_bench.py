@@ -50,6 +50,9 @@ def test_bench_measures_every_form_on_a_given_model_and_a_generated_network(tmp_
             assert f"{name} = " in ratios, name
     assert "| resnet | (d) torch update_bn |" in out and "| tiny | (d) torch update_bn |" not in out
     assert "**c/d = " in out
+    for case in ("tiny", "resnet"):  # the --reference pass and its cost against plain re-estimation
+        assert f"| {case} | (g) --reference pass from folder (reference: the model itself) |" in out
+        assert re.search(rf"^- `{case}`: .*\*\*g/\(b\+\) = [\d.]+ ", out, flags=re.M), case
 
 
 def test_measure_forms_reports_each_forms_error_against_numpy_and_the_cpu():

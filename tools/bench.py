@@ -15,6 +15,9 @@ and thread count:
                provider gets (``FORM_FOR_PROVIDER``); ``--forms`` adds one (b) row per form
   (b+) pass    ReestimateBatchNormPass from the folder: calibration graph, session, prefetched
                data loading, statistics written into the model
+  (g) reference  the same with ``--reference`` (MatchReferencePass), the model itself as the
+               reference (the cost does not depend on the weights): both candidates, the held-out
+               agreement check; g/(b+) is issue 10's cost budget (at most 3)
   (c) bnpass   end to end, as the CLI does it: load + check, calibrate, fold, check, save
   (d) torch    ``torch.optim.swa_utils.update_bn`` on the same network (generated cases only),
                reading the same .npy files through a DataLoader, on the same device,
@@ -65,6 +68,7 @@ from bnpass.calibration import FORMS, build_calibration_model, form_for_provider
 from bnpass.data import batched, model_input_specs, planned_sample_count  # noqa: E402
 from bnpass.model_io import load_model, save_model  # noqa: E402
 from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E402
+from bnpass.passes.match_reference import MatchReferencePass  # noqa: E402
 from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
 from bnpass.runtime import BatchRunner, create_session, select_providers  # noqa: E402
 
@@ -72,10 +76,11 @@ from bnpass.runtime import BatchRunner, create_session, select_providers  # noqa
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
 from peak_memory import status_mb as _status_mb  # noqa: E402
 
-METHODS = ("plain", "resident", "floor", "stats", "pass", "bnpass", "torch")
+METHODS = ("plain", "resident", "floor", "stats", "pass", "reference", "bnpass", "torch")
 LABELS = {"plain": "(a) plain ORT inference", "stats": "(b) bnpass statistics loop",
           "resident": "(r) plain ORT inference, batches already on the device",
           "pass": "(b+) reestimate pass from folder", "bnpass": "(c) bnpass end to end",
+          "reference": "(g) --reference pass from folder (reference: the model itself)",
           "torch": "(d) torch update_bn", "floor": "(f) floor: BN fed mean/var, no statistics"}
 
 
@@ -371,6 +376,12 @@ class Case:
         ReestimateBatchNormPass(samples, batch_size=self.batch_size, num_samples=self.samples,
                                 device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
 
+    # (g)
+    def match_reference(self):
+        samples = bnpass.calibration_samples(self.model, self.data)
+        MatchReferencePass(samples, self.model, batch_size=self.batch_size, num_samples=self.samples,
+                           device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
+
     # (c): what bnpass.cli.run does, with the thread count set
     def bnpass(self):
         model = load_model(self.model_path)
@@ -412,7 +423,8 @@ def run_method(case: Case, method: str) -> None:
         case.stats(form=method.split(":", 1)[1])
         return
     {"plain": case.plain, "resident": case.resident, "floor": case.floor, "stats": case.stats,
-     "pass": case.reestimate, "bnpass": case.bnpass, "torch": case.torch}[method]()
+     "pass": case.reestimate, "reference": case.match_reference, "bnpass": case.bnpass,
+     "torch": case.torch}[method]()
 
 
 def methods_for(spec: dict) -> list:
@@ -764,6 +776,8 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
         reduce = next((m for m in stats_methods if forms[m] == "reduce"), None)
         if reduce is not None:
             parts += [f"{forms[m]}/reduce = {ratio(m, reduce)}" for m in stats_methods if m != reduce]
+        if "reference" in medians and "pass" in medians:
+            parts.append(f"**g/(b+) = {ratio('reference', 'pass')}**")
         if "torch" in medians and "bnpass" in medians:
             parts.append(f"**c/d = {ratio('bnpass', 'torch')}**")
         if "torch" in medians and "plain" in medians:
