@@ -256,3 +256,34 @@ def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, 
                  str(tmp_path / "r.json"), "-q"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["batch_size"] == 16 and report["reference"]["agreement_samples"] == 32
+
+
+def test_reference_with_a_loader_batch_mean_statistics_and_external_data(tmp_path, network, data):
+    """The options the rest of bnpass has work with --reference: a loader, --stats batch-mean, models
+    (and a reference) stored with external data."""
+    compressed = magnitude_prune(network, 0.5)
+    for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
+        onnx.save(export_to_onnx(source, torch.from_numpy(data[:2])), tmp_path / name, save_as_external_data=True,
+                  location=f"{name}.weights", size_threshold=0)
+    np.save(tmp_path / "data.npy", data)
+    (tmp_path / "loader.py").write_text(
+        "import numpy as np, os\n"
+        "def batches():\n"
+        "    data = np.load(os.path.join(os.path.dirname(__file__), 'data.npy'))\n"
+        "    return [(data[i:i + 32], None) for i in range(0, len(data), 32)]\n")
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--loader",
+                 f"{tmp_path / 'loader.py'}:batches", "--reference", str(tmp_path / "ref.onnx"), "--stats",
+                 "batch-mean", "--candidate", "matched", "--report", str(tmp_path / "r.json"), "-q"]) == 0
+    assert (tmp_path / "out.onnx.data").exists()  # written the way it was read
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["stats"] == "batch-mean" and report["batches"] == 3 and report["reference"]["chosen"] == "matched"
+
+
+def test_a_multi_input_model_matches_its_reference():
+    model = conv_bn_model(inputs=(("x", 3), ("z", 3)))
+    rng = np.random.default_rng(5)
+    batches = [{"x": rng.standard_normal((16, 3, 6, 6)).astype(np.float32),
+                "z": rng.standard_normal((16, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
+    result = bnpass.reestimate_batchnorms(model, batches, batch_size=16, reference=model)
+    assert result.batches == 3 and result.held_out_samples == 16
+    assert all(matched.rule_counts() == {"matched": 4} for matched in result.matched.values())
