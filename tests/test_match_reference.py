@@ -6,9 +6,6 @@ between the candidates, and the command line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from matching_reference import (  # noqa: E402
     match_level_by_level,
     match_one_pass,
 )
+from test_cli import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "reference"
@@ -191,11 +189,6 @@ def test_a_qdq_quantized_model_matches_its_float_original():
     assert set(result.matched) == {"bn_a", "bn_b"} and result.held_out_samples == 16
     folded = bnpass.fold_batchnorms(result.model)
     assert folded.folded and not folded.skipped
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "bnpass", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_cli_reference_report_plot_and_provenance(tmp_path):
