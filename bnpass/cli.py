@@ -197,14 +197,19 @@ def _check_output_paths(args) -> None:
         raise BnpassError(f"output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise BnpassError(f"output folder '{folder}' is not writable")
-    if args.report:
-        report_folder = os.path.dirname(os.path.abspath(args.report))
-        if os.path.isdir(args.report) or not os.path.isdir(report_folder) or not os.access(report_folder, os.W_OK):
-            raise BnpassError(f"cannot write the report to '{args.report}'")
+    for flag, path in (("report", args.report), ("plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            raise BnpassError(f"cannot write the {flag} to '{path}'")
+
+
+def _reestimating(args, num_samples: int) -> bool:
+    """Whether statistics are re-estimated (``num_samples`` 0: the config turned that off)."""
+    return not args.fold_only and num_samples > 0
 
 
 def _check_request(args, num_samples: int) -> None:
-    """The options must make sense together (``num_samples`` 0: the config turned re-estimation off)."""
+    """The options must make sense together."""
     has_data = bool(args.data or args.loader)
     if not args.fold_only and num_samples > 0 and not has_data:
         raise BnpassError("--data DIR (or --loader) is required to re-estimate statistics (or use --fold-only)")
@@ -214,7 +219,7 @@ def _check_request(args, num_samples: int) -> None:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
     if args.loader and (args.shuffle or args.seed is not None):
         raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
-    reestimating = not args.fold_only and num_samples > 0
+    reestimating = _reestimating(args, num_samples)
     if args.reference and not reestimating:
         raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation (drop --fold-only, "
                           "or num_bn_adaptation_samples 0)")
@@ -240,7 +245,7 @@ def run(args) -> int:
     settings = read_nncf_config(args.config) if args.config else None
     num_samples = _num_samples(args, settings)
     _check_request(args, num_samples)
-    reestimating = not args.fold_only and num_samples > 0
+    reestimating = _reestimating(args, num_samples)
     providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
     model, external_files = read_model(args.input)
     reference, reference_files = read_model(args.reference) if args.reference else (None, [])
@@ -264,8 +269,6 @@ def run(args) -> int:
         else:
             reestimate = ReestimateBatchNormPass(samples, **options).call(model)
         unfolded = reestimate.model
-        if args.plot:
-            plot_drift(batchnorm_drifts(model, reestimate), args.plot)
 
     fold = None
     result = unfolded
@@ -292,6 +295,10 @@ def run(args) -> int:
 
     if args.report:
         _write_report(args, model, reestimate, fold, difference, seconds)
+    if args.plot and reestimate is not None:
+        plot_drift(batchnorm_drifts(model, reestimate), args.plot)
+    elif args.plot:
+        logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
     if not args.quiet:
         for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
             print(line)
