@@ -67,7 +67,13 @@ from ..progress import progress_bar
 from ..runtime import create_session, select_providers
 from ..stats import ChannelMoments
 from .base import copy_model
-from .reestimate_batchnorm import ReestimateBatchNormPass, ReestimateResult, StatisticsSession, prefetched
+from .reestimate_batchnorm import (
+    ReestimateBatchNormPass,
+    ReestimateResult,
+    StatisticsSession,
+    fixed_size_batches,
+    prefetched,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -317,11 +323,7 @@ class _Sessions:
 
         feeds = iter(feeds)
         try:
-            for feed in feeds:
-                if fixed and next(iter(feed.values())).shape[0] != batch_size:
-                    logger.warning("dropped the last %d samples: the model's fixed batch size is %d",
-                                   next(iter(feed.values())).shape[0], batch_size)
-                    break
+            for feed in fixed_size_batches(feeds, batch_size if fixed else None):
                 pending.append(feed)
                 if len(pending) > HELD_OUT_BATCHES:
                     absorb_oldest()

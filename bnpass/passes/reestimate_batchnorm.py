@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import onnx
@@ -283,16 +283,7 @@ class StatisticsSession:
         samples = batches = 0
         feeds = iter(feeds)
 
-        def fitting():
-            for feed in feeds:
-                count = next(iter(feed.values())).shape[0]
-                if fixed_batch is not None and count != fixed_batch:
-                    logger.warning("dropped the last %d samples: the model's fixed batch size is %d",
-                                   count, fixed_batch)
-                    return
-                yield feed
-
-        results = self.runner.run_all(fitting())
+        results = self.runner.run_all(fixed_size_batches(feeds, fixed_batch))
         try:
             for feed, values in results:
                 count = next(iter(feed.values())).shape[0]
@@ -313,6 +304,17 @@ class StatisticsSession:
         for position, tap in enumerate(self.taps):
             mean, var, size = values[3 * position: 3 * position + 3]
             moments[position].add_batch_variance(mean, var, int(size) // tap.channels)
+
+
+def fixed_size_batches(feeds: Iterable, fixed_batch: Optional[int]) -> Iterator[dict]:
+    """``feeds`` up to the first whose size is not ``fixed_batch`` (the short last batch), with a
+    warning; all of them when ``fixed_batch`` is None."""
+    for feed in feeds:
+        count = next(iter(feed.values())).shape[0]
+        if fixed_batch is not None and count != fixed_batch:
+            logger.warning("dropped the last %d samples: the model's fixed batch size is %d", count, fixed_batch)
+            return
+        yield feed
 
 
 def prefetched(items: Iterable, depth: int = 2):
