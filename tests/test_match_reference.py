@@ -233,8 +233,8 @@ def test_cli_reference_mistakes_are_one_line_errors(tmp_path, arguments, words):
 
 
 def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, data):
-    """A legacy export with its batch fixed at 1: calibration frees it, the held-out check runs the
-    models as they are, one sample at a time."""
+    """A legacy export with its batch fixed at 1: calibration frees it (the short last batch is used,
+    as for a free batch), the held-out check runs the models as they are, one sample at a time."""
     compressed = magnitude_prune(network, 0.5)
     for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
         exported = export_to_onnx(source, torch.from_numpy(data[:1]))
@@ -243,12 +243,13 @@ def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, 
             value.type.tensor_type.shape.dim[0].dim_value = 1
         onnx.save(exported, tmp_path / name)
     (tmp_path / "calib").mkdir()
-    np.save(tmp_path / "calib" / "a.npy", data)
+    np.save(tmp_path / "calib" / "a.npy", data[:120])  # 7 batches of 16 and one of 8
     assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
                  "--reference", str(tmp_path / "ref.onnx"), "--batch-size", "16", "--report",
                  str(tmp_path / "r.json"), "-q"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["batch_size"] == 16 and report["reference"]["agreement_samples"] == 32
+    assert report["batch_size"] == 16 and report["samples"] == 96  # 6 batches for the statistics
+    assert report["reference"]["agreement_samples"] == 24  # the last 2 held out, the short one included
 
 
 def test_reference_with_a_loader_batch_mean_statistics_and_external_data(tmp_path, network, data):

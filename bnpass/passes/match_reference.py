@@ -190,8 +190,9 @@ class MatchReferencePass(ReestimateBatchNormPass):
         matched = build_calibration_model(model, form, mode="matched", targets=targets)
         observed = build_calibration_model(self.reference, form, mode="observe")
         batch_size = self._batch_size([plain, matched, observed])
-        fixed = batch_size_for_evaluation is not None or any(
-            copy.fixed_batch is not None for copy in (plain, matched, observed))
+        # Fixed where a calibration copy could not free the batch; the held-out check cuts its batches
+        # to the models' own batch size (_chunks) and needs no fixed size here.
+        fixed = any(copy.fixed_batch is not None for copy in (plain, matched, observed))
         limit, expected = self._selection(batch_size, fixed=fixed)
         options = dict(threads=self.threads, tf32=self.tf32, release_model=True)
         sessions = _Sessions(StatisticsSession(plain, providers, **options),
