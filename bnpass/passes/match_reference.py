@@ -226,7 +226,7 @@ class MatchReferencePass(ReestimateBatchNormPass):
                 model=None, modified=True)),
             "matched": self._write_statistics(copy_model(model), taps, [
                 (match.mean, match.var, count) for match, (_, _, count) in zip(matches, reestimated)],
-                ReestimateResult(model=None, modified=True)),
+                ReestimateResult(model=None, modified=True), diagnose=False),
         }
         agreement, evaluated = self._evaluate(model, candidates, held_out, batch_size_for_evaluation, providers)
         chosen, why = self._choose(agreement)

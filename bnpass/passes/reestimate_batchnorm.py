@@ -178,9 +178,11 @@ class ReestimateBatchNormPass:
                             "check the calibration data")
         return mean, var, moment.count
 
-    def _write_statistics(self, model, taps, results: list, result: ReestimateResult) -> ReestimateResult:
+    def _write_statistics(self, model, taps, results: list, result: ReestimateResult, *,
+                          diagnose: bool = True) -> ReestimateResult:
         """Write ``results`` (``(mean, var, count)`` per tap) into ``model``'s BNs, in place; fill and
-        return ``result`` with the model, each BN's old and new statistics and the data warnings."""
+        return ``result`` with the model, each BN's old and new statistics and (``diagnose``: the
+        re-estimated statistics, said once per run) the warnings about the data."""
         editor = GraphEditor(model)
         bns = batchnorm_nodes(model)
         first = first_batchnorms(model, editor.index)  # node wrappers, compared while both lists are alive
@@ -195,7 +197,8 @@ class ReestimateBatchNormPass:
             if old_mean is None or old_var is None:
                 entry.written = False
                 entry.reason = "its running mean or variance is not a constant (fed at run time)"
-                logger.warning("BatchNormalization '%s': %s; left as it was", tap.bn, entry.reason)
+                if diagnose:
+                    logger.warning("BatchNormalization '%s': %s; left as it was", tap.bn, entry.reason)
             else:
                 label = bn.name or tap.bn
                 editor.set_constant_input(bn, 3, mean.reshape(old_mean.value.shape).astype(old_mean.value.dtype),
@@ -203,10 +206,10 @@ class ReestimateBatchNormPass:
                 editor.set_constant_input(bn, 4, var.reshape(old_var.value.shape).astype(old_var.value.dtype),
                                           f"{label}.running_var")
             result.stats[node_label(bn)] = entry
-            if any(bn is node for node in first) and entry.old_mean is not None and entry.old_var is not None:
+            if diagnose and any(bn is node for node in first) and entry.written:
                 shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
         warning = preprocessing_warning(shifts, images=getattr(self.samples, "preprocessing", None) is not None)
-        if warning and warning not in result.warnings:
+        if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
         editor.remove_dead()
