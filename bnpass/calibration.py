@@ -62,17 +62,18 @@ from onnx import TensorProto, numpy_helper
 
 from .computed_constants import is_computable
 from .errors import ModelError
-from .graph import (
-    BATCHNORM,
+from .graph import BATCHNORM, GraphIndex, is_batchnorm, node_label, subgraph_reads
+from .protos import (
     DEFAULT_DOMAINS,
-    GraphIndex,
     attribute,
     default_opset,
-    is_batchnorm,
-    node_label,
-    subgraph_reads,
+    inferred_value_infos,
+    model_without,
+    rank_of,
+    tensor_dtype,
+    unique_name,
+    weightless_copy,
 )
-from .protos import inferred_value_infos, model_without, rank_of, tensor_dtype, unique_name, weightless_copy
 from .rewrite import GraphEditor
 
 logger = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce", *, mod
                 raise ModelError(f"BatchNormalization '{label}' is in training mode and its output '{extra}' "
                                  "is used by the graph; bnpass cannot calibrate such a model")
         x, mean_name = bn.input[0], bn.input[3]
-        param_dtype = tensor_dtype(index, mean_name, value_infos)
+        param_dtype = tensor_dtype(index.initializers, mean_name, value_infos)
         mean_constant = index.constant(mean_name)
         if mean_constant is not None:
             param_dtype, param_shape = mean_constant.value.dtype, list(mean_constant.value.shape)
@@ -395,7 +396,7 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce", *, mod
             param_shape = _dims(value_infos, mean_name)
         if param_dtype is None or param_shape is None or not all(isinstance(d, int) for d in param_shape):
             raise ModelError(f"cannot tell the shape and type of the running mean of BatchNormalization '{label}'")
-        x_dtype = np.dtype(tensor_dtype(index, x, value_infos) or param_dtype)
+        x_dtype = np.dtype(tensor_dtype(index.initializers, x, value_infos) or param_dtype)
         compute = np.dtype(np.float64) if x_dtype == np.float64 else np.dtype(np.float32)
         per_activation = attribute(bn, "spatial", 1) == 0
         channels = int(np.prod(param_shape))

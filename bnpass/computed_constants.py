@@ -46,8 +46,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from .graph import DEFAULT_DOMAINS, attribute, default_opset
-from .protos import inferred_value_infos, weightless_copy
+from .protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_infos, weightless_copy
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ constants such as torch's ``Expand(CastLike(Constant 0, x), Shape(W)[0:1])`` zer
 from IR version 4 on (the caller may feed another value), so it is a constant only in IR-3 models,
 where every initializer must be listed as a graph input.
 
-Protobuf utilities (copies, value infos, fresh names) live in :mod:`bnpass.protos`.
+Protobuf utilities (attributes, opsets, copies, value infos, fresh names) live in :mod:`bnpass.protos`.
 """
 
 from __future__ import annotations
@@ -28,26 +28,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .protos import unique_name
+from .computed_constants import ComputedConstants
+from .protos import DEFAULT_DOMAINS, attribute, unique_name
 
 BATCHNORM = "BatchNormalization"
-DEFAULT_DOMAINS = ("", "ai.onnx")
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The version of the default ONNX operator set the model imports."""
-    for entry in model.opset_import:
-        if entry.domain in DEFAULT_DOMAINS:
-            return entry.version
-    raise ValueError("model imports no default ONNX opset")
-
-
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    """The value of a node attribute, or ``default`` when the node does not set it."""
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 def is_batchnorm(node: onnx.NodeProto) -> bool:
@@ -246,8 +230,6 @@ class GraphIndex:
             return np.full(tuple(int(d) for d in shape.value.reshape(-1)), fill_value.reshape(-1)[0],
                            dtype=fill_value.dtype)
         if self._computed is None:
-            from .computed_constants import ComputedConstants  # it imports this module
-
             self._computed = ComputedConstants(self)
         return self._computed.value(node)
 

@@ -1,5 +1,5 @@
-"""Protobuf utilities for ONNX messages: partial and weightless model copies, inferred value infos,
-tensor ranks and types, fresh names.
+"""Protobuf utilities for ONNX messages: node attributes and opsets, partial and weightless model
+copies, inferred value infos, tensor ranks and types, fresh names.
 
 Nothing here knows what a BatchNormalization is; :mod:`bnpass.graph` answers questions about the
 graph (producers, consumers, constants) and :mod:`bnpass.rewrite` edits it.
@@ -11,15 +11,29 @@ their full size in memory.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import onnx
 
-if TYPE_CHECKING:
-    from .graph import GraphIndex
-
 SMALL_INT64_ELEMENTS = 64  # int64 initializers up to this size keep their values in a weightless copy
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX operator set the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return entry.version
+    raise ValueError("model imports no default ONNX opset")
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node attribute, or ``default`` when the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
 
 
 def copy_fields(source, target, *, skip=()) -> None:
@@ -103,10 +117,11 @@ def rank_of(infos: dict, name: str) -> Optional[int]:
     return len(tensor_type.shape.dim)
 
 
-def tensor_dtype(model_index: GraphIndex, name: str, inferred: dict) -> Optional[np.dtype]:
-    """The numpy dtype of tensor ``name`` from initializers, graph I/O or inferred value infos."""
-    if name in model_index.initializers:
-        return onnx.helper.tensor_dtype_to_np_dtype(model_index.initializers[name].data_type)
+def tensor_dtype(initializers: dict, name: str, inferred: dict) -> Optional[np.dtype]:
+    """The numpy dtype of tensor ``name`` from ``initializers`` (TensorProtos by name), graph I/O or
+    inferred value infos."""
+    if name in initializers:
+        return onnx.helper.tensor_dtype_to_np_dtype(initializers[name].data_type)
     value = inferred.get(name)
     if value is not None and value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
         return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)

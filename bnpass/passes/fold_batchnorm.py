@@ -51,8 +51,8 @@ import numpy as np
 import onnx
 
 from .. import folding
-from ..graph import DEFAULT_DOMAINS, GraphIndex, attribute, default_opset, is_batchnorm, node_label
-from ..protos import inferred_value_infos, rank_of
+from ..graph import GraphIndex, is_batchnorm, node_label
+from ..protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_infos, rank_of
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
 
