@@ -50,7 +50,8 @@ are errors (:class:`~bnpass.errors.DataError` for measured moments, :class:`~bnp
 for stored statistics and epsilon), naming the quantity and the first bad channel.
 
 **The per-batch form.** The one-pass calibration graph applies the same formula inside
-onnxruntime to each batch's moments of both models (each compressed BN then normalizes with its
+onnxruntime (the nodes of :mod:`bnpass.matching_graph`, tested against this module's) to each
+batch's moments of both models (each compressed BN then normalizes with its
 batch-matched statistics, as a train-mode BN normalizes with its batch statistics), and the final
 statistics come from the pooled moments. :func:`match_batch_statistics` is that computation in
 numpy, op for op, in the dtype it is given (float32 in the graph), without validation or rules

@@ -117,6 +117,15 @@ def rank_of(infos: dict, name: str) -> Optional[int]:
     return len(tensor_type.shape.dim)
 
 
+def dims_of(value_infos: dict, name: str) -> Optional[list]:
+    """Inferred dims of ``name``: an int, a symbol (str) or None (unknown) each; None without a shape."""
+    value = value_infos.get(name)
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param") else None
+            for d in value.type.tensor_type.shape.dim]
+
+
 def tensor_dtype(initializers: dict, name: str, inferred: dict) -> Optional[np.dtype]:
     """The numpy dtype of tensor ``name`` from ``initializers`` (TensorProtos by name), graph I/O or
     inferred value infos."""

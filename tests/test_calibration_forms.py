@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 import bnpass
-from bnpass import calibration as calibration_module
+from bnpass import statistics_forms
 from bnpass.calibration import FORM_FOR_PROVIDER, FORMS, build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
 from bnpass.passes.reestimate_batchnorm import StatisticsSession
@@ -186,7 +186,7 @@ def test_a_node_whose_meaning_changes_keeps_the_opset_and_the_layernorm_form_fal
     builder.add_node("RoiAlign", ["h", "rois", "indices"], ["y"], name="roi", output_height=2, output_width=2)
     builder.add_output("y")
     model = builder.build()
-    assert calibration_module._opset_raise_refusal(model, 13, 17) == (
+    assert statistics_forms.opset_raise_refusal(model, 13, 17) == (
         "its RoiAlign node 'roi' means something else at opset 17")
     calibration = build_calibration_model(model, "layernorm")
     assert calibration.forms == ["pooling"] and copy_opset(calibration) == 13
@@ -195,8 +195,8 @@ def test_a_node_whose_meaning_changes_keeps_the_opset_and_the_layernorm_form_fal
 
 
 def test_the_form_follows_the_provider():
-    assert calibration_module.form_for_providers([CPU]) == FORM_FOR_PROVIDER[CPU]
-    assert calibration_module.form_for_providers(["CUDAExecutionProvider", CPU]) == (
+    assert statistics_forms.form_for_providers([CPU]) == FORM_FOR_PROVIDER[CPU]
+    assert statistics_forms.form_for_providers(["CUDAExecutionProvider", CPU]) == (
         FORM_FOR_PROVIDER["CUDAExecutionProvider"])
     assert set(FORM_FOR_PROVIDER.values()) <= set(FORMS)
 
