@@ -13,14 +13,8 @@ Match, check, rewrite. For each BatchNormalization node:
   ((C,1,1) or (1,C,1,1) after a 2-D Conv, (C,) or (1,C) after a rank-2 MatMul/Gemm, or one number):
   the constant joins the bias before folding, b' = (b + a) * scale + shift. Conv/ConvTranspose/Gemm
   absorb the Add into their bias; after a MatMul the Add stays, with the folded bias as its constant;
-* a weight that is ``DequantizeLinear(q, q_scale, zero_point)`` of constants: the fold is exact in the
-  scale alone, q_scale'[c] = q_scale[c] * |scale[c]|, along the weight's output-channel axis (0 for
-  Conv, 1 for ConvTranspose with group 1, 1 or 0 for Gemm by transB, 1 for MatMul); a per-tensor
-  scale (and zero point) becomes per-axis, which needs opset 13. Integers are kept, except that a
-  channel with a negative factor is mirrored around its zero point (q' = 2 zp - q) so every scale
-  keeps its sign (TensorRT refuses non-positive scales); when a mirrored value would not fit the
-  integer type, the BN stays. A bias behind DequantizeLinear is folded in float (it cannot stay an
-  exact int32 multiple of its scale).
+* a weight that is ``DequantizeLinear`` of constants (:mod:`bnpass.passes.fold_quantized_weight`): the
+  fold is exact in the scale alone, along the weight's output-channel axis.
 
 **Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
 
@@ -40,12 +34,15 @@ A constant read by anything else is never changed in place: the layer (or a priv
 DequantizeLinear) gets its own. The folded BN (and absorbed Add) are removed, the layer takes over
 the BN's output name, and parameters nothing reads any more are removed. Folds repeat until none
 applies, so the pass is idempotent: run again on its output it reports ``modified=False``.
+
+What varies by layer type (the weight's output axis, groups, bias slot, Gemm's beta, the forward fold)
+is one :class:`LayerSpec` per type in the table :data:`LAYERS`; the checks and rewrites read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
@@ -55,12 +52,18 @@ from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_infos, rank_of
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
+from .fold_quantized_weight import (
+    PER_AXIS_DEQUANTIZE_OPSET,
+    QuantizedUpdate,
+    QuantizedWeight,
+    fold_quantized_weight,
+    is_dequantize,
+    read_dequantize,
+    write_quantized_weight,
+)
+from .fold_reasons import CannotFold, cast_finite, few
 
-FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-FORWARD_LAYERS = ("Conv", "Gemm", "MatMul")
 PARAM_NAMES = ("scale", "B", "input_mean", "input_var")
-QUANTIZED_WEIGHT_TYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32))
-PER_AXIS_DEQUANTIZE_OPSET = 13
 
 
 @dataclass
@@ -85,7 +88,7 @@ class FoldBatchNormPass:
             for bn in pending:
                 try:
                     plan = plan_fold(bn, editor.index, context)
-                except _CannotFold as reason:
+                except CannotFold as reason:
                     reasons[id(bn)] = str(reason)
                     remaining.append(bn)
                     continue
@@ -127,51 +130,12 @@ class _Context:
 
 
 @dataclass
-class _QuantizedWeight:
-    """``DequantizeLinear(q, q_scale, zero_point)`` of constants feeding a layer's weight (or its bias)."""
-
-    dequantize: onnx.NodeProto
-    quantized: np.ndarray
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    axis: Optional[int]      # the per-axis quantization axis (normalized), None when per-tensor
-    dtype: np.dtype          # the DequantizeLinear output type
-
-    @property
-    def shape(self):
-        return self.quantized.shape
-
-    def dequantized(self) -> np.ndarray:
-        """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
-        shape = [1] * self.quantized.ndim
-        if self.axis is not None:
-            if not 0 <= self.axis < self.quantized.ndim or self.quantized.shape[self.axis] != self.q_scale.size:
-                raise _CannotFold(f"DequantizeLinear '{node_label(self.dequantize)}' has {self.q_scale.size} "
-                                  f"scales along axis {self.axis} of a {list(self.quantized.shape)} tensor")
-            shape[self.axis] = -1
-        zero_point = np.zeros(1) if self.zero_point is None else self.zero_point
-        value = ((self.quantized.astype(np.float64) - zero_point.astype(np.float64).reshape(shape))
-                 * self.q_scale.astype(np.float64).reshape(shape))
-        return value.astype(self.dtype)
-
-
-@dataclass
-class _QuantizedUpdate:
-    """New DequantizeLinear inputs: per-axis scale and zero point, mirrored integers if any."""
-
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    quantized: Optional[np.ndarray]  # None: the integers stay as they are
-    axis: int
-
-
-@dataclass
 class _BackwardFold:
     """BN folded into the layer before it (through an optional bias Add)."""
 
     bn: onnx.NodeProto
     layer: onnx.NodeProto
-    weight: np.ndarray | _QuantizedUpdate
+    weight: np.ndarray | QuantizedUpdate
     dequantize: Optional[onnx.NodeProto]
     bias: np.ndarray
     add: Optional[onnx.NodeProto] = None
@@ -187,11 +151,12 @@ class _BackwardFold:
         bn, layer = self.bn, self.layer
         output = bn.output[0]
         base = layer.name or output
-        if isinstance(self.weight, _QuantizedUpdate):
-            _write_quantized_weight(editor, layer, self.dequantize, self.weight, base)
+        if isinstance(self.weight, QuantizedUpdate):
+            write_quantized_weight(editor, layer, self.dequantize, self.weight, base)
         else:
             editor.set_constant_input(layer, 1, self.weight, f"{base}.weight_folded")
-        if layer.op_type == "MatMul":
+        spec = LAYERS[layer.op_type]
+        if not spec.bias_slot:
             if self.add is None:  # a new Add of the folded bias takes over the BN's place and output
                 add = onnx.helper.make_node("Add", [bn.input[0]], [output],
                                             name=editor.fresh_name(f"{base}.bias_add"))
@@ -203,8 +168,8 @@ class _BackwardFold:
             editor.set_output(self.add, 0, output)
             return
         editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
-        if layer.op_type == "Gemm":
-            editor.remove_attribute(layer, "beta")  # the folded C already carries beta: beta = 1
+        if spec.bias_scale:
+            editor.remove_attribute(layer, spec.bias_scale)  # the folded C already carries beta: beta = 1
         if self.add is not None:
             editor.remove_node(self.add)
         editor.remove_node(bn)
@@ -228,7 +193,8 @@ class _ForwardFold:
         bn, layer = self.bn, self.layer
         base = layer.name or layer.output[0]
         editor.set_constant_input(layer, 1, self.weight, f"{base}.weight_folded")
-        if layer.op_type == "MatMul":  # MatMul has no bias: an Add of the folded bias follows it
+        spec = LAYERS[layer.op_type]
+        if not spec.bias_slot:  # MatMul has no bias: an Add of the folded bias follows it
             output = layer.output[0]
             editor.set_output(layer, 0, editor.fresh_name(f"{base}.unbiased"))
             bias = editor.add_initializer(self.bias, f"{base}.bias_folded")
@@ -237,78 +203,55 @@ class _ForwardFold:
             editor.insert_node(add, after=layer)
         else:
             editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
-            if layer.op_type == "Gemm":
-                editor.remove_attribute(layer, "beta")
+            if spec.bias_scale:
+                editor.remove_attribute(layer, spec.bias_scale)
         editor.set_input(layer, 0, bn.input[0])  # before removing the BN, whose input it reads
         editor.remove_node(bn)
 
 
-def _write_quantized_weight(editor: GraphEditor, layer, dequantize, update: _QuantizedUpdate, base: str) -> None:
-    index = editor.index
-    if not index.is_private_to(dequantize.output[0], layer):
-        # Another node reads the dequantized weight: give this layer its own DequantizeLinear.
-        copy = onnx.NodeProto()
-        copy.CopyFrom(dequantize)
-        copy.name = editor.fresh_name(f"{dequantize.name or 'DequantizeLinear'}.{base}")
-        copy.output[0] = editor.fresh_name(f"{dequantize.output[0]}.{base}")
-        dequantize = editor.insert_node(copy, after=dequantize)
-        editor.set_input(layer, 1, dequantize.output[0])
-    editor.set_constant_input(dequantize, 1, update.q_scale, f"{base}.weight_scale_folded")
-    if update.zero_point is not None:
-        editor.set_constant_input(dequantize, 2, update.zero_point, f"{base}.weight_zero_point_folded")
-    if update.quantized is not None:
-        editor.set_constant_input(dequantize, 0, update.quantized, f"{base}.weight_quantized_folded")
-    editor.set_attribute(dequantize, "axis", update.axis)
-
-
 # ------------------------------------------------------------------------------------------------
-# Checks: each returns what it found or raises _CannotFold with the reason, where it is found
+# Checks: each returns what it found or raises CannotFold with the reason, where it is found
 # ------------------------------------------------------------------------------------------------
-
-
-class _CannotFold(Exception):
-    """Why a BN cannot fold (in one direction), in words for the user. Raised by the checks where
-    the reason is found; :meth:`FoldBatchNormPass.call` catches it once, from :func:`plan_fold`."""
 
 
 def plan_fold(bn: onnx.NodeProto, index: GraphIndex, context: _Context) -> _BackwardFold | _ForwardFold:
-    """How ``bn`` folds: backward when it can, else forward; raises :class:`_CannotFold` with both
+    """How ``bn`` folds: backward when it can, else forward; raises :class:`CannotFold` with both
     reasons when it can do neither."""
     affine = check_batchnorm(bn, index, context.opset)
     try:
         return check_backward_fold(bn, affine, index, context)
-    except _CannotFold as backward:
+    except CannotFold as backward:
         try:
             return check_forward_fold(bn, affine, index, context)
-        except _CannotFold as forward:
-            raise _CannotFold(f"{backward}; nor can it fold into the layer after it: {forward}") from None
+        except CannotFold as forward:
+            raise CannotFold(f"{backward}; nor can it fold into the layer after it: {forward}") from None
 
 
 def check_batchnorm(bn: onnx.NodeProto, index: GraphIndex, opset: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scale, shift)`` (float64, per channel) of an inference-mode per-channel BN."""
     if opset < 7:
-        raise _CannotFold(f"opset {opset} BatchNormalization is not supported (opset 7 or later is)")
+        raise CannotFold(f"opset {opset} BatchNormalization is not supported (opset 7 or later is)")
     if any(bn.output[1:]):
-        raise _CannotFold("it computes training outputs (running mean/variance), so it runs in training mode")
+        raise CannotFold("it computes training outputs (running mean/variance), so it runs in training mode")
     if attribute(bn, "training_mode", 0):
-        raise _CannotFold("training_mode=1: it normalizes with batch statistics at inference")
+        raise CannotFold("training_mode=1: it normalizes with batch statistics at inference")
     if attribute(bn, "spatial", 1) == 0:
-        raise _CannotFold("spatial=0: per-activation statistics cannot fold into per-channel weights")
+        raise CannotFold("spatial=0: per-activation statistics cannot fold into per-channel weights")
     params = []
     for position, label in enumerate(PARAM_NAMES, start=1):
         value = _float_constant(bn.input[position], f"its {label} '{bn.input[position]}'", index)
         if value is None:
-            raise _CannotFold(f"its {label} '{bn.input[position]}' is not a constant")
+            raise CannotFold(f"its {label} '{bn.input[position]}' is not a constant")
         params.append(value)
     channels = params[2].size
     if any(p.size != channels for p in params):
-        raise _CannotFold("its parameters have different sizes " + str([p.size for p in params]))
+        raise CannotFold("its parameters have different sizes " + str([p.size for p in params]))
     epsilon = attribute(bn, "epsilon", 1e-5)
     with np.errstate(all="ignore"):
         scale, shift = folding.batchnorm_affine(*params, epsilon)
     bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(shift)))
     if bad.size:
-        raise _CannotFold(f"var + epsilon is not positive (or a parameter is not finite) for channel(s) {_few(bad)}")
+        raise CannotFold(f"var + epsilon is not positive (or a parameter is not finite) for channel(s) {few(bad)}")
     return scale, shift
 
 
@@ -324,17 +267,17 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
     total_bias = _bias_before_batchnorm(layer, weight, bias, add, add_position, add_value, scale.size)
     new_weight = _fold_backward_weight(layer, weight, scale)
-    op, label = layer.op_type, node_label(layer)
-    if op == "MatMul":  # its Add (the one there, or the one the fold writes) carries the bias
+    op, label, spec = layer.op_type, node_label(layer), LAYERS[layer.op_type]
+    if not spec.bias_slot:  # its Add (the one there, or the one the fold writes) carries the bias
         bias_dtype = add_value.dtype if add is not None else weight.dtype
     else:
         bias_dtype = bias.dtype if bias is not None else add_value.dtype if add is not None else weight.dtype
-    new_bias = _cast_finite(folding.fold_bias(total_bias, scale, shift), bias_dtype,
-                            f"the folded bias of {op} '{label}'")
-    if op == "MatMul" and add is not None and add_value.size == scale.size:
+    new_bias = cast_finite(folding.fold_bias(total_bias, scale, shift), bias_dtype,
+                           f"the folded bias of {op} '{label}'")
+    if not spec.bias_slot and add is not None and add_value.size == scale.size:
         new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
-                         dequantize=weight.dequantize if isinstance(weight, _QuantizedWeight) else None,
+                         dequantize=weight.dequantize if isinstance(weight, QuantizedWeight) else None,
                          bias=new_bias, add=add, add_constant_position=add_position)
 
 
@@ -346,22 +289,22 @@ def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onn
     producer = index.producers.get(x)
     if producer is None:
         if x in index.initializers and not index.is_overridable_input(x):
-            raise _CannotFold(f"its input '{x}' is a constant, not the output of a layer")
-        raise _CannotFold(f"its input '{x}' is a graph input, not the output of a layer")
+            raise CannotFold(f"its input '{x}' is a constant, not the output of a layer")
+        raise CannotFold(f"its input '{x}' is a graph input, not the output of a layer")
     if producer.domain not in DEFAULT_DOMAINS:
-        raise _CannotFold(f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'")
+        raise CannotFold(f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'")
     add, add_position, add_value = None, 1, None
     layer = producer
     if producer.op_type == "Add":
         add = producer
         layer, add_position, add_value = _match_bias_add(add, index)
-    elif _is_dequantize(producer):
-        raise _CannotFold(f"its input comes from DequantizeLinear '{node_label(producer)}': an activation quantized "
-                          "after its layer cannot take a per-channel factor exactly; re-estimate and fold with "
-                          "bnpass before quantizing activations")
+    elif is_dequantize(producer):
+        raise CannotFold(f"its input comes from DequantizeLinear '{node_label(producer)}': an activation quantized "
+                         "after its layer cannot take a per-channel factor exactly; re-estimate and fold with "
+                         "bnpass before quantizing activations")
     elif producer.op_type not in FOLDABLE_PRODUCERS:
-        raise _CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
-                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
+        raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
+                         "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
     if index.use_count(x) != 1:
         _raise_shared(x, producer, index)
     if add is not None and index.use_count(layer.output[0]) != 1:
@@ -371,8 +314,8 @@ def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onn
 
 def _raise_shared(name: str, producer, index: GraphIndex) -> None:
     if name in index.graph_outputs:
-        raise _CannotFold(f"'{name}', the output of {node_label(producer)}, is also a graph output")
-    raise _CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
+        raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also a graph output")
+    raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
 
 
 def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, np.ndarray]:
@@ -385,72 +328,57 @@ def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodePr
             if (constant is not None and layer is not None and layer.op_type in FOLDABLE_PRODUCERS
                     and layer.domain in DEFAULT_DOMAINS and np.issubdtype(constant.value.dtype, np.floating)):
                 return layer, position, constant.value
-    raise _CannotFold(f"its input comes from Add '{node_label(add)}', which does not add a constant to the output "
-                      "of a Conv, ConvTranspose, Gemm or MatMul")
+    raise CannotFold(f"its input comes from Add '{node_label(add)}', which does not add a constant to the output "
+                     "of a Conv, ConvTranspose, Gemm or MatMul")
 
 
 def _check_output_channels(layer, weight_shape, bias: Optional[np.ndarray], channels: int,
                            context: _Context) -> None:
     """The layer makes ``channels`` output channels along the BN's channel axis (and a Conv or
     ConvTranspose bias has one value each)."""
-    op, label = layer.op_type, node_label(layer)
-    if op == "Conv":
-        out_channels = weight_shape[0]
-    elif op == "ConvTranspose":
-        out_channels = weight_shape[1] * attribute(layer, "group", 1)
-    elif op == "Gemm":
-        out_channels = weight_shape[0] if attribute(layer, "transB", 0) else weight_shape[1]
-    else:
+    op, label, spec = layer.op_type, node_label(layer), LAYERS[layer.op_type]
+    if spec.rank_2_data:
         _check_matmul_ranks(layer, weight_shape, layer.input[0], context, backward=True)
-        out_channels = weight_shape[1]
+    out_channels = weight_shape[spec.output_axis(layer)] * spec.output_groups(layer)
     if out_channels != channels:
-        raise _CannotFold(f"{op} '{label}' has {out_channels} output channels but the BN has {channels}")
-    if op in ("Conv", "ConvTranspose") and bias is not None and bias.size != channels:
-        raise _CannotFold(f"the bias of {op} '{label}' has {bias.size} values for {channels} channels")
+        raise CannotFold(f"{op} '{label}' has {out_channels} output channels but the BN has {channels}")
+    if spec.per_channel_bias and bias is not None and bias.size != channels:
+        raise CannotFold(f"the bias of {op} '{label}' has {bias.size} values for {channels} channels")
 
 
 def _bias_before_batchnorm(layer, weight, bias: Optional[np.ndarray], add, add_position: int,
                            add_value: Optional[np.ndarray], channels: int) -> Optional[np.ndarray]:
     """What the layer (and the Add) add per channel before the BN, in float64: the layer's own bias
     (Gemm: beta * C) plus the Add's constant; None when neither adds anything."""
-    op = layer.op_type
+    op, spec = layer.op_type, LAYERS[layer.op_type]
     total_bias = None if bias is None else bias.astype(np.float64)
-    if op == "Gemm" and total_bias is not None:
-        total_bias = total_bias * np.float64(attribute(layer, "beta", 1.0))
+    if spec.bias_scale and total_bias is not None:
+        total_bias = total_bias * np.float64(attribute(layer, spec.bias_scale, 1.0))
     if add is None:
         return total_bias
-    rank = len(weight.shape) if op in ("Conv", "ConvTranspose") else 2
+    rank = len(weight.shape) if spec.spatial else 2
     per_channel = folding.channel_vector(add_value, channels, rank=rank, axis=1)
     if per_channel is None:
-        raise _CannotFold(f"the constant '{add.input[add_position]}' of shape {list(add_value.shape)} added by "
-                          f"'{node_label(add)}' is not one value per channel of {op} '{node_label(layer)}''s "
-                          f"rank-{rank} output")
+        raise CannotFold(f"the constant '{add.input[add_position]}' of shape {list(add_value.shape)} added by "
+                         f"'{node_label(add)}' is not one value per channel of {op} '{node_label(layer)}''s "
+                         f"rank-{rank} output")
     return per_channel if total_bias is None else total_bias + per_channel
 
 
-def _fold_backward_weight(layer, weight: np.ndarray | _QuantizedWeight,
-                          scale: np.ndarray) -> np.ndarray | _QuantizedUpdate:
+def _fold_backward_weight(layer, weight: np.ndarray | QuantizedWeight,
+                          scale: np.ndarray) -> np.ndarray | QuantizedUpdate:
     """The layer's weight with output channel c scaled by ``scale[c]``, in its own dtype (a
     quantized weight: new DequantizeLinear inputs)."""
-    op, label = layer.op_type, node_label(layer)
-    group = attribute(layer, "group", 1) if op == "ConvTranspose" else 1
-    out_axis = _output_axis(layer)
-    if isinstance(weight, _QuantizedWeight):
-        if op == "ConvTranspose" and group != 1:
-            raise _CannotFold(f"the weight of ConvTranspose '{label}' (group {group}) is quantized: its output "
-                              "channels do not lie along one weight axis, so no per-axis scale can express the fold")
-        return _fold_quantized_weight(weight, scale, out_axis, layer)
-    return _cast_finite(folding.scale_output_channels(weight, scale, axis=out_axis, group=group),
-                        weight.dtype, f"the folded weight of {op} '{label}'")
-
-
-def _output_axis(layer) -> int:
-    """The weight axis enumerating output channels (within a group, for ConvTranspose)."""
-    if layer.op_type == "Conv":
-        return 0
-    if layer.op_type == "Gemm":
-        return 0 if attribute(layer, "transB", 0) else 1
-    return 1  # ConvTranspose (C_in, C_out/group, k...) and MatMul (K, N)
+    op, label, spec = layer.op_type, node_label(layer), LAYERS[layer.op_type]
+    group = spec.output_groups(layer)
+    out_axis = spec.output_axis(layer)
+    if isinstance(weight, QuantizedWeight):
+        if group != 1:
+            raise CannotFold(f"the weight of {op} '{label}' (group {group}) is quantized: its output "
+                             "channels do not lie along one weight axis, so no per-axis scale can express the fold")
+        return fold_quantized_weight(weight, scale, out_axis, layer)
+    return cast_finite(folding.scale_output_channels(weight, scale, axis=out_axis, group=group),
+                       weight.dtype, f"the folded weight of {op} '{label}'")
 
 
 # --- forward: into the one layer reading the BN's output -------------------------------------------
@@ -462,20 +390,12 @@ def check_forward_fold(bn, affine, index: GraphIndex, context: _Context) -> _For
     layer = _forward_layer(bn, index)
     weight = _forward_weight(layer, index)
     bias = _layer_bias(layer, index)
-    if layer.op_type == "Conv":
-        new_weight, new_bias = _fold_into_following_conv(layer, weight, bias, scale, shift)
-    elif layer.op_type == "Gemm":
-        new_weight, new_bias = _fold_into_following_gemm(layer, weight, bias, scale, shift)
-    else:
-        _check_matmul_ranks(layer, weight.shape, bn.input[0], context, backward=False)
-        if weight.shape[0] != scale.size:
-            raise _CannotFold(f"MatMul '{node_label(layer)}' has {weight.shape[0]} input features but the BN "
-                              f"has {scale.size}")
-        new_weight, new_bias = folding.fold_matmul_input(weight, scale, shift)
+    new_weight, new_bias = LAYERS[layer.op_type].fold_input(layer, weight, bias, scale, shift,
+                                                            data=bn.input[0], context=context)
     op, label = layer.op_type, node_label(layer)
-    new_weight = _cast_finite(new_weight, weight.dtype, f"the folded weight of {op} '{label}'")
+    new_weight = cast_finite(new_weight, weight.dtype, f"the folded weight of {op} '{label}'")
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    new_bias = _cast_finite(new_bias, bias_dtype, f"the folded bias of {op} '{label}'")
+    new_bias = cast_finite(new_bias, bias_dtype, f"the folded bias of {op} '{label}'")
     return _ForwardFold(bn=bn, layer=layer, weight=new_weight, bias=new_bias)
 
 
@@ -483,18 +403,18 @@ def _forward_layer(bn, index: GraphIndex) -> onnx.NodeProto:
     """The one Conv, Gemm or MatMul reading the BN's output, as its data input."""
     y = bn.output[0]
     if y in index.graph_outputs:
-        raise _CannotFold(f"its output '{y}' is a graph output")
+        raise CannotFold(f"its output '{y}' is a graph output")
     readers = index.consumers.get(y, [])
     if not readers:
-        raise _CannotFold(f"nothing reads its output '{y}'")
+        raise CannotFold(f"nothing reads its output '{y}'")
     if index.use_count(y) != 1:
-        raise _CannotFold(f"its output '{y}' is read by {index.use_count(y)} nodes or subgraph uses")
+        raise CannotFold(f"its output '{y}' is read by {index.use_count(y)} nodes or subgraph uses")
     layer = readers[0]
     op, label = layer.op_type, node_label(layer)
     if op not in FORWARD_LAYERS or layer.domain not in DEFAULT_DOMAINS:
-        raise _CannotFold(f"its output goes to {op} '{label}' (folds forward only into Conv, Gemm or MatMul)")
+        raise CannotFold(f"its output goes to {op} '{label}' (folds forward only into Conv, Gemm or MatMul)")
     if layer.input[0] != y:
-        raise _CannotFold(f"{op} '{label}' reads its output as a parameter, not as data")
+        raise CannotFold(f"{op} '{label}' reads its output as a parameter, not as data")
     return layer
 
 
@@ -504,37 +424,46 @@ def _forward_weight(layer, index: GraphIndex) -> np.ndarray:
     weight = _float_constant(name, f"the weight of {op} '{label}'", index)
     if weight is not None:
         return weight
-    if _is_dequantize(index.producers.get(name)):
-        raise _CannotFold(f"the weight of {op} '{label}' is quantized: scaling its input channels cannot be "
-                          "expressed in a per-output-channel DequantizeLinear scale")
-    raise _CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
+    if is_dequantize(index.producers.get(name)):
+        raise CannotFold(f"the weight of {op} '{label}' is quantized: scaling its input channels cannot be "
+                         "expressed in a per-output-channel DequantizeLinear scale")
+    raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
 
 
 def _fold_into_following_conv(conv, weight: np.ndarray, bias: Optional[np.ndarray], scale: np.ndarray,
-                              shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                              shift: np.ndarray, **_) -> tuple[np.ndarray, np.ndarray]:
     label, channels = node_label(conv), scale.size
     padding = _conv_padding(conv, weight)
     if padding:
-        raise _CannotFold(f"Conv '{label}' pads its input ({padding}): a padded zero after the BN is not a zero "
-                          "before it, so the fold would be wrong at the borders")
+        raise CannotFold(f"Conv '{label}' pads its input ({padding}): a padded zero after the BN is not a zero "
+                         "before it, so the fold would be wrong at the borders")
     group = attribute(conv, "group", 1)
     in_channels = weight.shape[1] * group
     if in_channels != channels:
-        raise _CannotFold(f"Conv '{label}' has {in_channels} input channels but the BN has {channels}")
+        raise CannotFold(f"Conv '{label}' has {in_channels} input channels but the BN has {channels}")
     return folding.fold_conv_input(weight, bias, scale, shift, group=group)
 
 
 def _fold_into_following_gemm(gemm, weight: np.ndarray, bias: Optional[np.ndarray], scale: np.ndarray,
-                              shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                              shift: np.ndarray, **_) -> tuple[np.ndarray, np.ndarray]:
     label, channels = node_label(gemm), scale.size
     if attribute(gemm, "transA", 0):
-        raise _CannotFold(f"Gemm '{label}' has transA=1: the BN channels become rows of the output, not weights")
+        raise CannotFold(f"Gemm '{label}' has transA=1: the BN channels become rows of the output, not weights")
     trans_b = bool(attribute(gemm, "transB", 0))
     in_channels = weight.shape[1] if trans_b else weight.shape[0]
     if in_channels != channels:
-        raise _CannotFold(f"Gemm '{label}' has {in_channels} input features but the BN has {channels}")
+        raise CannotFold(f"Gemm '{label}' has {in_channels} input features but the BN has {channels}")
     return folding.fold_gemm_input(weight, bias, scale, shift, trans_b=trans_b,
                                    alpha=attribute(gemm, "alpha", 1.0), beta=attribute(gemm, "beta", 1.0))
+
+
+def _fold_into_following_matmul(matmul, weight: np.ndarray, bias: None, scale: np.ndarray, shift: np.ndarray, *,
+                                data: str, context: _Context) -> tuple[np.ndarray, np.ndarray]:
+    _check_matmul_ranks(matmul, weight.shape, data, context, backward=False)
+    if weight.shape[0] != scale.size:
+        raise CannotFold(f"MatMul '{node_label(matmul)}' has {weight.shape[0]} input features but the BN "
+                         f"has {scale.size}")
+    return folding.fold_matmul_input(weight, scale, shift)
 
 
 def _conv_padding(conv, weight: np.ndarray) -> str:
@@ -558,21 +487,17 @@ def _check_matmul_ranks(matmul, weight_shape, data: str, context: _Context, *, b
     channel axis 1 is the weight's output axis (BN after it) or its contracted axis (BN before)."""
     label = node_label(matmul)
     if len(weight_shape) != 2:
-        raise _CannotFold(f"the weight of MatMul '{label}' has rank {len(weight_shape)}, not 2")
+        raise CannotFold(f"the weight of MatMul '{label}' has rank {len(weight_shape)}, not 2")
     rank = context.rank(data)
     if rank == 2:
         return
     if not backward:
-        raise _CannotFold(f"MatMul '{label}' reads a rank-{rank if rank is not None else '?'} input, so the BN "
-                          "channel axis is not the contracted axis")
+        raise CannotFold(f"MatMul '{label}' reads a rank-{rank if rank is not None else '?'} input, so the BN "
+                         "channel axis is not the contracted axis")
     if rank is None:
-        raise _CannotFold(f"the rank of '{data}', the input of MatMul '{label}', is unknown")
-    raise _CannotFold(f"MatMul '{label}' has a rank-{rank} input, so the BN channel axis is not the weight's "
-                      "output axis")
-
-
-def _is_dequantize(node) -> bool:
-    return node is not None and node.op_type == "DequantizeLinear" and node.domain in DEFAULT_DOMAINS
+        raise CannotFold(f"the rank of '{data}', the input of MatMul '{label}', is unknown")
+    raise CannotFold(f"MatMul '{label}' has a rank-{rank} input, so the BN channel axis is not the weight's "
+                     "output axis")
 
 
 def _float_constant(name: str, what: str, index: GraphIndex) -> Optional[np.ndarray]:
@@ -582,24 +507,24 @@ def _float_constant(name: str, what: str, index: GraphIndex) -> Optional[np.ndar
     if constant is None:
         return None
     if not np.issubdtype(constant.value.dtype, np.floating):
-        raise _CannotFold(f"{what} is {constant.value.dtype}, not floating point")
+        raise CannotFold(f"{what} is {constant.value.dtype}, not floating point")
     return constant.value
 
 
-def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | _QuantizedWeight:
+def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | QuantizedWeight:
     """The weight of a layer a BN folds backward into: a float constant, or a DequantizeLinear of constants."""
     op, label, name = layer.op_type, node_label(layer), layer.input[1]
     value = _float_constant(name, f"the weight of {op} '{label}'", index)
     if value is not None:
         return value
     dequantize = index.producers.get(name)
-    if not _is_dequantize(dequantize):
-        raise _CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
+    if not is_dequantize(dequantize):
+        raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
     if context.opset < PER_AXIS_DEQUANTIZE_OPSET:
-        raise _CannotFold(f"the weight of {op} '{label}' comes from DequantizeLinear '{node_label(dequantize)}', "
-                          f"and a per-channel scale needs opset {PER_AXIS_DEQUANTIZE_OPSET} (the model imports "
-                          f"opset {context.opset})")
-    return _read_dequantize(dequantize, index, reader=f"the weight of {op} '{label}'")
+        raise CannotFold(f"the weight of {op} '{label}' comes from DequantizeLinear '{node_label(dequantize)}', "
+                         f"and a per-channel scale needs opset {PER_AXIS_DEQUANTIZE_OPSET} (the model imports "
+                         f"opset {context.opset})")
+    return read_dequantize(dequantize, index, reader=f"the weight of {op} '{label}'")
 
 
 def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
@@ -615,86 +540,57 @@ def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
     if value is not None:
         return value
     dequantize = index.producers.get(name)
-    if _is_dequantize(dequantize):
+    if is_dequantize(dequantize):
         try:
-            return _read_dequantize(dequantize, index, reader=f"the bias of '{label}'").dequantized()
-        except _CannotFold:
+            return read_dequantize(dequantize, index, reader=f"the bias of '{label}'").dequantized()
+        except CannotFold:
             pass  # whatever keeps it from being a constant, the user needs to know only that
-    raise _CannotFold(f"the bias '{name}' of '{label}' is not a constant")
+    raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
 
 
-def _read_dequantize(dequantize, index: GraphIndex, *, reader: str) -> _QuantizedWeight:
-    """``DequantizeLinear(q, q_scale, zero_point)`` of constants, per tensor or per axis (``reader``
-    names the tensor it makes, in messages)."""
-    dq_label = f"DequantizeLinear '{node_label(dequantize)}'"
-    if attribute(dequantize, "block_size", 0):
-        raise _CannotFold(f"{dq_label} uses blocked quantization")
-    inputs = list(dequantize.input) + [""] * (3 - len(dequantize.input))
-    constants = [index.constant(n) if n else None for n in inputs]
-    if constants[0] is None or constants[1] is None or (inputs[2] and constants[2] is None):
-        raise _CannotFold(f"the inputs of {dq_label}, which makes {reader}, are not all constants")
-    quantized, q_scale, zero_point = (None if c is None else c.value for c in constants)
-    if quantized.dtype not in QUANTIZED_WEIGHT_TYPES:
-        raise _CannotFold(f"{dq_label} dequantizes {quantized.dtype} (bnpass folds int8/uint8/int16/uint16/int32 "
-                          "weights)")
-    if not np.issubdtype(q_scale.dtype, np.floating):
-        raise _CannotFold(f"the scale of {dq_label} is {q_scale.dtype}")
-    if q_scale.size == 1 and q_scale.ndim <= 1:
-        axis = None
-    elif q_scale.ndim == 1:
-        axis = attribute(dequantize, "axis", 1)
-        axis = axis + quantized.ndim if axis < 0 else axis
-    else:
-        raise _CannotFold(f"the scale of {dq_label} has shape {list(q_scale.shape)}")
-    if zero_point is not None and zero_point.shape != q_scale.shape:
-        raise _CannotFold(f"the zero point and scale of {dq_label} have different shapes")
-    output_type = attribute(dequantize, "output_dtype", 0)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(output_type) if output_type else q_scale.dtype
-    return _QuantizedWeight(dequantize=dequantize, quantized=quantized, q_scale=q_scale, zero_point=zero_point,
-                            axis=axis, dtype=np.dtype(dtype))
+# ------------------------------------------------------------------------------------------------
+# Layer types: what the fold needs to know about each, in one table
+# ------------------------------------------------------------------------------------------------
 
 
-def _fold_quantized_weight(weight: _QuantizedWeight, scale: np.ndarray, out_axis: int,
-                           layer) -> _QuantizedUpdate:
-    """New DequantizeLinear scale, zero point (and mirrored integers) for output channels along ``out_axis``."""
-    dq_label = f"DequantizeLinear '{node_label(weight.dequantize)}'"
-    channels = scale.size
-    if weight.axis is not None and weight.axis != out_axis:
-        raise _CannotFold(f"{dq_label} quantizes the weight of {layer.op_type} '{node_label(layer)}' per channel "
-                          f"along axis {weight.axis}, but its output channels lie along axis {out_axis}")
-    if weight.axis is not None and weight.q_scale.size != channels:
-        raise _CannotFold(f"{dq_label} has {weight.q_scale.size} scales for {channels} channels")
-    zero = np.flatnonzero(scale == 0)
-    if zero.size:
-        raise _CannotFold(f"gamma is 0 for channel(s) {_few(zero)}: the folded scale would be 0")
-    q_scale = _cast_finite(folding.fold_quantized_scale(weight.q_scale, scale), weight.q_scale.dtype,
-                           f"the folded scale of {dq_label}")
-    if np.any(q_scale == 0):
-        raise _CannotFold(f"the folded scale of {dq_label} underflows to 0 in {q_scale.dtype}")
-    zero_point = None
-    if weight.zero_point is not None:
-        zero_point = np.broadcast_to(weight.zero_point.reshape(-1), (channels,)).astype(weight.zero_point.dtype)
-    mirror = scale < 0
-    quantized = None
-    if mirror.any():
-        quantized, overflowing = folding.mirror_quantized_channels(
-            weight.quantized, 0 if zero_point is None else zero_point, mirror, axis=out_axis)
-        if quantized is None:
-            raise _CannotFold(f"the BN scale is negative for channel(s) {_few(np.flatnonzero(mirror))}; keeping the "
-                              f"{dq_label} scale positive means mirroring those channels' integers around the zero "
-                              f"point, which overflows {weight.quantized.dtype} in channel(s) {_few(overflowing)}")
-    return _QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, quantized=quantized, axis=out_axis)
+def _no_groups(layer) -> int:
+    return 1
 
 
-def _cast_finite(value: np.ndarray, dtype, what: str) -> np.ndarray:
-    """``value`` cast once to ``dtype``; the fold cannot be written when that is not finite (overflow)."""
-    with np.errstate(all="ignore"):
-        cast = np.asarray(value).astype(dtype)
-    if not np.all(np.isfinite(cast)):
-        raise _CannotFold(f"{what} is not finite in {np.dtype(dtype)} (overflow)")
-    return cast
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer type a BN folds into.
+
+    ``output_axis(layer)``: the weight axis enumerating output channels (within a group);
+    ``output_groups(layer)``: how many groups of output channels that axis holds (ConvTranspose's
+    weight is (C_in, C_out/group, k...)), so that C_out = weight.shape[output_axis] * output_groups;
+    ``bias_slot``: input 2 is the bias (False: MatMul, whose bias is an Add after it);
+    ``per_channel_bias``: that bias has one value per output channel (Gemm's C broadcasts);
+    ``bias_scale``: the attribute that scales the bias (Gemm's beta), dropped once the folded bias carries it;
+    ``spatial``: the output has the weight's rank (N, C, D1...), else rank 2;
+    ``rank_2_data``: the fold needs a rank-2 data input (MatMul: then BN's channel axis 1 is the weight's);
+    ``fold_input``: folds a BN *before* the layer (forward), None when the layer cannot take one.
+    """
+
+    output_axis: Callable[[onnx.NodeProto], int]
+    output_groups: Callable[[onnx.NodeProto], int] = _no_groups
+    bias_slot: bool = True
+    per_channel_bias: bool = False
+    bias_scale: Optional[str] = None
+    spatial: bool = False
+    rank_2_data: bool = False
+    fold_input: Optional[Callable] = None
 
 
-def _few(indices) -> str:
-    indices = [int(i) for i in indices]
-    return ", ".join(map(str, indices[:8])) + (f" ... ({len(indices)} in all)" if len(indices) > 8 else "")
+LAYERS = {
+    "Conv": LayerSpec(output_axis=lambda layer: 0, per_channel_bias=True, spatial=True,
+                      fold_input=_fold_into_following_conv),
+    "ConvTranspose": LayerSpec(output_axis=lambda layer: 1, output_groups=lambda layer: attribute(layer, "group", 1),
+                               per_channel_bias=True, spatial=True),
+    "Gemm": LayerSpec(output_axis=lambda layer: 0 if attribute(layer, "transB", 0) else 1, bias_scale="beta",
+                      fold_input=_fold_into_following_gemm),
+    "MatMul": LayerSpec(output_axis=lambda layer: 1, bias_slot=False, rank_2_data=True,
+                        fold_input=_fold_into_following_matmul),
+}
+FOLDABLE_PRODUCERS = tuple(LAYERS)
+FORWARD_LAYERS = tuple(op for op, spec in LAYERS.items() if spec.fold_input is not None)
