@@ -135,6 +135,12 @@ def _cast_like_float16_activation(b, rng):  # the type comes from value_info or 
     return b.add_node("CastLike", ["zero", "activation"], ["out"], name="cast_like")[0]
 
 
+def _constant_of_shape_without_value(b, rng):  # no ``value`` attribute: a float32 zero fill
+    shape = b.add_initializer("zeros_shape", np.array([6, 1, 1, 1], np.int64))
+    b.add_node("ConstantOfShape", [shape], ["zeros"], name="zeros")
+    return b.add_node("Add", [_weight(b, rng), "zeros"], ["out"], name="add")[0]
+
+
 OP_CASES = {
     "Shape(W, start=0, end=1)": (15, _shape_slice),
     "Shape(Identity(W))": (13, _shape_through_identity),
@@ -150,6 +156,7 @@ OP_CASES = {
     "weight_norm, ReduceL2 axes input (opset 18)": (18, lambda b, rng: b.add_output(_weight_norm(b, rng, True),
                                                                                      np.float32, [6, 3, 3, 3])),
     "Sub(Add(W, c), c)": (13, _add_sub),
+    "Add(W, ConstantOfShape without value)": (13, _constant_of_shape_without_value),
     "dynamo zero bias: Expand(CastLike(0, x), Expand(Shape(W)))": (20, _dynamo_zero_bias),
     "CastLike to a float16 graph input": (15, _cast_like_float16_input),
     "CastLike to an undeclared float16 activation (inferred)": (15, _cast_like_float16_activation),

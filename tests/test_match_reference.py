@@ -192,6 +192,7 @@ def test_a_qdq_quantized_model_matches_its_float_original():
 
 
 def test_cli_reference_report_plot_and_provenance(tmp_path):
+    pytest.importorskip("matplotlib")  # --plot needs bnpass[plot]
     done = run_cli(EXAMPLE / "model_compressed.onnx", "out.onnx", "--data", EXAMPLE / "classes-0-4" / "calib",
                    "--reference", EXAMPLE / "model.onnx", "--batch-size", "64", "--report", "report.json",
                    "--plot", "drift.png", "--verify", cwd=tmp_path)

@@ -14,6 +14,12 @@ from bnpass.errors import BnpassError
 from bnpass.plot import HEIGHT_PIXELS, WIDTH_PIXELS, _spread, measure_drift, plot_drift
 
 
+@pytest.fixture
+def matplotlib():
+    """Drawing needs matplotlib (``bnpass[plot]``): without it these tests skip."""
+    return pytest.importorskip("matplotlib")
+
+
 def drifts(count, *, reference, seed=0):
     rng = np.random.default_rng(seed)
     result = []
@@ -67,7 +73,7 @@ def test_measure_drift_in_stored_and_reference_units():
 
 
 @pytest.mark.parametrize("count, reference", [(50, True), (150, True), (3, False)])
-def test_writes_a_readable_png_of_the_stated_size_that_is_not_blank(tmp_path, count, reference):
+def test_writes_a_readable_png_of_the_stated_size_that_is_not_blank(matplotlib, tmp_path, count, reference):
     path = tmp_path / "drift.png"
     plot_drift(drifts(count, reference=reference), path, title="test")
     size, spread = pixel_spread(path)
@@ -79,7 +85,7 @@ def test_writes_a_readable_png_of_the_stated_size_that_is_not_blank(tmp_path, co
     assert sorted(os.listdir(tmp_path)) == ["blank.png", "drift.png"]   # no temporary file left
 
 
-def test_zero_scales_and_non_finite_values_leave_gaps_not_errors(tmp_path):
+def test_zero_scales_and_non_finite_values_leave_gaps_not_errors(matplotlib, tmp_path):
     # epsilon 0 and a stored variance of 0: the shift divides by zero in one channel of one BN; the
     # BN is still drawn from its other channels, and one without any finite value is a gap.
     broken = measure_drift("bn0", 0.0, [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 2.0, 3.0], [1.0, 0.0, 4.0])
@@ -92,7 +98,7 @@ def test_zero_scales_and_non_finite_values_leave_gaps_not_errors(tmp_path):
     assert pixel_spread(path)[0] == (WIDTH_PIXELS, HEIGHT_PIXELS)
 
 
-def test_a_failed_drawing_leaves_the_existing_file_and_no_partial_one(tmp_path, monkeypatch):
+def test_a_failed_drawing_leaves_the_existing_file_and_no_partial_one(matplotlib, tmp_path, monkeypatch):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = tmp_path / "drift.png"
@@ -108,7 +114,7 @@ def test_a_failed_drawing_leaves_the_existing_file_and_no_partial_one(tmp_path, 
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["drift.png"]
 
 
-def test_an_unwritable_folder_is_a_one_line_error(tmp_path):
+def test_an_unwritable_folder_is_a_one_line_error(matplotlib, tmp_path):
     path = tmp_path / "missing" / "drift.png"
     with pytest.raises(BnpassError, match=r"cannot write the plot '.*drift.png': No such file or directory$"):
         plot_drift(drifts(2, reference=False), path)
