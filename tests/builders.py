@@ -1130,6 +1130,28 @@ def make_batchnorm_statistics_stale(model):
     return model.eval()
 
 
+def export_with_batchnorm_kept(model, sample, *, opset: int = 13, output_name: str = "logits") -> onnx.ModelProto:
+    """torch ``model`` (put in eval mode) exported with every BatchNormalization kept: the legacy
+    exporter, ``TrainingMode.PRESERVE``, no constant folding; input ``input``, output ``output_name``,
+    batch dimension dynamic in both, IR version 10 (what onnxruntime 1.31 reads). ``sample`` is one
+    example input batch."""
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is the one that keeps BN
+        torch.onnx.export(model.eval(), (sample,), buffer, dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                          opset_version=opset, input_names=["input"], output_names=[output_name],
+                          dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}})
+    exported = onnx.load_from_string(buffer.getvalue())
+    exported.ir_version = DEFAULT_IR_VERSION
+    return exported
+
+
 def update_bn_on(model, data: np.ndarray, batch_size: int):
     """``torch.optim.swa_utils.update_bn`` on ``data`` split into batches of ``batch_size`` (the
     last one shorter), as bnpass splits it; return the model in eval mode."""

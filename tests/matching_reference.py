@@ -26,11 +26,8 @@ does after export.
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
@@ -215,20 +212,6 @@ def match_one_pass(reference: nn.Module, compressed: nn.Module, batches: list,
         _set_statistics(matched_bns[name], *matched_statistics(stored_bns[name], reference_moments,
                                                                compressed_moments, tolerance))
     return matched
-
-
-def export_to_onnx(model: nn.Module, sample: torch.Tensor, opset: int = 13) -> onnx.ModelProto:
-    """Legacy-exporter ONNX with BN kept, input ``input``, output ``logits``, dynamic batch, IR 10."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model.eval(), (sample,), buffer, dynamo=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                          opset_version=opset, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    exported = onnx.load_from_string(buffer.getvalue())
-    exported.ir_version = 10
-    return exported
 
 
 def predictions(model: nn.Module, data: torch.Tensor) -> np.ndarray:

@@ -6,7 +6,6 @@ Statistics are checked against numpy in float64 on the same data (an independent
 
 from __future__ import annotations
 
-import io
 import threading
 
 import numpy as np
@@ -19,7 +18,7 @@ from bnpass.calibration import build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
 from bnpass.passes.reestimate_batchnorm import StatisticsSession, prefetched
 from bnpass.runtime import CPU, BatchRunner, create_session
-from builders import GraphBuilder, add_batchnorm, random_bn_params
+from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params
 
 STATISTICS_OPS = ("ReduceMean", "Sub", "Mul", "Size", "BatchNormalization")
 
@@ -50,13 +49,7 @@ def torch_conv_net(channels: int = 32) -> onnx.ModelProto:
         if isinstance(module, nn.BatchNorm2d):
             nn.init.uniform_(module.weight, 0.5, 1.5)
             module.running_mean.uniform_(-1, 1)
-    buffer = io.BytesIO()
-    torch.onnx.export(net.eval(), (torch.zeros(2, 3, 16, 16),), buffer, dynamo=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False, opset_version=13,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
-    model = onnx.load_from_string(buffer.getvalue())
-    model.ir_version = 10
-    return model
+    return export_with_batchnorm_kept(net, torch.zeros(2, 3, 16, 16), output_name="output")
 
 
 def test_each_bn_gets_two_reductions_and_no_reduce_sum_square():

@@ -18,11 +18,10 @@ import bnpass  # noqa: E402
 from bnpass.cli import main  # noqa: E402
 from bnpass.errors import ModelError  # noqa: E402
 from bnpass.passes.match_reference import pair_batchnorms  # noqa: E402
-from builders import GraphBuilder, add_batchnorm, random_bn_params, random_weight  # noqa: E402
+from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params, random_weight  # noqa: E402
 from matching_reference import (  # noqa: E402
     ResidualNet,
     batchnorms,
-    export_to_onnx,
     fake_quantize,
     magnitude_prune,
     make_network,
@@ -74,9 +73,9 @@ def test_one_batch_equals_level_by_level_matching_in_pytorch(network, data, comp
     give what matching depth by depth gives (float32 graph against float64 PyTorch)."""
     compressed = magnitude_prune(network, 0.7) if compression == "prune70" else fake_quantize(network, bits=4)
     expected, _ = match_level_by_level(network, compressed, torch.from_numpy(data), ResidualNet.batchnorm_levels())
-    model = export_to_onnx(compressed, torch.from_numpy(data[:2]))
+    model = export_with_batchnorm_kept(compressed, torch.from_numpy(data[:2]))
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=len(data), num_samples=len(data),
-                                          reference=export_to_onnx(network, torch.from_numpy(data[:2])),
+                                          reference=export_with_batchnorm_kept(network, torch.from_numpy(data[:2])),
                                           candidate="matched")
     assert result.batches == 1 and not result.held_out  # one batch: nothing to hold out
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
@@ -88,9 +87,9 @@ def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
     compressed = magnitude_prune(network, 0.7)
     batches = [data[start:start + 16] for start in range(0, len(data), 16)]   # 8 batches: 2 held out
     expected = match_one_pass(network, compressed, [torch.from_numpy(b) for b in batches[:6]])
-    model = export_to_onnx(compressed, torch.from_numpy(data[:2]))
+    model = export_with_batchnorm_kept(compressed, torch.from_numpy(data[:2]))
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, num_samples=len(data),
-                                          reference=export_to_onnx(network, torch.from_numpy(data[:2])),
+                                          reference=export_with_batchnorm_kept(network, torch.from_numpy(data[:2])),
                                           candidate="matched")
     assert (result.batches, result.held_out, result.held_out_samples) == (6, True, 32)
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
@@ -101,7 +100,7 @@ def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
 
 
 def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
-    model = export_to_onnx(network, torch.from_numpy(data[:2]))
+    model = export_with_batchnorm_kept(network, torch.from_numpy(data[:2]))
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=32, reference=model, candidate="matched")
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(network), rtol=1e-5)
     assert all(set(matched.rule_counts()) == {"matched"} for matched in result.matched.values())
@@ -165,7 +164,7 @@ def conv_bn_model(*, channels=4, epsilon=1e-5, names=("bn_a", "bn_b"), inputs=((
                                         "in the reference"),
     (lambda: conv_bn_model(epsilon=1e-3), "has epsilon 1e-05 in the model, 0.001 in the reference"),
     (lambda: conv_bn_model(inputs=(("z", 3),)), "the model's input 'x' float32[?, 3, 6, 6] is 'z' float32"),
-    (lambda: ResidualNet and export_to_onnx(make_network(), torch.zeros(2, 3, 8, 8)),
+    (lambda: ResidualNet and export_with_batchnorm_kept(make_network(), torch.zeros(2, 3, 8, 8)),
      "it has 5 BatchNormalization nodes, the model 2"),
 ])
 def test_a_reference_that_does_not_correspond_is_named(reference, words):
@@ -238,7 +237,7 @@ def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, 
     as for a free batch), the held-out check runs the models as they are, one sample at a time."""
     compressed = magnitude_prune(network, 0.5)
     for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
-        exported = export_to_onnx(source, torch.from_numpy(data[:1]))
+        exported = export_with_batchnorm_kept(source, torch.from_numpy(data[:1]))
         for value in list(exported.graph.input) + list(exported.graph.output):
             value.type.tensor_type.shape.dim[0].Clear()
             value.type.tensor_type.shape.dim[0].dim_value = 1
@@ -258,8 +257,8 @@ def test_reference_with_a_loader_batch_mean_statistics_and_external_data(tmp_pat
     (and a reference) stored with external data."""
     compressed = magnitude_prune(network, 0.5)
     for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
-        onnx.save(export_to_onnx(source, torch.from_numpy(data[:2])), tmp_path / name, save_as_external_data=True,
-                  location=f"{name}.weights", size_threshold=0)
+        onnx.save(export_with_batchnorm_kept(source, torch.from_numpy(data[:2])), tmp_path / name,
+                  save_as_external_data=True, location=f"{name}.weights", size_threshold=0)
     np.save(tmp_path / "data.npy", data)
     (tmp_path / "loader.py").write_text(
         "import numpy as np, os\n"

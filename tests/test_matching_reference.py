@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from builders import run_onnxruntime
+from builders import export_with_batchnorm_kept, run_onnxruntime
 from matching_reference import (
     batchnorms,
     channel_moments,
     compressible_layers,
-    export_to_onnx,
     fake_quantize,
     magnitude_prune,
     make_network,
@@ -128,7 +127,7 @@ def test_compressions_change_only_the_inner_weights(reference):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_exported_matched_model_runs_in_onnxruntime_with_bns_named_after_modules(reference, data):
     matched, _ = match_level_by_level(reference, magnitude_prune(reference, 0.7), data, LEVELS)
-    exported = export_to_onnx(matched, data[:2])
+    exported = export_with_batchnorm_kept(matched, data[:2])
     bn_means = [node.input[3] for node in exported.graph.node if node.op_type == "BatchNormalization"]
     assert bn_means == [f"{name}.running_mean" for name in batchnorms(matched)]   # how phase 2 pairs them
     with torch.no_grad():

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import onnx
 import pytest
 
 import bnpass
-from builders import make_batchnorm_statistics_stale, run_onnxruntime, update_bn_on
+from builders import export_with_batchnorm_kept, make_batchnorm_statistics_stale, run_onnxruntime, update_bn_on
 
 torch = pytest.importorskip("torch")  # the test extra; without it this module is skipped, not an error
 nn = torch.nn
@@ -41,17 +39,6 @@ def stale_model(seed=0) -> SmallNet:
     return make_batchnorm_statistics_stale(SmallNet())
 
 
-def export(model: nn.Module) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros(2, 3, 8, 8),), buffer, dynamo=False,
-                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                      opset_version=13, input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    exported = onnx.load_from_string(buffer.getvalue())
-    exported.ir_version = 10
-    return exported
-
-
 @pytest.fixture(scope="module")
 def calibration_data():
     rng = np.random.default_rng(7)
@@ -62,7 +49,7 @@ def calibration_data():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_batch_mean_statistics_match_update_bn(calibration_data):
     model = stale_model()
-    onnx_model = export(model)
+    onnx_model = export_with_batchnorm_kept(model, torch.zeros(2, 3, 8, 8))
     assert sum(n.op_type == "BatchNormalization" for n in onnx_model.graph.node) == 3
 
     update_bn_on(model, calibration_data, 32)  # batches of 32, 32, 32, 4

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import os
 import platform
@@ -62,6 +61,7 @@ import onnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 import bnpass  # noqa: E402
 from bnpass.calibration import FORMS, build_calibration_model, form_for_providers  # noqa: E402
@@ -71,6 +71,7 @@ from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E4
 from bnpass.passes.match_reference import MatchReferencePass  # noqa: E402
 from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
 from bnpass.runtime import BatchRunner, create_session, select_providers  # noqa: E402
+from builders import export_with_batchnorm_kept  # noqa: E402
 
 # tools/peak_memory.py, beside this script: the memory reader the memory tests use too.
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
@@ -208,20 +209,9 @@ def build_network(name: str, size=None):
 
 
 def export_network(net, shape, path: Path) -> None:
-    import warnings
-
     import torch
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (torch.zeros(2, *shape),), buffer, dynamo=False,
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                          opset_version=13, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}})
-    model = onnx.load_from_string(buffer.getvalue())
-    model.ir_version = 10
-    onnx.save(model, path)
+    onnx.save(export_with_batchnorm_kept(net, torch.zeros(2, *shape), output_name="output"), path)
 
 
 def write_samples(folder: Path, count: int, shape, seed: int = 0) -> None:

@@ -49,8 +49,7 @@ import argparse
 import copy
 import dataclasses
 import shutil
-import tempfile
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +61,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY_ROOT / "tests"))
+
+from builders import export_with_batchnorm_kept  # noqa: E402
+
 DEFAULT_OUTPUT_DIR = REPOSITORY_ROOT / "examples" / "digits"
 
 # onnx 1.23 writes IR version 14, which onnxruntime 1.31 refuses (it reads at most 13).
@@ -188,26 +191,8 @@ def onnx_accuracy(model_path: Path, images: np.ndarray, labels: np.ndarray) -> f
 
 
 def export_to_onnx(model: DigitsNet, path: Path) -> None:
-    """Export with the legacy exporter, BatchNormalization kept, batch dimension dynamic."""
-    example_input = torch.zeros(1, 1, 8, 8)
-    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated but is the one that keeps BN nodes here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        exported_path = Path(scratch) / "exported.onnx"
-        torch.onnx.export(
-            model.eval(),
-            (example_input,),
-            str(exported_path),
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            opset_version=OPSET_VERSION,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
-        exported = onnx.load(str(exported_path))
-    exported.ir_version = IR_VERSION
+    """Export with BatchNormalization kept (tests/builders.py), batch dimension dynamic."""
+    exported = export_with_batchnorm_kept(model, torch.zeros(1, 1, 8, 8), opset=OPSET_VERSION)
     onnx.checker.check_model(exported, full_check=True)
     onnx.save(exported, str(path))
 

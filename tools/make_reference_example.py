@@ -63,9 +63,9 @@ sys.path.insert(0, str(REPOSITORY_ROOT))
 
 import bnpass  # noqa: E402
 from bnpass.agreement import AgreementMeter, best_candidate  # noqa: E402
-from builders import run_onnxruntime  # noqa: E402
+from builders import export_with_batchnorm_kept, run_onnxruntime  # noqa: E402
 from make_example import write_calibration_batches  # noqa: E402
-from matching_reference import batchnorms, export_to_onnx, fake_quantize, magnitude_prune, match_level_by_level  # noqa: E402
+from matching_reference import batchnorms, fake_quantize, magnitude_prune, match_level_by_level  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = REPOSITORY_ROOT / "examples" / "reference"
 TEST_SIZE = 500
@@ -167,13 +167,14 @@ def measure(model: DeeperDigitsNet, compressed: DeeperDigitsNet, calibration: np
     """Accuracies and held-out agreements of the compressed, re-estimated and matched models."""
     statistics_images, held_out = calibration[:STATISTICS_SIZE], calibration[STATISTICS_SIZE:]
     sample = torch.from_numpy(statistics_images[:2])
-    uncompressed_onnx, compressed_onnx = export_to_onnx(model, sample), export_to_onnx(compressed, sample)
+    uncompressed_onnx = export_with_batchnorm_kept(model, sample)
+    compressed_onnx = export_with_batchnorm_kept(compressed, sample)
     reestimated_onnx = bnpass.reestimate_batchnorms(
         compressed_onnx, [statistics_images[i:i + BATCH_SIZE] for i in range(0, STATISTICS_SIZE, BATCH_SIZE)],
         batch_size=BATCH_SIZE, num_samples=STATISTICS_SIZE, device="cpu").model
     levels = [[name] for name in batchnorms(model)]   # one BN per level: graph order is topological
     matched, _ = match_level_by_level(model, compressed, torch.from_numpy(statistics_images), levels)
-    matched_onnx = export_to_onnx(matched, sample)
+    matched_onnx = export_with_batchnorm_kept(matched, sample)
     reference_held_out = logits(uncompressed_onnx, held_out)
     row, meters = {"uncompressed": _accuracy(uncompressed_onnx, test_images, test_labels)}, {}
     for name, candidate in (("compressed", compressed_onnx), ("reestimated", reestimated_onnx),
@@ -226,8 +227,8 @@ def run_seed(seed: int, epochs: int):
 def write_example(output_dir: Path, model, compressed, scenes) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     calibration_sample = torch.from_numpy(scenes["in-domain"][0][:2])
-    onnx.save(export_to_onnx(model, calibration_sample), str(output_dir / "model.onnx"))
-    onnx.save(export_to_onnx(compressed[SHIPPED_COMPRESSION], calibration_sample),
+    onnx.save(export_with_batchnorm_kept(model, calibration_sample), str(output_dir / "model.onnx"))
+    onnx.save(export_with_batchnorm_kept(compressed[SHIPPED_COMPRESSION], calibration_sample),
               str(output_dir / "model_compressed.onnx"))
     for deployment, (calibration, test_images, test_labels) in scenes.items():
         write_calibration_batches(calibration, output_dir / deployment / "calib", BATCH_SIZE)
