@@ -37,6 +37,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Optional, Union
@@ -110,13 +111,23 @@ def select_providers(device: str) -> list:
         return [CUDA, CPU]
     if device == "cuda":
         raise RuntimeUnavailableError(device, reason)
-    _say_once(f"using CPU: {reason}")
+    # Where no GPU is visible the fallback is what anyone expects: said only with -v (debug).
+    _say_once(f"using CPU: {reason}", logging.INFO if gpu_present() else logging.DEBUG)
     return [CPU]
 
 
+def gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process: a device node or nvidia-smi, and
+    ``CUDA_VISIBLE_DEVICES`` not set to hide every device (empty or -1). Cheap; no CUDA call."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
 @functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    logger.info("%s", message)
+def _say_once(message: str, level: int = logging.INFO) -> None:
+    logger.log(level, "%s", message)
 
 
 def session_providers(providers: list, *, tf32: bool = False) -> list:
