@@ -240,7 +240,7 @@ class MatchReferencePass(ReestimateBatchNormPass):
             result.compressed_moments[tap.bn] = own
             result.matched[tap.bn] = match
             result.reestimated[tap.bn] = (mean, var)
-        warning = _domain_warning(self.reference, pairs, targets, references)
+        warning = _domain_warning(self.reference, pairs, targets, references, forced=self.choose != "auto")
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
@@ -340,7 +340,8 @@ class _Sessions:
         return list(pending), True, samples, batches
 
 
-def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
+def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list, *,
+                    forced: bool = False) -> str:
     """A warning when the reference's first BNs see the calibration data unlike its training data
     (see the module docstring), else "". ``targets`` and ``moments`` (m_o, v_o) are per pair."""
     theirs = batchnorm_nodes(reference)
@@ -357,8 +358,8 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
             return (f"the reference's first BatchNormalization ('{node_label(bn)}') sees the calibration data "
                     f"with {shift.std_ratio:.2g}x the spread it was trained on (mean moved by "
                     f"{shift.mean_shift:.2g} standard deviations): the data differ from the reference's own, so "
-                    "agreement with it may favour the wrong candidate; check on labelled data, or choose one "
-                    "with --candidate")
+                    "agreement with it may favour the wrong candidate; check on labelled data"
+                    + ("" if forced else ", or choose one with --candidate"))
     return ""
 
 
