@@ -49,6 +49,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _sample_count(text: str) -> int:
+    if text.strip() == "0":
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0 (to fold without re-estimating, use "
+                                         "--fold-only)")
+    return _positive_int(text)
+
+
 def _size(text: str) -> tuple:
     parts = text.lower().split("x")
     try:
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "input name, or (inputs, labels) tuples) or a CalibrationDataReader, instead of --data")
     data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                       help=f"calibration batch size (default: {DEFAULT_BATCH_SIZE})")
-    data.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
+    data.add_argument("--num-samples", type=_sample_count, default=None, metavar="N",
                       help=f"samples to calibrate on, rounded up to whole batches as NNCF does "
                            f"(default: {DEFAULT_NUM_SAMPLES}, or the --config file's)")
     data.add_argument("--shuffle", action="store_true",
@@ -190,17 +197,20 @@ def _check_output_paths(args) -> None:
     """What can be checked before anything is read."""
     if not os.path.exists(args.input):
         raise BnpassError(f"model file '{args.input}' does not exist")
-    if os.path.isdir(args.output):
-        raise BnpassError(f"output path '{args.output}' is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(args.output))
+    for flag, path in (("output", args.output), ("--report", args.report), ("--plot", args.plot)):
+        if path:
+            _check_writable(flag, path)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """A file can be written at ``path``, or a BnpassError says why not."""
+    if os.path.isdir(path):
+        raise BnpassError(f"{flag} path '{path}' is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise BnpassError(f"output folder '{folder}' does not exist")
+        raise BnpassError(f"{flag} folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
-        raise BnpassError(f"output folder '{folder}' is not writable")
-    for flag, path in (("report", args.report), ("plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            raise BnpassError(f"cannot write the {flag} to '{path}'")
+        raise BnpassError(f"{flag} folder '{folder}' is not writable")
 
 
 def _reestimating(args, num_samples: int) -> bool:
@@ -219,10 +229,15 @@ def _check_request(args, num_samples: int) -> None:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
     if args.loader and (args.shuffle or args.seed is not None):
         raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
+    if args.loader and _image_options(args).given():
+        raise BnpassError(f"{', '.join(_image_options(args).given())} apply to image files; a --loader prepares "
+                          "its own samples")
     reestimating = _reestimating(args, num_samples)
+    if args.reference and args.fold_only:
+        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation: drop --fold-only")
     if args.reference and not reestimating:
-        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation (drop --fold-only, "
-                          "or num_bn_adaptation_samples 0)")
+        raise BnpassError(f"--reference works on re-estimated statistics, and '{args.config}' sets "
+                          "num_bn_adaptation_samples to 0: give --num-samples N to re-estimate")
     if args.candidate != "auto" and not args.reference:
         raise BnpassError(f"--candidate {args.candidate} chooses between the candidates of --reference; give "
                           "--reference ORIGINAL.onnx")
@@ -369,13 +384,16 @@ def _samples(args, model):
         return LoaderSource(args.loader, model_input_specs(model))
     if not args.data:
         return None
-    options = ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale,
-                           mean=args.mean, std=args.std, layout=args.layout)
-    samples = calibration_samples(model, args.data, options, shuffle=args.shuffle or args.seed is not None,
+    samples = calibration_samples(model, args.data, _image_options(args), shuffle=args.shuffle or args.seed is not None,
                                   seed=args.seed or 0)
     if isinstance(samples, ImageFolder):
         logger.info("%s", describe_images(samples.preprocessing))
     return samples
+
+
+def _image_options(args) -> ImageOptions:
+    return ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale, mean=args.mean,
+                        std=args.std, layout=args.layout)
 
 
 def _first_batches(samples, batch_size: int, model, count: int):
