@@ -1,7 +1,8 @@
 """Command line: ``bnpass IN.onnx OUT.onnx --data DIR`` (also ``python -m bnpass``).
 
-Exit codes: 0 done; 1 bad input or environment (one line ``error: ...`` on stderr, no output
-file written); 2 bad command line (argparse); 130 interrupted (no output file written).
+Exit codes: 0 done; 1 bad input or environment (one line ``error: ...`` on stderr; no file written:
+neither the model, its external data, the report nor the plot); 2 bad command line (argparse);
+130 interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from .errors import BnpassError, RuntimeUnavailableError
 from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
-from .model_io import exceeds_protobuf_limit, read_model, save_model, set_metadata, write_bytes_atomically
+from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
 from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .paths import check_separate
-from .plot import plot_drift, require_matplotlib
+from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
 from .report import batchnorm_drifts, batchnorm_records, no_batchnorm_notice, reference_record, summary_lines
 from .runtime import DEVICES, select_providers
@@ -244,6 +245,7 @@ def _check_request(args, num_samples: int) -> None:
     if args.plot:
         if not reestimating:
             raise BnpassError("--plot draws re-estimated statistics: it needs --data or --loader, without --fold-only")
+        plot_format(args.plot)
         require_matplotlib()
 
 
@@ -304,16 +306,23 @@ def run(args) -> int:
 
     if (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified):
         set_metadata(result, _provenance(args, reestimate, fold, bn_names))
-    # save_model checks the written file (onnx.checker, full): a failure there is a bug in bnpass.
-    save_model(result, args.output, external_data=bool(external_files))
     seconds = time.perf_counter() - started
-
-    if args.report:
-        _write_report(args, model, reestimate, fold, difference, seconds)
+    plot = None
     if args.plot and reestimate is not None:
-        plot_drift(batchnorm_drifts(model, reestimate), args.plot)
+        plot = render_drift(batchnorm_drifts(model, reestimate), plot_format(args.plot))
     elif args.plot:
         logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
+    # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.
+    with StagedFiles() as staged:
+        # The written model is checked (onnx.checker, full): a failure there is a bug in bnpass.
+        staged.write_model(result, args.output, external_data=bool(external_files), what="the output")
+        if args.report:
+            staged.write_bytes(args.report, _report(args, model, reestimate, fold, difference, seconds),
+                               what="the report")
+        if plot is not None:
+            staged.write_bytes(args.plot, plot, what="the plot")
+        staged.commit()
+
     if not args.quiet:
         for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
             print(line)
@@ -322,8 +331,19 @@ def run(args) -> int:
         if difference is not None:
             print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
                   f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
-        print(f"wrote {args.output} in {seconds:.1f} s")
+        external = writes_external and os.path.exists(args.output + ".data")
+        print(f"wrote {_written(args, external, plot is not None)} in {seconds:.1f} s")
     return 0
+
+
+def _written(args, external: bool, plotted: bool) -> str:
+    """``out.onnx (with out.onnx.data), the report r.json and the plot p.png``: where the files went."""
+    files = [args.output + (f" (with {args.output}.data)" if external else "")]
+    if args.report:
+        files.append(f"the report {args.report}")
+    if plotted:
+        files.append(f"the plot {args.plot}")
+    return files[0] if len(files) == 1 else ", ".join(files[:-1]) + " and " + files[-1]
 
 
 def _reads(args, external_files: list, reference_files: list, samples) -> list:
@@ -406,7 +426,8 @@ def _first_batches(samples, batch_size: int, model, count: int):
         yield feed
 
 
-def _write_report(args, model, reestimate, fold, difference, seconds) -> None:
+def _report(args, model, reestimate, fold, difference, seconds) -> bytes:
+    """The ``--report`` file's content (JSON)."""
     report = {
         "bnpass_version": __version__,
         "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
@@ -423,10 +444,7 @@ def _write_report(args, model, reestimate, fold, difference, seconds) -> None:
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}
-    try:
-        write_bytes_atomically(args.report, (json.dumps(report, indent=2) + "\n").encode())
-    except OSError as error:
-        raise BnpassError(f"cannot write report '{args.report}': {error.strerror or error}") from None
+    return (json.dumps(report, indent=2) + "\n").encode()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -454,6 +455,39 @@ def test_data_may_be_one_array_file_holding_a_batch(workspace, capsys, monkeypat
     assert "'notes.txt' is neither a folder nor a .npy or .npz file" in line
 
 
+def test_plot_formats_follow_the_name_or_are_refused(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", "--plot", "p.svg",
+                 "--device", "cpu", "-q"]) == 0
+    assert b"<svg" in (workspace / "p.svg").read_bytes()[:1000]
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--plot", "p.jpg")
+    assert "--plot 'p.jpg': name the picture .png, .svg or .pdf" in line
+
+
+@pytest.mark.parametrize("failing", ["out.onnx", "out.onnx.data", "r.json", "p.png"])
+def test_a_full_disk_is_one_error_line_and_leaves_no_file(workspace, capsys, monkeypatch, failing):
+    """Every file of a run is written under a temporary name and renamed only when all were written."""
+    import errno
+
+    from bnpass import model_io
+
+    model = onnx.load(workspace / "model.onnx")
+    onnx.save(model, workspace / "model.onnx", save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    real_write = model_io._write_all
+
+    def full_disk(stream, content):
+        if re.fullmatch(rf"\.{re.escape(failing)}\.[^.]+\.tmp", os.path.basename(stream.name)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(stream, content)
+
+    monkeypatch.setattr(model_io, "_write_all", full_disk)
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--num-samples", "64", "--report", "r.json", "--plot", "p.png", "--device", "cpu")
+    assert line.endswith(f"'{failing}': No space left on device"), line
+
+
 def test_a_loader_with_other_keys_is_told_which_came(workspace, capsys, monkeypatch):
     (workspace / "keyed.py").write_text(
         "import numpy as np\ndef batches():\n    return [{'image': np.zeros((4, 1, 8, 8), np.float32)}]\n")
@@ -499,6 +533,14 @@ def test_zero_samples_on_the_command_line_points_to_fold_only(capsys):
     with pytest.raises(SystemExit) as exit_code:
         main(["model.onnx", "out.onnx", "--num-samples", "0"])
     assert exit_code.value.code == 2 and "to fold without re-estimating, use --fold-only" in capsys.readouterr().err
+
+
+def test_the_summary_says_where_every_file_went(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", "--report", "r.json",
+                 "--plot", "p.png", "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote out.onnx, the report r.json and the plot p.png in "), last
 
 
 @pytest.mark.parametrize("gpu", [False, True])
