@@ -25,9 +25,9 @@ from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
-from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult
+from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult, check_reference_differs
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
-from .paths import check_separate
+from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
 from .report import batchnorm_drifts, batchnorm_records, no_batchnorm_notice, reference_record, summary_lines
@@ -264,6 +264,9 @@ def run(args) -> int:
     _check_request(args, num_samples)
     reestimating = _reestimating(args, num_samples)
     providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
+    if args.reference and same_file(args.input, args.reference):
+        raise BnpassError(f"--reference '{args.reference}' is the input model: give the uncompressed model, from "
+                          "before compression")
     model, external_files = read_model(args.input)
     reference, reference_files = read_model(args.reference) if args.reference else (None, [])
     specs = model_input_specs(model)
@@ -272,6 +275,8 @@ def run(args) -> int:
     samples = _samples(args, model) if reestimating or args.verify else None  # a folder is checked here
     writes_external = bool(external_files) or exceeds_protobuf_limit(model)
     check_separate(_reads(args, external_files, reference_files, samples), _writes(args, writes_external))
+    if reference is not None:
+        check_reference_differs(model, reference)
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
     if not bn_names:
         logger.warning("%s", no_batchnorm_notice(model, args.input))

@@ -455,6 +455,18 @@ def test_data_may_be_one_array_file_holding_a_batch(workspace, capsys, monkeypat
     assert "'notes.txt' is neither a folder nor a .npy or .npz file" in line
 
 
+def test_a_reference_that_is_the_input_model_is_an_error(workspace, capsys, monkeypatch):
+    shutil.copy(workspace / "model.onnx", workspace / "copy.onnx")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--reference", "model.onnx")
+    assert "--reference 'model.onnx' is the input model" in line
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--reference", "copy.onnx")
+    assert "has the same weights and statistics as the model" in line
+    with pytest.raises(bnpass.ModelError, match="the same weights and statistics"):
+        bnpass.reestimate_batchnorms(workspace / "model.onnx", workspace / "calib", reference=workspace / "copy.onnx")
+
+
 def test_plot_formats_follow_the_name_or_are_refused(workspace, capsys, monkeypatch):
     monkeypatch.chdir(workspace)
     assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", "--plot", "p.svg",

@@ -44,6 +44,7 @@ its float original.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -53,6 +54,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .. import data as calibration_data
 from ..agreement import AgreementMeter, best_candidate, format_agreement
@@ -149,6 +151,31 @@ def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
         raise ModelError(f"{prefix} it has {plural(len(reference.graph.output), 'output')}, the model "
                          f"{len(model.graph.output)}")
     return pairs
+
+
+def check_reference_differs(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """A ModelError when ``reference`` holds the model's own weights and statistics (every initializer
+    and ``Constant`` tensor the same): matched against itself a model keeps its stored statistics and
+    agrees 100% with itself, so the run could only look like a success."""
+    mine = _weights_digest(model)
+    if mine is not None and mine == _weights_digest(reference):
+        raise ModelError("the reference has the same weights and statistics as the model: give the uncompressed "
+                         "model, from before compression")
+
+
+def _weights_digest(model: onnx.ModelProto) -> Optional[str]:
+    """A SHA-256 of every initializer (by name) and ``Constant`` tensor (in node order): name, type,
+    shape and values; None for a model without any."""
+    tensors = sorted(model.graph.initializer, key=lambda tensor: tensor.name)
+    tensors += [attribute.t for node in model.graph.node if node.op_type == "Constant"
+                for attribute in node.attribute if attribute.type == onnx.AttributeProto.TENSOR]
+    if not tensors:
+        return None
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)}:".encode())
+        digest.update(numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()
 
 
 def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
