@@ -40,12 +40,16 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
 
     A batch is a dict ``{input name: array}`` or, for single-input models, an array, or an
     ``(inputs, labels...)`` tuple whose first element is one of those; samples (arrays without the
-    batch axis) are accepted too. Folders are checked before anything runs; ``shuffle`` draws their
-    samples in a random order fixed by ``seed``.
+    batch axis) are accepted too; ``data`` may also be one ``.npy`` / ``.npz`` file. Folders are checked
+    before anything runs; ``shuffle`` draws their samples in a random order fixed by ``seed``.
+    ``image_options`` apply to image files only: given for arrays, they are a DataError.
     """
     specs = model_input_specs(model)
     if isinstance(data, (str, os.PathLike)):
         return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
+    if image_options is not None and image_options.given():
+        raise DataError(f"image_options ({', '.join(image_options.given())}) apply to image folders; batches given "
+                        "in Python are fed as they are")
     return feeds_from_batches(data, specs)
 
 

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DIR",
                         help="folder of .npy (one sample, or a batch), .npz (one array per input name) or image "
-                             "files, subfolders included, read in sorted order")
+                             "files, subfolders included, read in sorted order; or one .npy/.npz file")
     source.add_argument("--loader", metavar="FILE.py:FUNCTION",
                         help="a Python function returning an iterable of samples or batches (arrays, dicts by "
                              "input name, or (inputs, labels) tuples) or a CalibrationDataReader, instead of --data")
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report", metavar="FILE", help="write per-BN results as JSON")
     output.add_argument("--plot", metavar="FILE.png",
                         help="draw, per BN in graph order, how far the new statistics drifted from the stored "
-                             "ones (and, with --reference, from the original model's); needs bnpass[plot]")
+                             "ones (and, with --reference, from the original model's), as PNG, SVG or PDF by the "
+                             "name's suffix; needs bnpass[plot]")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
                              "batches (no more than calibration used), both without onnxruntime's graph "
