@@ -21,7 +21,7 @@ from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
 from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
-from .passes.match_reference import MatchReferencePass, ReferenceResult
+from .passes.match_reference import MatchReferencePass, ReferenceResult, check_reference_differs
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"
@@ -40,12 +40,16 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
 
     A batch is a dict ``{input name: array}`` or, for single-input models, an array, or an
     ``(inputs, labels...)`` tuple whose first element is one of those; samples (arrays without the
-    batch axis) are accepted too. Folders are checked before anything runs; ``shuffle`` draws their
-    samples in a random order fixed by ``seed``.
+    batch axis) are accepted too; ``data`` may also be one ``.npy`` / ``.npz`` file. Folders are checked
+    before anything runs; ``shuffle`` draws their samples in a random order fixed by ``seed``.
+    ``image_options`` apply to image files only: given for arrays, they are a DataError.
     """
     specs = model_input_specs(model)
     if isinstance(data, (str, os.PathLike)):
         return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
+    if image_options is not None and image_options.given():
+        raise DataError(f"image_options ({', '.join(image_options.given())}) apply to image folders; batches given "
+                        "in Python are fed as they are")
     return feeds_from_batches(data, specs)
 
 
@@ -69,9 +73,13 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
     ``reference``: the uncompressed model (a ModelProto or a path). Then the statistics that make
     every BN reproduce the reference BN's output moments are computed too, and ``candidate``
     ("auto": by agreement with the reference on held-out batches; "reestimated"; "matched") says
-    which are kept; the result is a :class:`~bnpass.passes.match_reference.ReferenceResult`.
+    which are kept; the result is a :class:`~bnpass.passes.match_reference.ReferenceResult`. A
+    reference with the model's own weights and statistics is a ModelError.
     """
     model = as_model(model)
+    if reference is not None:
+        reference = as_model(reference)
+        check_reference_differs(model, reference)
     samples = calibration_samples(model, data, image_options, shuffle=shuffle, seed=seed)
     options = dict(stats=stats, batch_size=batch_size, num_samples=num_samples, device=device, progress=progress,
                    threads=threads, tf32=tf32)

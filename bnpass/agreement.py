@@ -100,6 +100,11 @@ class AgreementMeter:
         errors = [output.relative_error for output in self.outputs.values() if output.relative_error is not None]
         return max(errors) if errors else None
 
+    def __repr__(self) -> str:
+        samples = max((output.samples for output in self.outputs.values()), default=0)
+        return (f"AgreementMeter(samples={samples}, top1={_figure(self.top1)}, "
+                f"relative_error={_figure(self.relative_error)})")
+
     def preference(self) -> tuple:
         """Sort key, larger is better: higher top-1 agreement first, then lower output error."""
         top1, error = self.top1, self.relative_error
@@ -129,6 +134,10 @@ def format_agreement(before: AgreementMeter, after: AgreementMeter) -> str:
             parts.append((f"{name}: " if several else "") + ", ".join(figures))
     samples = max((output.samples for output in after.outputs.values()), default=0)
     return f"agreement with reference ({samples} samples): " + ("; ".join(parts) if parts else "no float output")
+
+
+def _figure(value: Optional[float]) -> str:
+    return "None" if value is None else f"{value:.4g}"
 
 
 def _percent(value: Optional[float]) -> str:

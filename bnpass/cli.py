@@ -1,7 +1,8 @@
 """Command line: ``bnpass IN.onnx OUT.onnx --data DIR`` (also ``python -m bnpass``).
 
-Exit codes: 0 done; 1 bad input or environment (one line ``error: ...`` on stderr, no output
-file written); 2 bad command line (argparse); 130 interrupted (no output file written).
+Exit codes: 0 done; 1 bad input or environment (one line ``error: ...`` on stderr; no file written:
+neither the model, its external data, the report nor the plot); 2 bad command line (argparse);
+130 interrupted (nothing written).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from .errors import BnpassError, RuntimeUnavailableError
 from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
-from .model_io import exceeds_protobuf_limit, read_model, save_model, set_metadata, write_bytes_atomically
+from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
-from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult
+from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult, check_reference_differs
 from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
-from .paths import check_separate
-from .plot import plot_drift, require_matplotlib
+from .paths import check_separate, same_file
+from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
 from .report import batchnorm_drifts, batchnorm_records, no_batchnorm_notice, reference_record, summary_lines
 from .runtime import DEVICES, select_providers
@@ -47,6 +48,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _sample_count(text: str) -> int:
+    if text.strip() == "0":
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0 (to fold without re-estimating, use "
+                                         "--fold-only)")
+    return _positive_int(text)
 
 
 def _size(text: str) -> tuple:
@@ -83,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DIR",
                         help="folder of .npy (one sample, or a batch), .npz (one array per input name) or image "
-                             "files, subfolders included, read in sorted order")
+                             "files, subfolders included, read in sorted order; or one .npy/.npz file")
     source.add_argument("--loader", metavar="FILE.py:FUNCTION",
                         help="a Python function returning an iterable of samples or batches (arrays, dicts by "
                              "input name, or (inputs, labels) tuples) or a CalibrationDataReader, instead of --data")
     data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
                       help=f"calibration batch size (default: {DEFAULT_BATCH_SIZE})")
-    data.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
+    data.add_argument("--num-samples", type=_sample_count, default=None, metavar="N",
                       help=f"samples to calibrate on, rounded up to whole batches as NNCF does "
                            f"(default: {DEFAULT_NUM_SAMPLES}, or the --config file's)")
     data.add_argument("--shuffle", action="store_true",
@@ -149,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--report", metavar="FILE", help="write per-BN results as JSON")
     output.add_argument("--plot", metavar="FILE.png",
                         help="draw, per BN in graph order, how far the new statistics drifted from the stored "
-                             "ones (and, with --reference, from the original model's); needs bnpass[plot]")
+                             "ones (and, with --reference, from the original model's), as PNG, SVG or PDF by the "
+                             "name's suffix; needs bnpass[plot]")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
                              "batches (no more than calibration used), both without onnxruntime's graph "
@@ -190,17 +199,20 @@ def _check_output_paths(args) -> None:
     """What can be checked before anything is read."""
     if not os.path.exists(args.input):
         raise BnpassError(f"model file '{args.input}' does not exist")
-    if os.path.isdir(args.output):
-        raise BnpassError(f"output path '{args.output}' is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(args.output))
+    for flag, path in (("output", args.output), ("--report", args.report), ("--plot", args.plot)):
+        if path:
+            _check_writable(flag, path)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """A file can be written at ``path``, or a BnpassError says why not."""
+    if os.path.isdir(path):
+        raise BnpassError(f"{flag} path '{path}' is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise BnpassError(f"output folder '{folder}' does not exist")
+        raise BnpassError(f"{flag} folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
-        raise BnpassError(f"output folder '{folder}' is not writable")
-    for flag, path in (("report", args.report), ("plot", args.plot)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            raise BnpassError(f"cannot write the {flag} to '{path}'")
+        raise BnpassError(f"{flag} folder '{folder}' is not writable")
 
 
 def _reestimating(args, num_samples: int) -> bool:
@@ -219,16 +231,22 @@ def _check_request(args, num_samples: int) -> None:
         raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
     if args.loader and (args.shuffle or args.seed is not None):
         raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
+    if args.loader and _image_options(args).given():
+        raise BnpassError(f"{', '.join(_image_options(args).given())} apply to image files; a --loader prepares "
+                          "its own samples")
     reestimating = _reestimating(args, num_samples)
+    if args.reference and args.fold_only:
+        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation: drop --fold-only")
     if args.reference and not reestimating:
-        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation (drop --fold-only, "
-                          "or num_bn_adaptation_samples 0)")
+        raise BnpassError(f"--reference works on re-estimated statistics, and '{args.config}' sets "
+                          "num_bn_adaptation_samples to 0: give --num-samples N to re-estimate")
     if args.candidate != "auto" and not args.reference:
         raise BnpassError(f"--candidate {args.candidate} chooses between the candidates of --reference; give "
                           "--reference ORIGINAL.onnx")
     if args.plot:
         if not reestimating:
             raise BnpassError("--plot draws re-estimated statistics: it needs --data or --loader, without --fold-only")
+        plot_format(args.plot)
         require_matplotlib()
 
 
@@ -247,6 +265,9 @@ def run(args) -> int:
     _check_request(args, num_samples)
     reestimating = _reestimating(args, num_samples)
     providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
+    if args.reference and same_file(args.input, args.reference):
+        raise BnpassError(f"--reference '{args.reference}' is the input model: give the uncompressed model, from "
+                          "before compression")
     model, external_files = read_model(args.input)
     reference, reference_files = read_model(args.reference) if args.reference else (None, [])
     specs = model_input_specs(model)
@@ -255,6 +276,8 @@ def run(args) -> int:
     samples = _samples(args, model) if reestimating or args.verify else None  # a folder is checked here
     writes_external = bool(external_files) or exceeds_protobuf_limit(model)
     check_separate(_reads(args, external_files, reference_files, samples), _writes(args, writes_external))
+    if reference is not None:
+        check_reference_differs(model, reference)
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
     if not bn_names:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
@@ -289,16 +312,23 @@ def run(args) -> int:
 
     if (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified):
         set_metadata(result, _provenance(args, reestimate, fold, bn_names))
-    # save_model checks the written file (onnx.checker, full): a failure there is a bug in bnpass.
-    save_model(result, args.output, external_data=bool(external_files))
     seconds = time.perf_counter() - started
-
-    if args.report:
-        _write_report(args, model, reestimate, fold, difference, seconds)
+    plot = None
     if args.plot and reestimate is not None:
-        plot_drift(batchnorm_drifts(model, reestimate), args.plot)
+        plot = render_drift(batchnorm_drifts(model, reestimate), plot_format(args.plot))
     elif args.plot:
         logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
+    # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.
+    with StagedFiles() as staged:
+        # The written model is checked (onnx.checker, full): a failure there is a bug in bnpass.
+        staged.write_model(result, args.output, external_data=bool(external_files), what="the output")
+        if args.report:
+            staged.write_bytes(args.report, _report(args, model, reestimate, fold, difference, seconds),
+                               what="the report")
+        if plot is not None:
+            staged.write_bytes(args.plot, plot, what="the plot")
+        staged.commit()
+
     if not args.quiet:
         for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
             print(line)
@@ -307,8 +337,19 @@ def run(args) -> int:
         if difference is not None:
             print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
                   f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
-        print(f"wrote {args.output} in {seconds:.1f} s")
+        external = writes_external and os.path.exists(args.output + ".data")
+        print(f"wrote {_written(args, external, plot is not None)} in {seconds:.1f} s")
     return 0
+
+
+def _written(args, external: bool, plotted: bool) -> str:
+    """``out.onnx (with out.onnx.data), the report r.json and the plot p.png``: where the files went."""
+    files = [args.output + (f" (with {args.output}.data)" if external else "")]
+    if args.report:
+        files.append(f"the report {args.report}")
+    if plotted:
+        files.append(f"the plot {args.plot}")
+    return files[0] if len(files) == 1 else ", ".join(files[:-1]) + " and " + files[-1]
 
 
 def _reads(args, external_files: list, reference_files: list, samples) -> list:
@@ -369,13 +410,16 @@ def _samples(args, model):
         return LoaderSource(args.loader, model_input_specs(model))
     if not args.data:
         return None
-    options = ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale,
-                           mean=args.mean, std=args.std, layout=args.layout)
-    samples = calibration_samples(model, args.data, options, shuffle=args.shuffle or args.seed is not None,
+    samples = calibration_samples(model, args.data, _image_options(args), shuffle=args.shuffle or args.seed is not None,
                                   seed=args.seed or 0)
     if isinstance(samples, ImageFolder):
         logger.info("%s", describe_images(samples.preprocessing))
     return samples
+
+
+def _image_options(args) -> ImageOptions:
+    return ImageOptions(resize=args.resize, crop=args.crop, color=args.color, scale=args.scale, mean=args.mean,
+                        std=args.std, layout=args.layout)
 
 
 def _first_batches(samples, batch_size: int, model, count: int):
@@ -388,7 +432,8 @@ def _first_batches(samples, batch_size: int, model, count: int):
         yield feed
 
 
-def _write_report(args, model, reestimate, fold, difference, seconds) -> None:
+def _report(args, model, reestimate, fold, difference, seconds) -> bytes:
+    """The ``--report`` file's content (JSON)."""
     report = {
         "bnpass_version": __version__,
         "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
@@ -405,10 +450,7 @@ def _write_report(args, model, reestimate, fold, difference, seconds) -> None:
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}
-    try:
-        write_bytes_atomically(args.report, (json.dumps(report, indent=2) + "\n").encode())
-    except OSError as error:
-        raise BnpassError(f"cannot write report '{args.report}': {error.strerror or error}") from None
+    return (json.dumps(report, indent=2) + "\n").encode()
 
 
 @contextlib.contextmanager

@@ -125,16 +125,25 @@ def list_folder(folder: str) -> list:
 
 
 def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = False, seed: int = 0):
-    """The sample source for ``--data DIR``: an :class:`ArrayFolder` or an image folder.
+    """The sample source for ``--data DIR``: an :class:`ArrayFolder` or an image folder; for
+    ``--data FILE.npy`` / ``FILE.npz``, an :class:`ArrayFolder` of that one file.
 
-    Files of other types are skipped with a warning; a folder mixing arrays and images is an error.
+    Files of other types are skipped with a warning; a folder mixing arrays and images is an error,
+    and so are image options for arrays (they would be ignored).
     """
     from .images import ImageFolder, ImageOptions, is_image
 
     folder = os.fspath(folder)
+    if os.path.isfile(folder) and folder.lower().endswith(ARRAY_SUFFIXES):
+        _refuse_image_options(image_options, folder)
+        source = ArrayFolder(os.path.dirname(folder), [folder], specs, shuffle=shuffle, seed=seed)
+        logger.info("data: %s from '%s'%s", plural(source.sample_count, "sample"), folder,
+                    f", shuffled (seed {seed})" if shuffle else "")
+        return source
     if not os.path.isdir(folder):
-        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
-        raise DataError(f"calibration data folder '{folder}' {what}")
+        if not os.path.exists(folder):
+            raise DataError(f"calibration data folder '{folder}' does not exist")
+        raise DataError(f"calibration data '{folder}' is neither a folder nor a .npy or .npz file")
     paths = list_folder(folder)
     arrays = [path for path in paths if path.lower().endswith(ARRAY_SUFFIXES)]
     images = [path for path in paths if is_image(path)]
@@ -149,6 +158,7 @@ def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = Fals
     if images:
         source = ImageFolder(folder, images, specs, image_options or ImageOptions(), shuffle=shuffle, seed=seed)
     elif arrays:
+        _refuse_image_options(image_options, folder)
         source = ArrayFolder(folder, arrays, specs, shuffle=shuffle, seed=seed)
     else:
         raise DataError(f"calibration data folder '{folder}' has no .npy, .npz or image files")
@@ -157,6 +167,14 @@ def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = Fals
                 plural(len(source.files), "file"), plural(subfolders, "folder"), folder,
                 f", shuffled (seed {seed})" if shuffle else "")
     return source
+
+
+def _refuse_image_options(image_options, where: str) -> None:
+    """Image options given for arrays are a mistake: arrays are fed as they are."""
+    given = image_options.given() if image_options is not None else []
+    if given:
+        raise DataError(f"{', '.join(given)} apply to image files; '{where}' holds arrays (.npy/.npz), fed as they "
+                        "are")
 
 
 def order_advice(source, used: Optional[int]) -> str:
@@ -332,7 +350,8 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
             batch = {specs[0].name: batch}
         for spec in specs:
             if spec.name not in batch:
-                raise DataError(f"batch {number}: no array for model input '{spec.name}'")
+                came = ", ".join(map(str, batch)) or "nothing"
+                raise DataError(f"batch {number}: no array for model input '{spec.name}' (the batch has: {came})")
             array = _as_array(batch[spec.name], f"batch {number}, input '{spec.name}'")
             is_batch, dtype = _fit(array, spec, f"batch {number}")
             batch = {**batch, spec.name: _finite(np.asarray(array if is_batch else array[None], dtype=dtype),

@@ -90,31 +90,62 @@ def input_shift(bn: onnx.NodeProto, old_mean, old_var, new_mean, new_var) -> Opt
     return InputShift(bn=node_label(bn), std_ratio=ratio, mean_shift=shift)
 
 
-def preprocessing_warning(shifts: list, *, images: bool) -> Optional[str]:
+IMAGENET_OPTIONS = "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+UNLIKE_DATA = ("the stored statistics may not come from data like these (a model never trained, or trained on "
+               "other data)")
+
+
+def preprocessing_warning(shifts: list, *, images) -> Optional[str]:
     """One line when a first BN's input moved further than compression explains, else None.
 
-    ``images``: the data came from image files, so the likely causes can name the image options.
+    ``images``: the data came from image files: their resolved preprocessing
+    (:class:`bnpass.images.Preprocessing`), or True when it is not known; then the likely causes can
+    name the image options, and leave out those the user already gave. Falsy for arrays.
     """
     for shift in shifts:
         if shift is None or not (np.isfinite(shift.std_ratio) and np.isfinite(shift.mean_shift)):
             continue
         where = f"the first BatchNormalization ('{shift.bn}') sees the input through one layer, "
         if shift.std_ratio < 1 / STD_RATIO_LIMIT:
-            cause = ("images scaled to [0, 1] without the model's normalization (ImageNet models take "
-                     "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225), or --mean/--std in 0..255 units while "
-                     "scaling to [0, 1]") if images else "data missing the model's normalization, or scaled down"
-            figure = f"with a spread {1 / shift.std_ratio:.3g}x smaller than the model was trained on"
+            kind, figure = "smaller", f"with a spread {1 / shift.std_ratio:.3g}x smaller than the model was trained on"
         elif shift.std_ratio > STD_RATIO_LIMIT:
-            cause = ("pixel values left in 0..255 (--no-scale) where the model expects [0, 1], or --std "
-                     "missing") if images else "data left unscaled (e.g. 0..255 where the model expects 0..1)"
-            figure = f"with a spread {shift.std_ratio:.3g}x larger than the model was trained on"
+            kind, figure = "larger", f"with a spread {shift.std_ratio:.3g}x larger than the model was trained on"
         elif shift.mean_shift > MEAN_SHIFT_LIMIT:
-            cause = ("a missing or wrong --mean/--std: ImageNet models take --mean 0.485,0.456,0.406 --std "
-                     "0.229,0.224,0.225 with scaling to [0, 1], or values in 0..255 units with --no-scale"
-                     if images else "data missing the model's mean subtraction, or scaled differently")
-            figure = f"with its mean moved by {shift.mean_shift:.3g} standard deviations"
+            kind, figure = "moved", f"with its mean moved by {shift.mean_shift:.3g} standard deviations"
         else:
             continue
+        cause = _image_cause(kind, images) if images else {
+            "smaller": "data missing the model's normalization, or scaled down",
+            "larger": "data left unscaled (e.g. 0..255 where the model expects 0..1)",
+            "moved": "data missing the model's mean subtraction, or scaled differently"}[kind]
         return (where + figure + ": compressing one layer does not do that; check the preprocessing (likely "
                 + cause + ")")
     return None
+
+
+def _image_cause(kind: str, preprocessing) -> str:
+    """The likely image-preprocessing mistakes behind ``kind`` of drift, leaving out the advice to do
+    what ``preprocessing`` shows was done (then the stored statistics themselves are a suspect)."""
+    mean, std = getattr(preprocessing, "mean", None), getattr(preprocessing, "std", None)
+    scaled = getattr(preprocessing, "scale", True)
+    std_given = std is not None and not np.all(np.asarray(std) == 1)
+    normalized = std_given or (mean is not None and not np.all(np.asarray(mean) == 0))
+    imagenet = normalized and len(mean) == 3 and np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)
+    if kind == "smaller":
+        if not normalized:
+            return (f"images scaled to [0, 1] without the model's normalization (ImageNet models take "
+                    f"{IMAGENET_OPTIONS}), or --mean/--std in 0..255 units while scaling to [0, 1]")
+        return ("--mean/--std that do not fit the model" + (" (in 0..255 units while scaling to [0, 1]?)" if scaled
+                                                            else "") + ", or " + UNLIKE_DATA)
+    if kind == "larger":
+        if not scaled:
+            return ("pixel values left in 0..255 (--no-scale) where the model expects [0, 1]"
+                    + ("" if std_given else ", or --std missing") + (", or " + UNLIKE_DATA if normalized else ""))
+        if std_given:
+            return "a --std smaller than the model's, or " + UNLIKE_DATA
+        return "pixel values left in 0..255 (--no-scale) where the model expects [0, 1], or --std missing"
+    if imagenet:
+        return "--mean/--std that do not fit the model, or " + UNLIKE_DATA
+    return (f"a missing or wrong --mean/--std: ImageNet models take {IMAGENET_OPTIONS} with scaling to [0, 1], "
+            "or values in 0..255 units with --no-scale" + (", or " + UNLIKE_DATA if normalized else ""))

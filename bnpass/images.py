@@ -53,6 +53,14 @@ class ImageOptions:
     std: Optional[tuple] = None
     layout: Optional[str] = None
 
+    def given(self) -> list:
+        """The command-line flags of the options set (not left at their default), in field order."""
+        flags = [("--resize", self.resize is not None), ("--crop", self.crop is not None),
+                 ("--color", self.color is not None), ("--no-scale", not self.scale),
+                 ("--mean", self.mean is not None), ("--std", self.std is not None),
+                 ("--layout", self.layout is not None)]
+        return [flag for flag, set_ in flags if set_]
+
 
 @dataclass(frozen=True)
 class Preprocessing:

@@ -1,12 +1,17 @@
-"""Loading and saving models: clear errors, external data, atomic writes.
+"""Loading and saving models: clear errors, external data, all-or-nothing writes.
 
-A model is saved to a temporary file beside the target and renamed over it only once complete,
-so a failure or Ctrl-C never leaves a partial model. Models that came with external data, or
-that are too large for one protobuf (2 GiB), are saved with their tensors in ``<output>.data``.
+Every file is written to a temporary name beside its target (``.<name>.<random>.tmp``) and renamed
+over the target only once complete. :class:`StagedFiles` does that for all the files of one run
+together (the model, its ``.data`` file, the report, the plot): nothing is renamed until every one
+of them is written, and a failure (a full disk, Ctrl-C) removes the temporaries, so a run either
+writes all its files or none. Only the renames themselves, done last, could fail part-way (on a
+folder made read-only in between). Models that came with external data, or that are too large for
+one protobuf (2 GiB), are saved with their tensors in ``<output>.data``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -15,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
+from .errors import BnpassError, ModelError
 from .protos import add_tensor_stub, model_without
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -88,6 +93,23 @@ def _payload_bytes(tensor: onnx.TensorProto) -> int:
 EXTERNAL_THRESHOLD = 1024  # bytes; smaller tensors (shapes, scalars) stay inline, as onnx does
 
 
+def _write_all(stream, content: bytes) -> None:
+    """Every byte bnpass writes to a file goes through here (the tests simulate a full disk on it)."""
+    stream.write(content)
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """``open(path, "wb")``; an OSError inside (a write, or the flush on close) names ``path``."""
+    try:
+        with open(path, "wb") as stream:
+            yield stream
+    except OSError as error:
+        if error.filename is None:
+            error.filename = path
+        raise
+
+
 def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) -> None:
     """Write ``model`` to ``path`` with each initializer payload of 1 KiB or more in
     ``<folder>/<data_name>`` (no data file when there is none).
@@ -99,7 +121,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
     folder = os.path.dirname(os.path.abspath(path))
     skeleton = model_without(model, ("initializer",))
     data_path = os.path.join(folder, data_name)
-    with open(data_path, "wb") as data:
+    with _writing(data_path) as data:
         for tensor in model.graph.initializer:
             # Strings cannot be stored externally; small tensors are not worth it.
             if tensor.data_type == onnx.TensorProto.STRING or _payload_bytes(tensor) < EXTERNAL_THRESHOLD:
@@ -107,7 +129,7 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
                 continue
             payload = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
             offset = data.tell()
-            data.write(payload)
+            _write_all(data, payload)
             stored = add_tensor_stub(skeleton.graph.initializer, tensor)
             stored.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
@@ -115,8 +137,103 @@ def write_with_external_data(model: onnx.ModelProto, path: str, data_name: str) 
                 entry.key, entry.value = key, value
     if os.path.getsize(data_path) == 0:
         os.remove(data_path)
-    with open(path, "wb") as stream:
-        stream.write(skeleton.SerializeToString())
+    with _writing(path) as stream:
+        _write_all(stream, skeleton.SerializeToString())
+
+
+class StagedFiles:
+    """The files of one run, written under temporary names beside their targets and renamed into
+    place together by :meth:`commit`. Leaving the ``with`` block without committing (an error,
+    Ctrl-C) removes every temporary. A failed write is a one-line BnpassError naming the target::
+
+        with StagedFiles() as staged:
+            staged.write_model(model, "out.onnx", what="the output")
+            staged.write_bytes("report.json", content, what="the report")
+            staged.commit()
+    """
+
+    def __init__(self):
+        self._pending: list = []   # [temporary, target, what]
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.discard()
+
+    def write_bytes(self, path, content: bytes, *, what: str = "the file") -> None:
+        path = os.fspath(path)
+        with self._reporting():
+            temporary = self._temporary(path, what)
+            with _writing(temporary) as stream:
+                _write_all(stream, content)
+
+    def write_model(self, model: onnx.ModelProto, path, *, external_data: bool = False, check: bool = True,
+                    what: str = "the model") -> None:
+        """Stage ``model`` at ``path`` (tensors in ``<name>.data`` when asked or needed); with ``check``,
+        the written file must pass ``onnx.checker`` (full) first. ``model`` is not changed."""
+        path = os.fspath(path)
+        external_data = external_data or exceeds_protobuf_limit(model)
+        with self._reporting():
+            temporary = self._temporary(path, what)
+            if not external_data:
+                with _writing(temporary) as stream:
+                    _write_all(stream, model.SerializeToString())
+                if check:
+                    onnx.checker.check_model(temporary, full_check=True)
+                return
+            data_name = os.path.basename(path) + ".data"
+            temporary_data = self._temporary(path + ".data", f"{what}'s external data")
+            write_with_external_data(model, temporary, os.path.basename(temporary_data))
+            if check:
+                onnx.checker.check_model(temporary, full_check=True)
+            if not os.path.exists(temporary_data):  # every tensor was small: no data file
+                self._pending = [entry for entry in self._pending if entry[0] != temporary_data]
+            # The model names its data file; point it at the final name, which it has once committed.
+            saved = onnx.load(temporary, load_external_data=False)
+            for tensor in saved.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            with _writing(temporary) as stream:
+                _write_all(stream, saved.SerializeToString())
+
+    def commit(self) -> None:
+        """Rename every staged file over its target."""
+        with self._reporting():
+            while self._pending:
+                temporary, target, _ = self._pending[0]
+                os.replace(temporary, target)
+                self._pending.pop(0)
+
+    def discard(self) -> None:
+        """Remove every temporary not committed."""
+        for temporary, _, _ in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+        self._pending = []
+
+    def _temporary(self, path: str, what: str) -> str:
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                                 dir=os.path.dirname(os.path.abspath(path)))
+        except OSError as error:
+            raise BnpassError(f"cannot write {what} '{path}': {error.strerror or error}") from None
+        os.close(handle)
+        self._pending.append([temporary, path, what])
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give a normal file's mode
+        return temporary
+
+    @contextlib.contextmanager
+    def _reporting(self):
+        """An OSError on a staged file becomes a BnpassError naming its target and the reason."""
+        try:
+            yield
+        except OSError as error:
+            for temporary, target, what in self._pending:
+                if error.filename in (temporary, target):
+                    raise BnpassError(f"cannot write {what} '{target}': {error.strerror or error}") from None
+            raise
 
 
 def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, check: bool = True) -> None:
@@ -125,56 +242,16 @@ def save_model(model: onnx.ModelProto, path, *, external_data: bool = False, che
     With ``check``, the written file must pass ``onnx.checker`` (full check) before it replaces
     anything: a model bnpass cannot vouch for is never left at ``path``. ``model`` is not changed.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    external_data = external_data or exceeds_protobuf_limit(model)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; the model gets a normal file's mode
-    data_name = os.path.basename(path) + ".data"
-    temporary_data = temporary + ".data"
-    try:
-        if external_data:
-            write_with_external_data(model, temporary, os.path.basename(temporary_data))
-            if check:
-                onnx.checker.check_model(temporary, full_check=True)
-            # The model names its data file; point it at the final name, then move both.
-            saved = onnx.load(temporary, load_external_data=False)
-            for tensor in saved.graph.initializer:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(temporary, "wb") as stream:
-                stream.write(saved.SerializeToString())
-            if os.path.exists(temporary_data):
-                os.replace(temporary_data, os.path.join(folder, data_name))
-        else:
-            with open(temporary, "wb") as stream:
-                stream.write(model.SerializeToString())
-            if check:
-                onnx.checker.check_model(temporary, full_check=True)
-        os.replace(temporary, path)
-    except BaseException:
-        for leftover in (temporary, temporary_data):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
+    with StagedFiles() as staged:
+        staged.write_model(model, path, external_data=external_data, check=check)
+        staged.commit()
 
 
-def write_bytes_atomically(path, content: bytes) -> None:
+def write_bytes_atomically(path, content: bytes, *, what: str = "the file") -> None:
     """Write ``content`` to ``path`` through a temporary file renamed over it: all or nothing."""
-    path = os.fspath(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                         dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with StagedFiles() as staged:
+        staged.write_bytes(path, content, what=what)
+        staged.commit()
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict) -> None:

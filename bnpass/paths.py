@@ -20,6 +20,11 @@ def _identity(path: str) -> tuple:
     return ("file", status.st_dev, status.st_ino)
 
 
+def same_file(first, second) -> bool:
+    """Whether two paths reach the same file (or, not existing yet, the same resolved path)."""
+    return _identity(os.fspath(first)) == _identity(os.fspath(second))
+
+
 def check_separate(reads: list, writes: list) -> None:
     """Raise a one-line BnpassError when a written path is a read file or another written path.
 

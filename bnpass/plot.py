@@ -1,4 +1,4 @@
-"""``--plot FILE.png``: how far each BN's statistics drifted, per BN in graph order, as a picture.
+"""``--plot FILE.png`` (``.svg``, ``.pdf``): how far each BN's statistics drifted, per BN in graph order.
 
 For each BN, per channel, with (mu_r, v_r) its stored statistics, e its epsilon and (m, v) the
 mean and variance the compressed model's BN input has on the calibration data:
@@ -14,10 +14,11 @@ With a reference model, the same two against the uncompressed model's measured i
 show as drift from the stored ones; compression shows as drift from the reference.
 
 Each panel draws, per BN, the median over channels (line) and the 10-90% range over channels
-(band): readable with 50 BNs and with 150. The figure is 1600 x 900 pixels, drawn with
-matplotlib's Agg canvas (no display, no pyplot state), and written atomically: a temporary file in
-the same folder, renamed into place, so no partial file is ever left at the path. matplotlib is
-optional: ``pip install 'bnpass[plot]'``.
+(band): readable with 50 BNs and with 150. The figure is 1600 x 900 pixels (16 x 9 inches at 100
+dpi), drawn with matplotlib (no display, no pyplot state) in the format the file name says: PNG,
+SVG or PDF (:data:`FORMATS`; any other name is refused, never written in another format). It is
+written atomically: a temporary file in the same folder, renamed into place, so no partial file is
+ever left at the path. matplotlib is optional: ``pip install 'bnpass[plot]'``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .model_io import write_bytes_atomically
 WIDTH_PIXELS, HEIGHT_PIXELS, DPI = 1600, 900, 100
 LABELED_TICKS = 40          # at most this many BN names on the x axis
 SPREAD = (10, 90)           # percentiles of the band
+FORMATS = ("png", "svg", "pdf")  # what the file name's suffix may say
 
 
 @dataclass
@@ -65,8 +67,24 @@ def measure_drift(label: str, epsilon: float, stored_mean, stored_var, mean, var
     return drift
 
 
+def plot_format(path) -> str:
+    """The picture format ``path``'s suffix names (one of :data:`FORMATS`), or a BnpassError."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise BnpassError(f"--plot '{os.fspath(path)}': name the picture " + ", ".join(
+            f".{name}" for name in FORMATS[:-1]) + f" or .{FORMATS[-1]} (the format it is written in)")
+    return suffix
+
+
 def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] = None) -> None:
-    """Draw ``drifts`` (one per BN, in graph order) into the PNG file ``path``, atomically."""
+    """Draw ``drifts`` (one per BN, in graph order) into ``path`` (PNG, SVG or PDF, by its suffix), atomically."""
+    content = render_drift(drifts, plot_format(path), title=title)
+    write_bytes_atomically(path, content, what="the plot")
+
+
+def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
+                 title: Optional[str] = None) -> bytes:
+    """The picture of ``drifts`` (see the module docstring) as the bytes of a ``file_format`` file."""
     if not drifts:
         raise ValueError("nothing to plot: no BatchNormalization drift was given")
     figure_class, canvas_class = require_matplotlib()
@@ -107,11 +125,11 @@ def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] =
     figure.suptitle(title or "drift of BatchNormalization statistics per node")
 
     buffer = io.BytesIO()
-    canvas.print_png(buffer)
-    try:
-        write_bytes_atomically(path, buffer.getvalue())
-    except OSError as error:
-        raise BnpassError(f"cannot write the plot '{os.fspath(path)}': {error.strerror or error}") from error
+    if file_format == "png":
+        canvas.print_png(buffer)
+    else:  # the Agg canvas hands SVG and PDF to matplotlib's vector backends
+        canvas.print_figure(buffer, format=file_format, dpi=DPI)
+    return buffer.getvalue()
 
 
 def require_matplotlib():

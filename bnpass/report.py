@@ -174,8 +174,8 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
 def _reference_lines(result: ReferenceResult) -> list:
     where = (f"{plural(result.held_out_samples, 'held-out sample')}" if result.held_out else
              "the calibration samples (too few batches to hold any out)")
-    scores = ", ".join(f"{name} {_agreement(result.agreement[name])}" for name in CANDIDATES)
-    lines = [f"kept the {result.chosen} statistics ({result.why}); agreement with the reference on {where}: "
+    scores = ", ".join(f"{_spelled(name)} {_agreement(result.agreement[name])}" for name in CANDIDATES)
+    lines = [f"kept the {_spelled(result.chosen)} statistics ({result.why}); agreement with the reference on {where}: "
              f"{scores}", result.agreement_line()]
     changed = Counter()
     for matched in result.matched.values():
@@ -184,6 +184,11 @@ def _reference_lines(result: ReferenceResult) -> list:
         lines.append("  matching rules other than the formula: " + ", ".join(
             f"{plural(count, 'channel')} {rule.replace('_', ' ')}" for rule, count in changed.items()))
     return lines
+
+
+def _spelled(candidate: str) -> str:
+    """A candidate's name in prose: "re-estimated" (the value ``reestimated`` is what options take)."""
+    return "re-estimated" if candidate == "reestimated" else candidate
 
 
 def _agreement(meter) -> str:

@@ -37,6 +37,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Optional, Union
@@ -57,11 +58,62 @@ CUDA = "CUDAExecutionProvider"
 _QUIET = 3
 
 
-def _onnxruntime():
-    import onnxruntime
+# Distributions that install the module `onnxruntime`: with two of them installed, the module is
+# whichever came last, and uninstalling either one leaves it broken.
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                         "onnxruntime-qnn")
+NEEDED_ATTRIBUTES = ("InferenceSession", "SessionOptions", "GraphOptimizationLevel", "OrtValue",
+                     "get_available_providers", "set_default_logger_severity")
+INSTALL_HINT = "pip install onnxruntime-gpu (CUDA and CPU; what 'bnpass[gpu]' installs) or onnxruntime (CPU only)"
 
+
+def _onnxruntime():
+    """The onnxruntime module, checked: a one-line BnpassError with the fix when it is missing or
+    broken, a one-line warning (once) when two distributions share it."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        installed = installed_runtimes()
+        if not installed:
+            raise BnpassError(f"onnxruntime is not installed: {INSTALL_HINT}") from None
+        raise BnpassError(f"onnxruntime ({_listed(installed)}) cannot be imported ({error}): reinstall it, e.g. pip "
+                          f"install --force-reinstall {next(iter(installed))}") from None
+    missing = [name for name in NEEDED_ATTRIBUTES if not hasattr(onnxruntime, name)]
+    if missing:
+        installed = installed_runtimes()
+        raise BnpassError(
+            f"the onnxruntime module is broken (it has no {missing[0]}; installed: {_listed(installed) or 'none'}), as "
+            "when onnxruntime and onnxruntime-gpu were installed together and one was uninstalled: pip uninstall -y "
+            f"{' '.join(installed) or 'onnxruntime onnxruntime-gpu'}, then {INSTALL_HINT}")
+    _warn_of_a_clash()
     onnxruntime.set_default_logger_severity(_QUIET)
     return onnxruntime
+
+
+def installed_runtimes() -> dict:
+    """``{distribution: version}`` of the installed distributions that provide the module onnxruntime."""
+    import importlib.metadata
+
+    found = {}
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_of_a_clash() -> None:
+    installed = installed_runtimes()
+    if len(installed) > 1:
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in installed else next(iter(installed))
+        logger.warning("%s are installed together and share one module, which uninstalling either breaks: keep one "
+                       "(pip uninstall -y %s && pip install %s)", _listed(installed), " ".join(installed), keep)
+
+
+def _listed(installed: dict) -> str:
+    return ", ".join(f"{name} {version}" for name, version in installed.items())
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +155,7 @@ def select_providers(device: str) -> list:
     """The provider list for ``device`` (auto, cpu or cuda), after checking CUDA really works."""
     if device not in DEVICES:
         raise BnpassError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    _onnxruntime()  # a missing or broken onnxruntime is said before any work
     if device == "cpu":
         return [CPU]
     reason = cuda_unavailable_reason()
@@ -110,13 +163,23 @@ def select_providers(device: str) -> list:
         return [CUDA, CPU]
     if device == "cuda":
         raise RuntimeUnavailableError(device, reason)
-    _say_once(f"using CPU: {reason}")
+    # Where no GPU is visible the fallback is what anyone expects: said only with -v (debug).
+    _say_once(f"using CPU: {reason}", logging.INFO if gpu_present() else logging.DEBUG)
     return [CPU]
 
 
+def gpu_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process: a device node or nvidia-smi, and
+    ``CUDA_VISIBLE_DEVICES`` not set to hide every device (empty or -1). Cheap; no CUDA call."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
 @functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    logger.info("%s", message)
+def _say_once(message: str, level: int = logging.INFO) -> None:
+    logger.log(level, "%s", message)
 
 
 def session_providers(providers: list, *, tf32: bool = False) -> list:

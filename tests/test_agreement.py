@@ -124,3 +124,9 @@ def test_mismatched_outputs_are_errors():
         meter.add([np.zeros((2, 3))], [np.zeros((2, 3)), np.zeros(2)])
     with pytest.raises(ValueError, match="output 'logits': shapes differ"):
         meter.add([np.zeros((2, 3))], [np.zeros((2, 4))])
+
+
+def test_a_meter_prints_its_figures():
+    meter = AgreementMeter(["logits"])
+    meter.add([np.eye(4, dtype=np.float32)], [np.eye(4, dtype=np.float32)[[0, 1, 3, 2]]])
+    assert repr(meter) == "AgreementMeter(samples=4, top1=0.5, relative_error=1)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -410,3 +411,158 @@ def test_bns_that_stay_are_grouped_by_reason_and_verbose_lists_each(tmp_path, wo
     verbose = run_cli("model.onnx", "out.onnx", "--data", "calib", "-v", cwd=workspace)
     per_bn = [line for line in verbose.stdout.splitlines() if "BatchNormalization:" in line]
     assert len(per_bn) == 3 and all("folded into" in line and " -> " in line for line in per_bn)
+
+
+# --- what a new user hit (round 3): options that cannot apply, messages, files -----------------------------
+
+def _error_in_process(workspace, capsys, monkeypatch, *arguments) -> str:
+    """Run ``main`` in ``workspace``: exit 1, the last stderr line ``error: ...``, every file as it was.
+    Returns that line."""
+    monkeypatch.chdir(workspace)
+    before = _snapshot(workspace)
+    code = main([str(argument) for argument in arguments])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 1 and lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert _snapshot(workspace) == before
+    return lines[-1]
+
+
+IMAGE_OPTIONS = ["--mean", "100", "--std", "50", "--no-scale", "--resize", "10", "--color", "bgr", "--layout", "nhwc"]
+
+
+@pytest.mark.parametrize("source", [["--data", "calib"], ["--loader", "hundred.py:samples"]], ids=["arrays", "loader"])
+def test_image_options_that_cannot_apply_are_an_error(workspace, capsys, monkeypatch, source):
+    (workspace / "hundred.py").write_text(
+        "import numpy as np\ndef samples():\n    return [np.zeros((1, 8, 8), np.float32)] * 100\n")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", *source, *IMAGE_OPTIONS)
+    assert "--resize, --color, --no-scale, --mean, --std, --layout apply to image files" in line, line
+
+
+def test_data_may_be_one_array_file_holding_a_batch(workspace, capsys, monkeypatch):
+    """--data FILE.npy / FILE.npz: the same samples, the same model, as a folder holding that file."""
+    monkeypatch.chdir(workspace)
+    (workspace / "one").mkdir()
+    batch = calibration_batch(workspace, 64)
+    np.save(workspace / "one" / "batch.npy", batch)
+    np.savez(workspace / "batch.npz", input=batch)
+    for data, output in (("one", "folder.onnx"), ("one/batch.npy", "npy.onnx"), ("batch.npz", "npz.onnx")):
+        assert main(["model.onnx", output, "--data", data, "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
+    assert (workspace / "npy.onnx").read_bytes() == (workspace / "folder.onnx").read_bytes()
+    assert (workspace / "npz.onnx").read_bytes() == (workspace / "folder.onnx").read_bytes()
+    (workspace / "notes.txt").write_text("hello")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "notes.txt")
+    assert "'notes.txt' is neither a folder nor a .npy or .npz file" in line
+
+
+def test_a_reference_that_is_the_input_model_is_an_error(workspace, capsys, monkeypatch):
+    shutil.copy(workspace / "model.onnx", workspace / "copy.onnx")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--reference", "model.onnx")
+    assert "--reference 'model.onnx' is the input model" in line
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--reference", "copy.onnx")
+    assert "has the same weights and statistics as the model" in line
+    with pytest.raises(bnpass.ModelError, match="the same weights and statistics"):
+        bnpass.reestimate_batchnorms(workspace / "model.onnx", workspace / "calib", reference=workspace / "copy.onnx")
+
+
+def test_plot_formats_follow_the_name_or_are_refused(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", "--plot", "p.svg",
+                 "--device", "cpu", "-q"]) == 0
+    assert b"<svg" in (workspace / "p.svg").read_bytes()[:1000]
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--plot", "p.jpg")
+    assert "--plot 'p.jpg': name the picture .png, .svg or .pdf" in line
+
+
+@pytest.mark.parametrize("failing", ["out.onnx", "out.onnx.data", "r.json", "p.png"])
+def test_a_full_disk_is_one_error_line_and_leaves_no_file(workspace, capsys, monkeypatch, failing):
+    """Every file of a run is written under a temporary name and renamed only when all were written."""
+    import errno
+
+    from bnpass import model_io
+
+    model = onnx.load(workspace / "model.onnx")
+    onnx.save(model, workspace / "model.onnx", save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    real_write = model_io._write_all
+
+    def full_disk(stream, content):
+        if re.fullmatch(rf"\.{re.escape(failing)}\.[^.]+\.tmp", os.path.basename(stream.name)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(stream, content)
+
+    monkeypatch.setattr(model_io, "_write_all", full_disk)
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--num-samples", "64", "--report", "r.json", "--plot", "p.png", "--device", "cpu")
+    assert line.endswith(f"'{failing}': No space left on device"), line
+
+
+def test_a_loader_with_other_keys_is_told_which_came(workspace, capsys, monkeypatch):
+    (workspace / "keyed.py").write_text(
+        "import numpy as np\ndef batches():\n    return [{'image': np.zeros((4, 1, 8, 8), np.float32)}]\n")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--loader", "keyed.py:batches")
+    assert "batch 0: no array for model input 'input' (the batch has: image)" in line
+
+
+def test_reference_without_reestimation_names_the_one_fix(workspace, capsys, monkeypatch):
+    shutil.copy(EXAMPLE.parent / "reference" / "model.onnx", workspace / "ref.onnx")
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--fold-only",
+                             "--reference", "ref.onnx")
+    assert line.endswith("it needs re-estimation: drop --fold-only")
+    (workspace / "nncf.json").write_text('{"compression": {"initializer": {"batchnorm_adaptation": '
+                                         '{"num_bn_adaptation_samples": 0}}}}')
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib",
+                             "--config", "nncf.json", "--reference", "ref.onnx")
+    assert "'nncf.json' sets num_bn_adaptation_samples to 0" in line and "give --num-samples N" in line
+
+
+def test_a_forced_candidate_gets_no_advice_to_choose_one(tmp_path, capsys):
+    """Shifted images: the domain warning stays, without telling to choose with --candidate."""
+    example = EXAMPLE.parent / "reference"
+    assert main([str(example / "model_compressed.onnx"), str(tmp_path / "out.onnx"), "--data",
+                 str(example / "shifted" / "calib"), "--reference", str(example / "model.onnx"), "--batch-size", "64",
+                 "--candidate", "reestimated", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "agreement with it may favour the wrong candidate" in captured.err
+    assert "--candidate" not in captured.err, captured.err
+    assert "kept the re-estimated statistics (asked for)" in captured.out
+
+
+@pytest.mark.parametrize("flag", ["--report", "--plot"])
+def test_report_and_plot_paths_say_why_they_cannot_be_written(workspace, capsys, monkeypatch, flag):
+    name = "r.json" if flag == "--report" else "p.png"
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib", flag,
+                             f"nodir/{name}")
+    assert f"{flag} folder '{workspace / 'nodir'}' does not exist" in line, line
+    line = _error_in_process(workspace, capsys, monkeypatch, "model.onnx", "out.onnx", "--data", "calib", flag, "calib")
+    assert f"{flag} path 'calib' is a folder; give a file name" in line, line
+
+
+def test_zero_samples_on_the_command_line_points_to_fold_only(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["model.onnx", "out.onnx", "--num-samples", "0"])
+    assert exit_code.value.code == 2 and "to fold without re-estimating, use --fold-only" in capsys.readouterr().err
+
+
+def test_the_summary_says_where_every_file_went(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", "--report", "r.json",
+                 "--plot", "p.png", "--device", "cpu"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote out.onnx, the report r.json and the plot p.png in "), last
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_cpu_fallback_line_is_said_only_where_a_gpu_is(workspace, capsys, monkeypatch, gpu):
+    from bnpass import runtime
+
+    monkeypatch.setattr(runtime, "gpu_present", lambda: gpu)
+    monkeypatch.chdir(workspace)
+    for verbose in ([], ["-v"]):
+        runtime._say_once.cache_clear()
+        assert main(["model.onnx", "out.onnx", "--data", "calib", "--num-samples", "64", *verbose]) == 0
+        said = "using CPU: the tests run on the CPU" in capsys.readouterr().err
+        assert said == (gpu or bool(verbose))

@@ -14,7 +14,7 @@ import bnpass
 from bnpass import images
 from bnpass.cli import main
 from bnpass.config import read_nncf_config
-from builders import GraphBuilder, add_batchnorm, random_bn_params
+from builders import GraphBuilder, add_batchnorm, build_conv_bn_relu_chain_model, random_bn_params
 
 
 def input_bn_model(shape, *, dtype=np.float32, channel_axis_last=False):
@@ -478,3 +478,12 @@ def test_api_cuda_error_names_the_api_argument_not_the_cli_flag():
     with pytest.raises(bnpass.RuntimeUnavailableError) as raised:
         bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), [data], device="cuda")
     assert str(raised.value).startswith("device='cuda': ") and "--device" not in str(raised.value)
+
+
+def test_api_image_options_for_arrays_are_an_error(tmp_path):
+    model = build_conv_bn_relu_chain_model()
+    np.save(tmp_path / "a.npy", np.zeros((4, 4, 6, 6), np.float32))
+    options = bnpass.ImageOptions(mean=(0.5,), std=(0.2,))
+    for data in (tmp_path / "a.npy", [np.zeros((4, 4, 6, 6), np.float32)]):
+        with pytest.raises(bnpass.DataError, match=r"\(--mean, --std\)|--mean, --std apply"):
+            bnpass.calibration_samples(model, data, options)

@@ -161,3 +161,20 @@ def test_first_batchnorms_look_through_layout_and_constant_arithmetic():
     add_batchnorm(builder, "c2", random_bn_params((4,), rng), output="y", name="b")
     builder.add_output("y")
     assert [node.name for node in first_batchnorms(builder.build())] == ["a"]
+
+
+def test_the_warning_does_not_suggest_the_normalization_already_given():
+    """A model whose stored statistics are random warns on well-preprocessed images too: then the
+    --mean/--std the user gave are not the advice; what else it may be is."""
+    from bnpass.data import InputSpec
+    from bnpass.diagnostics import InputShift, preprocessing_warning
+    from bnpass.images import ImageOptions, resolve
+
+    spec = InputSpec("x", np.dtype(np.float32), (None, 3, 8, 8))
+    given = resolve(ImageOptions(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), spec)
+    for shift in (InputShift("bn1", 0.1, 0.0), InputShift("bn1", 1.0, 2.0), InputShift("bn1", 10.0, 0.0)):
+        warning = preprocessing_warning([shift], images=given)
+        assert "--mean 0.485" not in warning and "--std missing" not in warning, warning
+        assert "the stored statistics may not come from data like these" in warning, warning
+    default = resolve(ImageOptions(), spec)
+    assert "--mean 0.485,0.456,0.406" in preprocessing_warning([InputShift("bn1", 0.1, 0.0)], images=default)

@@ -28,7 +28,7 @@ def test_readme_main_command_runs_and_shows_the_recovery(tmp_path):
     """Runs the first command as written (pip as a dry run, so the test leaves the environment alone)."""
     main_command, _ = readme_commands()
     steps = main_command.split(" && ")
-    assert steps[0] == "pip install ."
+    assert steps[0] == "pip install '.[gpu]'"
     subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet", str(REPO)],
                    check=True, timeout=600)
     # The rest runs in a scratch copy of the paths it names, so the repo gets no output file.
@@ -49,3 +49,14 @@ def test_readme_main_command_runs_and_shows_the_recovery(tmp_path):
     for measured, (shown, _) in zip(accuracies, table):
         assert abs(measured - float(shown)) <= 0.5, (accuracies, table)
     assert "folded 3 of 3" in outputs[0]
+
+
+def test_the_option_table_lists_every_option():
+    from bnpass.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Command line"):readme.index("Exit codes")]
+    flags = [flag for action in build_parser()._actions for flag in action.option_strings
+             if flag.startswith("--") and flag != "--help"]
+    missing = [flag for flag in flags if not re.search(rf"[`, ]{flag}\b", table)]
+    assert not missing, missing

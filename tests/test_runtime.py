@@ -218,3 +218,43 @@ def test_tests_not_marked_cuda_run_on_the_cpu_even_where_cuda_loads():
     assert runtime.select_providers("auto") == [runtime.CPU]
     assert "tests/conftest.py" in runtime.cuda_unavailable_reason()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.fixture
+def fresh_clash_check():
+    runtime._warn_of_a_clash.cache_clear()
+    yield
+    runtime._warn_of_a_clash.cache_clear()
+
+
+def test_two_onnxruntime_distributions_get_a_one_line_warning_with_the_fix(monkeypatch, caplog, fresh_clash_check):
+    """onnxruntime and onnxruntime-gpu installed together share one module: say so once, with the fix."""
+    monkeypatch.setattr(runtime, "installed_runtimes", lambda: {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+    with caplog.at_level("WARNING", logger="bnpass"):
+        runtime.select_providers("cpu")
+        runtime.select_providers("cpu")
+    assert [record.getMessage() for record in caplog.records] == [
+        "onnxruntime 1.32.0, onnxruntime-gpu 1.31.1 are installed together and share one module, which uninstalling "
+        "either breaks: keep one (pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu)"]
+
+
+@pytest.mark.parametrize("module, installed, words", [
+    (None, {}, "error: onnxruntime is not installed: pip install onnxruntime-gpu"),
+    ("empty", {"onnxruntime": "1.32.0"}, "error: the onnxruntime module is broken (it has no InferenceSession; "
+                                         "installed: onnxruntime 1.32.0)"),
+], ids=["missing", "broken"])
+def test_a_missing_or_broken_onnxruntime_is_one_line_with_the_fix(tmp_path, monkeypatch, capsys, module, installed,
+                                                                   words):
+    import sys
+    import types
+
+    onnx.save(build_conv_bn_relu_chain_model(), tmp_path / "model.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "a.npy", np.zeros((8, 4, 6, 6), np.float32))
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.ModuleType("onnxruntime") if module else None)
+    monkeypatch.setattr(runtime, "installed_runtimes", lambda: installed)
+    assert main([str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "calib"),
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(words) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.onnx").exists()

@@ -44,6 +44,7 @@ its float original.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -53,6 +54,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .. import data as calibration_data
 from ..agreement import AgreementMeter, best_candidate, format_agreement
@@ -151,6 +153,31 @@ def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
     return pairs
 
 
+def check_reference_differs(model: onnx.ModelProto, reference: onnx.ModelProto) -> None:
+    """A ModelError when ``reference`` holds the model's own weights and statistics (every initializer
+    and ``Constant`` tensor the same): matched against itself a model keeps its stored statistics and
+    agrees 100% with itself, so the run could only look like a success."""
+    mine = _weights_digest(model)
+    if mine is not None and mine == _weights_digest(reference):
+        raise ModelError("the reference has the same weights and statistics as the model: give the uncompressed "
+                         "model, from before compression")
+
+
+def _weights_digest(model: onnx.ModelProto) -> Optional[str]:
+    """A SHA-256 of every initializer (by name) and ``Constant`` tensor (in node order): name, type,
+    shape and values; None for a model without any."""
+    tensors = sorted(model.graph.initializer, key=lambda tensor: tensor.name)
+    tensors += [attribute.t for node in model.graph.node if node.op_type == "Constant"
+                for attribute in node.attribute if attribute.type == onnx.AttributeProto.TENSOR]
+    if not tensors:
+        return None
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)}:".encode())
+        digest.update(numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()
+
+
 def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
     """One :class:`~bnpass.calibration.MatchTarget` per pair (per BN of the model): the stored
     statistics of the reference BN it corresponds to."""
@@ -240,7 +267,7 @@ class MatchReferencePass(ReestimateBatchNormPass):
             result.compressed_moments[tap.bn] = own
             result.matched[tap.bn] = match
             result.reestimated[tap.bn] = (mean, var)
-        warning = _domain_warning(self.reference, pairs, targets, references)
+        warning = _domain_warning(self.reference, pairs, targets, references, forced=self.choose != "auto")
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
@@ -340,7 +367,8 @@ class _Sessions:
         return list(pending), True, samples, batches
 
 
-def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
+def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list, *,
+                    forced: bool = False) -> str:
     """A warning when the reference's first BNs see the calibration data unlike its training data
     (see the module docstring), else "". ``targets`` and ``moments`` (m_o, v_o) are per pair."""
     theirs = batchnorm_nodes(reference)
@@ -357,8 +385,8 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
             return (f"the reference's first BatchNormalization ('{node_label(bn)}') sees the calibration data "
                     f"with {shift.std_ratio:.2g}x the spread it was trained on (mean moved by "
                     f"{shift.mean_shift:.2g} standard deviations): the data differ from the reference's own, so "
-                    "agreement with it may favour the wrong candidate; check on labelled data, or choose one "
-                    "with --candidate")
+                    "agreement with it may favour the wrong candidate; check on labelled data"
+                    + ("" if forced else ", or choose one with --candidate"))
     return ""
 
 

@@ -208,7 +208,7 @@ class ReestimateBatchNormPass:
             result.stats[node_label(bn)] = entry
             if diagnose and any(bn is node for node in first) and entry.written:
                 shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
-        warning = preprocessing_warning(shifts, images=getattr(self.samples, "preprocessing", None) is not None)
+        warning = preprocessing_warning(shifts, images=getattr(self.samples, "preprocessing", None))
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
