@@ -21,8 +21,8 @@ from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
 from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
+from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .passes.match_reference import MatchReferencePass, ReferenceResult
-from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"
 

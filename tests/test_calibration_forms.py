@@ -15,7 +15,7 @@ import bnpass
 from bnpass import calibration as calibration_module
 from bnpass.calibration import FORM_FOR_PROVIDER, FORMS, build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.reestimate_batchnorm import StatisticsSession
+from bnpass.passes.calibration_run import StatisticsSession
 from bnpass.runtime import CPU
 from builders import GraphBuilder, add_batchnorm, random_bn_params
 from test_calibration_graph import direct_bn_model as wide_bn_model

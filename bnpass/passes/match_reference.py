@@ -45,7 +45,6 @@ its float original.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,25 +53,27 @@ from typing import Iterable, Optional
 import numpy as np
 import onnx
 
-from .. import data as calibration_data
 from ..agreement import AgreementMeter, best_candidate, format_agreement
-from ..calibration import MatchTarget, batchnorm_nodes, build_calibration_model, form_for_providers
+from ..calibration import MatchTarget, batchnorm_nodes
 from ..data import model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift
-from ..errors import DataError, ModelError
+from ..errors import ModelError
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
-from ..progress import progress_bar
-from ..runtime import create_session, select_providers
+from ..runtime import create_session
 from ..stats import ChannelMoments
 from .base import copy_model
-from .reestimate_batchnorm import (
-    ReestimateBatchNormPass,
+from .calibration_run import (
+    CalibrationRun,
+    CalibrationSettings,
     ReestimateResult,
     StatisticsSession,
-    fixed_size_batches,
-    prefetched,
+    batch_length,
+    batches_of,
+    checked_statistics,
+    input_batch_size,
+    write_statistics,
 )
 
 logger = logging.getLogger(__name__)
@@ -163,17 +164,18 @@ def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
     return targets
 
 
-class MatchReferencePass(ReestimateBatchNormPass):
+class MatchReferencePass:
     """Re-estimate and match ``reference`` (a ModelProto or a path), keep the better candidate.
 
-    Takes :class:`ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by agreement on
-    held-out batches), "reestimated" or "matched".
+    Takes :class:`~bnpass.passes.ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by
+    agreement on held-out batches), "reestimated" or "matched".
     """
 
     def __init__(self, samples: Iterable, reference, *, choose: str = "auto", **options):
-        super().__init__(samples, **options)
         if choose not in CHOICES:
             raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
+        self.samples = samples
+        self.settings = CalibrationSettings(**options)
         self.reference = as_model(reference)
         self.choose = choose
 
@@ -182,58 +184,43 @@ class MatchReferencePass(ReestimateBatchNormPass):
         if not batchnorm_nodes(model):
             return ReferenceResult(model=copy_model(model), modified=False)
         pairs = pair_batchnorms(model, self.reference)
-        batch_size_for_evaluation = _evaluation_batch(model, self.reference)
-        providers = select_providers(self.device)
-        form = self.form or form_for_providers(providers)
+        batch_size_for_evaluation = input_batch_size(model, self.reference)
         targets = match_targets(self.reference, pairs)
-        plain = build_calibration_model(model, form)
-        matched = build_calibration_model(model, form, mode="matched", targets=targets)
-        observed = build_calibration_model(self.reference, form, mode="observe")
-        batch_size = self._batch_size([plain, matched, observed])
-        # Fixed where a calibration copy could not free the batch; the held-out check cuts its batches
-        # to the models' own batch size (_chunks) and needs no fixed size here.
-        fixed = any(copy.fixed_batch is not None for copy in (plain, matched, observed))
-        limit, expected = self._selection(batch_size, fixed=fixed)
-        options = dict(threads=self.threads, tf32=self.tf32, release_model=True)
-        sessions = _Sessions(StatisticsSession(plain, providers, **options),
-                             StatisticsSession(matched, providers, **options),
-                             StatisticsSession(observed, providers, **options), pairs)
-        self._announce(len(plain.taps), batch_size, limit, expected, sessions.plain.device, fixed=fixed)
+        run = CalibrationRun(self.samples, self.settings)
+        plain = run.copy(model)
+        matched = run.copy(model, mode="matched", targets=targets)
+        observed = run.copy(self.reference, mode="observe")
+        sessions = _Sessions(*run.open([plain, matched, observed]), pairs)
         logger.info("matching the reference model as well: three sessions per batch, then the candidates "
                     "compared on held-out batches")
-        batches = calibration_data.batched(self.samples, batch_size, limit)
-        progress = progress_bar(math.ceil(expected / batch_size) if expected is not None else None,
-                                self.progress, "calibrating")
-        try:
-            held_out, kept_out, samples, statistics_batches = sessions.collect(prefetched(batches), batch_size,
-                                                                               fixed, progress)
-        finally:
-            progress.close()
-        if statistics_batches == 0:
-            raise DataError("no calibration samples: the data source is empty")
+        held_out, kept_out = sessions.collect(run.feeds())
         device = sessions.plain.device
-        taps = plain.taps
-        reestimated = [self._result(tap, moment) for tap, moment in zip(taps, sessions.plain_moments)]
-        compressed = [self._moments(tap, moment) for tap, moment in zip(taps, sessions.matched_moments)]
-        references = [self._moments(tap, sessions.reference_moments[reference_position])
+        taps, mode = plain.taps, self.settings.stats
+        samples, statistics_batches = sessions.samples, sessions.batches
+        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in zip(taps, sessions.plain_moments)]
+        compressed = [checked_statistics(tap, moment, mode)[:2]
+                      for tap, moment in zip(taps, sessions.matched_moments)]
+        references = [checked_statistics(tap, sessions.reference_moments[reference_position], mode)[:2]
                       for tap, (_, reference_position) in zip(taps, pairs)]
         matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own, name=tap.bn)
                    for tap, target, reference, own in zip(taps, targets, references, compressed)]
         del sessions  # the calibration sessions' memory goes back before the candidates are made
 
-        candidates = {
-            "reestimated": self._write_statistics(copy_model(model), taps, reestimated, ReestimateResult(
-                model=None, modified=True)),
-            "matched": self._write_statistics(copy_model(model), taps, [
+        images = getattr(self.samples, "preprocessing", None) is not None
+        candidates = {"reestimated": copy_model(model), "matched": copy_model(model)}
+        written = {
+            "reestimated": write_statistics(candidates["reestimated"], taps, reestimated, images=images),
+            "matched": write_statistics(candidates["matched"], taps, [
                 (match.mean, match.var, count) for match, (_, _, count) in zip(matches, reestimated)],
-                ReestimateResult(model=None, modified=True), diagnose=False),
+                images=images, diagnose=False),
         }
-        agreement, evaluated = self._evaluate(model, candidates, held_out, batch_size_for_evaluation, providers)
+        agreement, evaluated = self._evaluate(model, candidates, held_out, batch_size_for_evaluation,
+                                              run.providers)
         chosen, why = self._choose(agreement)
         result = ReferenceResult(
-            model=candidates[chosen].model, modified=candidates[chosen].modified, stats=candidates[chosen].stats,
-            warnings=candidates["reestimated"].warnings, samples=samples, batches=statistics_batches,
-            batch_size=batch_size, device=device, chosen=chosen, why=why, agreement=agreement,
+            model=candidates[chosen], modified=written[chosen].modified, stats=written[chosen].stats,
+            warnings=written["reestimated"].warnings, samples=samples, batches=statistics_batches,
+            batch_size=run.batch_size, device=device, chosen=chosen, why=why, agreement=agreement,
             held_out_samples=evaluated, held_out=kept_out)
         for tap, reference, own, match, (mean, var, _) in zip(taps, references, compressed, matches, reestimated):
             result.reference_moments[tap.bn] = reference
@@ -247,26 +234,22 @@ class MatchReferencePass(ReestimateBatchNormPass):
         result.seconds = time.perf_counter() - started
         return result
 
-    def _moments(self, tap, moment: ChannelMoments) -> tuple:
-        """``(mean, var)`` of one BN input in this pass's statistics mode, checked."""
-        return self._result(tap, moment)[:2]
-
     def _evaluate(self, model, candidates: dict, batches: list, chunk: Optional[int], providers: list) -> tuple:
         """Agreement of the model as given and of each candidate with the reference on ``batches``."""
         names = [output.name for output in model.graph.output]
         reference_names = [output.name for output in self.reference.graph.output]
-        options = dict(tf32=self.tf32, threads=self.threads)
+        options = dict(tf32=self.settings.tf32, threads=self.settings.threads)
         reference_session = create_session(self.reference, providers, **options)
         sessions = {"compressed": create_session(model, providers, **options)}
-        sessions.update((name, create_session(candidate.model, providers, **options))
+        sessions.update((name, create_session(candidate, providers, **options))
                         for name, candidate in candidates.items())
         agreement = {name: AgreementMeter(names) for name in sessions}
         samples = 0
-        for feed in _chunks(batches, chunk):
+        for feed in batches_of(batches, chunk):
             expected = reference_session.run(reference_names, feed)
             for name, session in sessions.items():
                 agreement[name].add(expected, session.run(names, feed))
-            samples += next(iter(feed.values())).shape[0]
+            samples += batch_length(feed)
         return agreement, samples
 
     def _choose(self, agreement: dict) -> tuple:
@@ -292,6 +275,7 @@ class _Sessions:
         self.plain_moments = [ChannelMoments() for _ in plain.taps]
         self.matched_moments = [ChannelMoments() for _ in matched.taps]
         self.reference_moments = [ChannelMoments() for _ in observed.taps]
+        self.samples = self.batches = 0
 
     def absorb(self, feed: dict) -> None:
         """One batch through all three sessions: the reference's moments feed the matched copy."""
@@ -305,39 +289,33 @@ class _Sessions:
         self.matched.absorb(self.matched_moments, self.matched.runner.run({**feed, **reference_inputs}))
         self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
 
-    def collect(self, feeds, batch_size: int, fixed: bool, progress) -> tuple:
+    def collect(self, feeds) -> tuple:
         """Absorb every batch but the last ``min(HELD_OUT_BATCHES, batches // 4)``; returns
-        ``(held-out batches, held out?, samples absorbed, batches absorbed)``. With too few batches
-        to hold any out, every batch is absorbed and also returned for the evaluation."""
+        ``(held-out batches, held out?)`` and counts what was absorbed in ``samples`` and
+        ``batches``. With too few batches to hold any out, every batch is absorbed and also
+        returned for the evaluation."""
         pending: deque = deque()  # the last batches read, not absorbed yet
-        samples = batches = 0
 
         def absorb_oldest():
-            nonlocal samples, batches
             feed = pending.popleft()
             self.absorb(feed)
-            samples += next(iter(feed.values())).shape[0]
-            batches += 1
-            if progress is not None:
-                progress.update(1)
+            self.samples += batch_length(feed)
+            self.batches += 1
             return feed
 
-        feeds = iter(feeds)
         try:
-            for feed in fixed_size_batches(feeds, batch_size if fixed else None):
+            for feed in feeds:
                 pending.append(feed)
                 if len(pending) > HELD_OUT_BATCHES:
                     absorb_oldest()
         finally:
-            close = getattr(feeds, "close", None)
-            if close is not None:
-                close()  # a prefetching generator stops its loading thread
-        keep = min(HELD_OUT_BATCHES, (batches + len(pending)) // 4)
+            feeds.close()  # stops the loading thread, also when a batch failed
+        keep = min(HELD_OUT_BATCHES, (self.batches + len(pending)) // 4)
         if keep == 0:
-            return [absorb_oldest() for _ in range(len(pending))], False, samples, batches
+            return [absorb_oldest() for _ in range(len(pending))], False
         while len(pending) > keep:
             absorb_oldest()
-        return list(pending), True, samples, batches
+        return list(pending), True
 
 
 def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
@@ -360,25 +338,3 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
                     "agreement with it may favour the wrong candidate; check on labelled data, or choose one "
                     "with --candidate")
     return ""
-
-
-def _evaluation_batch(model: onnx.ModelProto, reference: onnx.ModelProto) -> Optional[int]:
-    """The batch size both models' own inputs fix (None when free): held-out batches are run through
-    the models as they are, so they are cut to it."""
-    fixed = {spec.shape[0] for candidate in (model, reference) for spec in model_input_specs(candidate)
-             if spec.shape and spec.shape[0] is not None}
-    if len(fixed) > 1:
-        raise ModelError(f"the reference does not correspond to the model: their inputs fix different batch "
-                         f"sizes {sorted(fixed)}")
-    return fixed.pop() if fixed else None
-
-
-def _chunks(batches: Iterable, size: Optional[int]):
-    """``batches`` as they are, or cut into pieces of ``size`` samples (a short rest is dropped)."""
-    for feed in batches:
-        if size is None:
-            yield feed
-            continue
-        count = next(iter(feed.values())).shape[0]
-        for start in range(0, count - size + 1, size):
-            yield {name: array[start:start + size] for name, array in feed.items()}
