@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Union
 
 import onnx
 
-from .data import feeds_from_batches, model_input_specs, open_folder
+from .data import IterableSource, model_input_specs, open_folder
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
@@ -46,7 +46,7 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
     specs = model_input_specs(model)
     if isinstance(data, (str, os.PathLike)):
         return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
-    return feeds_from_batches(data, specs)
+    return IterableSource(data, specs)
 
 
 def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data, *, stats: str = "pooled",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bnpass.agreement import AgreementMeter, OutputAgreement, best_candidate, format_agreement
+from bnpass.passes.candidates import mcnemar_p_value
 
 
 def meter_after(batches, names=("logits",)):
@@ -124,3 +125,12 @@ def test_mismatched_outputs_are_errors():
         meter.add([np.zeros((2, 3))], [np.zeros((2, 3)), np.zeros(2)])
     with pytest.raises(ValueError, match="output 'logits': shapes differ"):
         meter.add([np.zeros((2, 3))], [np.zeros((2, 4))])
+
+
+@pytest.mark.parametrize("for_a, for_b, expected", [
+    (0, 0, 1.0), (3, 0, 0.25), (2, 3, 1.0), (10, 0, 2 / 1024), (43, 2, 2 * (1 + 45 + 990) / 2 ** 45),
+])
+def test_mcnemar_p_value_is_the_two_sided_binomial_tail(for_a, for_b, expected):
+    """Hand-computed: under the null each discordant sample favours either side with probability 1/2."""
+    assert mcnemar_p_value(for_a, for_b) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar_p_value(for_b, for_a) == pytest.approx(expected, rel=1e-12)

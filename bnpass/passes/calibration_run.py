@@ -39,7 +39,7 @@ import onnx
 
 from .. import data as calibration_data
 from ..calibration import CalibrationModel, batchnorm_nodes, build_calibration_model, form_for_providers
-from ..data import model_input_specs, plural
+from ..data import LABELS, model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift, preprocessing_warning
 from ..errors import DataError, ModelError
 from ..graph import node_label
@@ -153,7 +153,7 @@ class CalibrationRun:
         feeds = prefetched(batches_of(batches, self.batch_size if self.fixed else None))
         try:
             for feed in feeds:
-                yield feed
+                yield {name: array for name, array in feed.items() if name != LABELS}
                 self.samples_read += batch_length(feed)
                 self.batches_read += 1
                 progress.update(1)
@@ -162,6 +162,26 @@ class CalibrationRun:
             progress.close()
         if self.batches_read == 0:
             raise DataError("no calibration samples: the data source is empty")
+
+    def require_second_reading(self, why: str) -> None:
+        """A DataError, before anything runs, when the data can be read only once."""
+        if getattr(self.samples, "one_shot", False):
+            raise DataError(f"{why} reads the calibration data twice, but they come from a one-shot iterator or "
+                            "generator: give a folder, a list, a DataLoader or a loader function")
+
+    def evaluation_feeds(self, size: Optional[int]) -> Iterator[dict]:
+        """The samples calibration used, read again (labels kept under :data:`bnpass.data.LABELS`), in
+        batches for running the models as they are: cut to ``size`` when their inputs fix it."""
+        progress = progress_bar(self.batches_read, self.settings.progress, "comparing")
+        batches = calibration_data.batched(self.samples, self.batch_size, self.samples_read)
+        feeds = prefetched(batches_of(batches, size))
+        try:
+            for feed in feeds:
+                yield feed
+                progress.update(1)
+        finally:
+            feeds.close()
+            progress.close()
 
     def _announce(self, batchnorms: int, device: str) -> None:
         """The line saying what calibration is about to do, and warnings about the data."""
