@@ -16,13 +16,13 @@ from typing import Iterable, Optional, Union
 
 import onnx
 
-from .data import feeds_from_batches, model_input_specs, open_folder
+from .data import IterableSource, model_input_specs, open_folder
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
 from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
+from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .passes.match_reference import MatchReferencePass, ReferenceResult, check_reference_differs
-from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 
 __version__ = "0.1.0"
 
@@ -50,7 +50,7 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
     if image_options is not None and image_options.given():
         raise DataError(f"image_options ({', '.join(image_options.given())}) apply to image folders; batches given "
                         "in Python are fed as they are")
-    return feeds_from_batches(data, specs)
+    return IterableSource(data, specs)
 
 
 def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data, *, stats: str = "pooled",

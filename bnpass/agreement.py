@@ -29,6 +29,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .errors import DataError
+
 
 @dataclass
 class OutputAgreement:
@@ -54,7 +56,9 @@ class OutputAgreement:
             return 0.0 if self.squared_difference == 0 else math.inf
         return math.sqrt(self.squared_difference / self.squared_reference)
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> Optional[np.ndarray]:
+        """One batch of this output from both models; returns, per sample, whether the top-1 classes
+        agree (None when the output is not classifier-shaped)."""
         reference, candidate = np.asarray(reference), np.asarray(candidate)
         if reference.shape != candidate.shape:
             raise ValueError(f"output '{self.name}': shapes differ, {reference.shape} and {candidate.shape}")
@@ -62,17 +66,29 @@ class OutputAgreement:
         self.samples += count
         floating = np.issubdtype(reference.dtype, np.floating)
         self.float_output = floating
-        if floating and reference.ndim == 2 and reference.shape[1] > 1:
-            self.top1_matches += int(np.count_nonzero(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-            self.top1_samples += count
-        elif np.issubdtype(reference.dtype, np.integer) and reference.ndim == 1:
-            self.top1_matches += int(np.count_nonzero(reference == candidate))
+        hits = None
+        if is_classifier_shaped(reference):
+            hits = top1_classes(reference) == top1_classes(candidate)
+            self.top1_matches += int(np.count_nonzero(hits))
             self.top1_samples += count
         if floating:
             reference64 = reference.astype(np.float64, copy=False)
             difference = reference64 - candidate.astype(np.float64, copy=False)
             self.squared_difference += float(np.vdot(difference, difference))
             self.squared_reference += float(np.vdot(reference64, reference64))
+        return hits
+
+
+def is_classifier_shaped(output: np.ndarray) -> bool:
+    """A float output ``(N, K)`` with K > 1, or an integer output ``(N,)`` (predicted classes)."""
+    if np.issubdtype(output.dtype, np.floating):
+        return output.ndim == 2 and output.shape[1] > 1
+    return np.issubdtype(output.dtype, np.integer) and output.ndim == 1
+
+
+def top1_classes(output: np.ndarray) -> np.ndarray:
+    """The class of each sample of a classifier-shaped output."""
+    return output.argmax(axis=1) if output.ndim == 2 else output
 
 
 class AgreementMeter:
@@ -81,18 +97,30 @@ class AgreementMeter:
     def __init__(self, output_names: Sequence[str]):
         self.outputs = {name: OutputAgreement(name) for name in output_names}
 
-    def add(self, reference: Sequence, candidate: Sequence) -> None:
-        """One batch: the outputs of both models, in ``output_names`` order (lists, as ``session.run``)."""
+    def add(self, reference: Sequence, candidate: Sequence) -> Optional[np.ndarray]:
+        """One batch: the outputs of both models, in ``output_names`` order (lists, as ``session.run``).
+        Returns whether the top-1 classes agree, per sample and classifier-shaped output (the outputs'
+        verdicts one after the other), or None when no output is classifier-shaped."""
         if len(reference) != len(self.outputs) or len(candidate) != len(self.outputs):
             raise ValueError(f"expected {len(self.outputs)} outputs, got {len(reference)} and {len(candidate)}")
-        for output, expected, got in zip(self.outputs.values(), reference, candidate):
-            output.add(expected, got)
+        hits = [output.add(expected, got) for output, expected, got in zip(self.outputs.values(), reference, candidate)]
+        hits = [verdicts for verdicts in hits if verdicts is not None]
+        return np.concatenate(hits) if hits else None
+
+    @property
+    def top1_matches(self) -> int:
+        """Samples (times classifier-shaped outputs) whose top-1 classes agree."""
+        return sum(output.top1_matches for output in self.outputs.values())
+
+    @property
+    def top1_samples(self) -> int:
+        """Samples (times classifier-shaped outputs) compared for top-1 agreement."""
+        return sum(output.top1_samples for output in self.outputs.values())
 
     @property
     def top1(self) -> Optional[float]:
         """Top-1 agreement pooled over the classifier-shaped outputs; None when there are none."""
-        samples = sum(output.top1_samples for output in self.outputs.values())
-        return sum(output.top1_matches for output in self.outputs.values()) / samples if samples else None
+        return self.top1_matches / self.top1_samples if self.top1_samples else None
 
     @property
     def relative_error(self) -> Optional[float]:
@@ -109,6 +137,43 @@ class AgreementMeter:
         """Sort key, larger is better: higher top-1 agreement first, then lower output error."""
         top1, error = self.top1, self.relative_error
         return (-math.inf if top1 is None else top1, -math.inf if error is None else -error)
+
+
+@dataclass
+class LabelAccuracy:
+    """Top-1 accuracy against labels: class indices of a model's first classifier-shaped output."""
+
+    correct: int = 0
+    samples: int = 0
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.correct / self.samples if self.samples else None
+
+    def add(self, outputs: Sequence, labels, *, batch: int) -> np.ndarray:
+        """One batch: the model's outputs (as ``session.run``) and the batch's labels; returns, per
+        sample, whether the model got it right. A label that is no class of the output, or a model
+        with no classifier-shaped output, is a DataError naming the batch."""
+        output = next((np.asarray(value) for value in outputs if is_classifier_shaped(np.asarray(value))), None)
+        if output is None:
+            raise DataError(f"batch {batch}: the data carry labels, but no model output is classifier-shaped "
+                            "((N, classes) scores or (N,) class indices)")
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != output.shape[0]:
+            raise DataError(f"batch {batch}: {labels.shape[0]} labels for {output.shape[0]} samples")
+        if not np.issubdtype(labels.dtype, np.integer):
+            if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+                raise DataError(f"batch {batch}: labels must be class indices (integers), got {labels.dtype}")
+            labels = labels.astype(np.int64)
+        classes = output.shape[1] if output.ndim == 2 else None
+        outside = labels[(labels < 0) | (labels >= classes)] if classes is not None else labels[labels < 0]
+        if outside.size:
+            limit = f"0..{classes - 1}" if classes is not None else "0 or more"
+            raise DataError(f"batch {batch}: label {outside[0]} is outside the model's classes ({limit})")
+        hits = top1_classes(output) == labels
+        self.correct += int(np.count_nonzero(hits))
+        self.samples += labels.shape[0]
+        return hits
 
 
 def best_candidate(meters: Mapping[str, AgreementMeter]) -> str:

@@ -63,14 +63,12 @@ from .protos import (
     tensor_dtype,
     unique_name,
 )
-from .statistics_forms import (  # noqa: F401  (FORM_FOR_PROVIDER, form_for_providers: imported from here)
+from .statistics_forms import (
     FALLBACK,
-    FORM_FOR_PROVIDER,
     FORM_OPSET,
     FORMS,
     Site,
     batch_moments,
-    form_for_providers,
     opset_raise_refusal,
     resolved_form,
 )

@@ -25,8 +25,8 @@ from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
 from .passes import FoldBatchNormPass, ReestimateBatchNormPass
+from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
 from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult, check_reference_differs
-from .passes.reestimate_batchnorm import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
@@ -424,12 +424,9 @@ def _image_options(args) -> ImageOptions:
 
 def _first_batches(samples, batch_size: int, model, count: int):
     """Up to ``count`` batches of calibration data, at the model's fixed batch if it has one."""
-    fixed = {spec.shape[0] for spec in model_input_specs(model) if spec.shape and spec.shape[0] is not None}
-    size = fixed.pop() if len(fixed) == 1 else batch_size
-    for feed in batched(samples, size, count * size):
-        if next(iter(feed.values())).shape[0] != size and fixed:
-            break
-        yield feed
+    fixed = input_batch_size(model)
+    size = fixed or batch_size
+    return batches_of(batched(samples, size, count * size), fixed)
 
 
 def _report(args, model, reestimate, fold, difference, seconds) -> bytes:

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 ARRAY_SUFFIXES = (".npy", ".npz")
 READ_CHUNK = 256  # samples read from a batch file at a time
 SAVEZ_DEFAULT_NAME = "arr_0"  # the name np.savez gives a positional array
+LABELS = "\x00bnpass labels"  # the key of a sample's or batch's labels, beside the inputs (no input is named so)
 
 
 @dataclass(frozen=True)
@@ -339,9 +340,43 @@ def _inputs_of(item):
     return item
 
 
+class IterableSource:
+    """Samples from an iterable of samples or batches, or a ``CalibrationDataReader`` (the module
+    docstring says what they may yield). Read again from the start by each ``iter()`` when the
+    iterable can be (a list, a DataLoader; a reader with ``rewind()``); a one-shot iterator or
+    generator can be read once (``one_shot``)."""
+
+    def __init__(self, batches, specs: list):
+        self.batches = batches
+        self.specs = specs
+        self.one_shot = isinstance(batches, Iterator) and not callable(getattr(batches, "rewind", None))
+
+    def __iter__(self) -> Iterator[dict]:
+        rewind = getattr(self.batches, "rewind", None)
+        if callable(rewind):
+            rewind()
+        return feeds_from_batches(self.batches, self.specs)
+
+
+def _labels_of(item, count: int) -> Optional[np.ndarray]:
+    """The labels of an ``(inputs, labels...)`` item: one number per sample, or None where the item
+    carries none (or something else beside the inputs: targets of another kind are ignored)."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        return None
+    try:
+        labels = _as_array(item[1], "labels")
+    except DataError:
+        return None
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        return None
+    if labels.size != count:
+        return None
+    return labels.reshape(count)
+
+
 def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
     """Normalise user batches (dicts, or arrays for single-input models, each maybe the first element
-    of a tuple) to checked samples."""
+    of an ``(inputs, labels...)`` tuple) to checked samples; labels travel under :data:`LABELS`."""
     for number, item in enumerate(iterate_source(batches)):
         batch = _inputs_of(item)
         if not isinstance(batch, dict):
@@ -357,8 +392,12 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
             batch = {**batch, spec.name: _finite(np.asarray(array if is_batch else array[None], dtype=dtype),
                                                  f"batch {number}")}
         count = batch[specs[0].name].shape[0]
+        labels = _labels_of(item, count)
         for position in range(count):
-            yield {spec.name: batch[spec.name][position] for spec in specs}
+            sample = {spec.name: batch[spec.name][position] for spec in specs}
+            if labels is not None:
+                sample[LABELS] = labels[position]
+            yield sample
 
 
 def _as_array(value, where: str) -> np.ndarray:

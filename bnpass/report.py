@@ -13,6 +13,7 @@ from .calibration import batchnorm_nodes
 from .data import plural
 from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
+from .passes.candidates import spelled
 from .passes.match_reference import CANDIDATES, ReferenceResult
 from .plot import measure_drift
 
@@ -39,13 +40,21 @@ def _epsilons(model: onnx.ModelProto) -> dict:
 
 
 def reference_record(result: ReferenceResult) -> dict:
-    """The ``reference`` part of the report: what was kept and why, and each model's agreement."""
-    return {
-        "chosen": result.chosen, "why": result.why, "held_out": result.held_out,
-        "agreement_samples": result.held_out_samples,
+    """The ``reference`` part of the report: what was kept, by which criterion and why, and every model's
+    scores on the same samples."""
+    scores, choice = result.scores, result.choice
+    record = {
+        "chosen": result.chosen, "why": result.why,
+        "criterion": choice.criterion if choice else None,
+        "p_value": choice.p_value if choice else None,
+        "samples": scores.samples, "labelled": scores.labelled,
         "agreement": {name: {"top1": meter.top1, "output_error": meter.relative_error}
-                      for name, meter in result.agreement.items()},
+                      for name, meter in scores.agreement.items()},
+        "differ": {f"{a} not {b}": count for (a, b), count in scores.discordant.items()},
     }
+    if scores.labelled:
+        record["accuracy"] = {name: meter.accuracy for name, meter in scores.accuracy.items()}
+    return record
 
 
 def _matching_record(result: ReferenceResult, name: str, epsilon: float, stats) -> dict:
@@ -172,11 +181,14 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
     return f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}"
 
 def _reference_lines(result: ReferenceResult) -> list:
-    where = (f"{plural(result.held_out_samples, 'held-out sample')}" if result.held_out else
-             "the calibration samples (too few batches to hold any out)")
-    scores = ", ".join(f"{_spelled(name)} {_agreement(result.agreement[name])}" for name in CANDIDATES)
-    lines = [f"kept the {_spelled(result.chosen)} statistics ({result.why}); agreement with the reference on {where}: "
-             f"{scores}", result.agreement_line()]
+    scores = result.scores
+    lines = [f"kept the {spelled(result.chosen)} statistics: {result.why}"]
+    if scores.labelled:
+        accuracy = scores.accuracy
+        lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(
+            f"{spelled(name)} {100 * accuracy[name].accuracy:.1f}%"
+            for name in ("reference", "compressed", *CANDIDATES)))
+    lines.append(result.agreement_line())
     changed = Counter()
     for matched in result.matched.values():
         changed.update({rule: count for rule, count in matched.rule_counts().items() if rule != "matched"})
@@ -184,20 +196,6 @@ def _reference_lines(result: ReferenceResult) -> list:
         lines.append("  matching rules other than the formula: " + ", ".join(
             f"{plural(count, 'channel')} {rule.replace('_', ' ')}" for rule, count in changed.items()))
     return lines
-
-
-def _spelled(candidate: str) -> str:
-    """A candidate's name in prose: "re-estimated" (the value ``reestimated`` is what options take)."""
-    return "re-estimated" if candidate == "reestimated" else candidate
-
-
-def _agreement(meter) -> str:
-    parts = []
-    if meter.top1 is not None:
-        parts.append(f"top-1 {100 * meter.top1:.1f}%")
-    if meter.relative_error is not None:
-        parts.append(f"output error {meter.relative_error:.3g}")
-    return " ".join(parts) or "no comparable output"
 
 
 def _per_batchnorm_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> list:

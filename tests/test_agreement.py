@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bnpass.agreement import AgreementMeter, OutputAgreement, best_candidate, format_agreement
+from bnpass.passes.candidates import mcnemar_p_value
 
 
 def meter_after(batches, names=("logits",)):
@@ -130,3 +131,12 @@ def test_a_meter_prints_its_figures():
     meter = AgreementMeter(["logits"])
     meter.add([np.eye(4, dtype=np.float32)], [np.eye(4, dtype=np.float32)[[0, 1, 3, 2]]])
     assert repr(meter) == "AgreementMeter(samples=4, top1=0.5, relative_error=1)"
+
+
+@pytest.mark.parametrize("for_a, for_b, expected", [
+    (0, 0, 1.0), (3, 0, 0.25), (2, 3, 1.0), (10, 0, 2 / 1024), (43, 2, 2 * (1 + 45 + 990) / 2 ** 45),
+])
+def test_mcnemar_p_value_is_the_two_sided_binomial_tail(for_a, for_b, expected):
+    """Hand-computed: under the null each discordant sample favours either side with probability 1/2."""
+    assert mcnemar_p_value(for_a, for_b) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar_p_value(for_b, for_a) == pytest.approx(expected, rel=1e-12)

@@ -13,10 +13,11 @@ import pytest
 
 import bnpass
 from bnpass import statistics_forms
-from bnpass.calibration import FORM_FOR_PROVIDER, FORMS, build_calibration_model
+from bnpass.calibration import FORMS, build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.reestimate_batchnorm import StatisticsSession
+from bnpass.passes.calibration_run import StatisticsSession
 from bnpass.runtime import CPU
+from bnpass.statistics_forms import FORM_FOR_PROVIDER
 from builders import GraphBuilder, add_batchnorm, random_bn_params
 from test_calibration_graph import direct_bn_model as wide_bn_model
 from test_calibration_graph import torch_conv_net

@@ -16,7 +16,7 @@ import pytest
 import bnpass
 from bnpass.calibration import build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.reestimate_batchnorm import StatisticsSession, prefetched
+from bnpass.passes.calibration_run import StatisticsSession, prefetched
 from bnpass.runtime import CPU, BatchRunner, create_session
 from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import bnpass
-from bnpass.calibration import FORM_FOR_PROVIDER, build_calibration_model
+from bnpass.calibration import build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.reestimate_batchnorm import StatisticsSession
+from bnpass.passes.calibration_run import StatisticsSession
 from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, cuda_unavailable_reason, select_providers
+from bnpass.statistics_forms import FORM_FOR_PROVIDER
 from test_calibration_graph import torch_conv_net
 from test_statistics import direct_bn_model, make_data, pooled_reference
 

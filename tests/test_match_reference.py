@@ -77,21 +77,21 @@ def test_one_batch_equals_level_by_level_matching_in_pytorch(network, data, comp
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=len(data), num_samples=len(data),
                                           reference=export_with_batchnorm_kept(network, torch.from_numpy(data[:2])),
                                           candidate="matched")
-    assert result.batches == 1 and not result.held_out  # one batch: nothing to hold out
+    assert result.batches == 1
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
 
 
 def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
     """Each BN normalizes with statistics matched on its batch: the product against PyTorch's one-pass
-    form over the same batches (the last quarter of them held out for the agreement check)."""
+    form over the same batches, every one of them."""
     compressed = magnitude_prune(network, 0.7)
-    batches = [data[start:start + 16] for start in range(0, len(data), 16)]   # 8 batches: 2 held out
-    expected = match_one_pass(network, compressed, [torch.from_numpy(b) for b in batches[:6]])
+    batches = [data[start:start + 16] for start in range(0, len(data), 16)]
+    expected = match_one_pass(network, compressed, [torch.from_numpy(b) for b in batches])
     model = export_with_batchnorm_kept(compressed, torch.from_numpy(data[:2]))
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, num_samples=len(data),
                                           reference=export_with_batchnorm_kept(network, torch.from_numpy(data[:2])),
                                           candidate="matched")
-    assert (result.batches, result.held_out, result.held_out_samples) == (6, True, 32)
+    assert (result.batches, result.samples, result.scores.samples) == (8, 128, 128)
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
     assert not np.allclose(onnx_statistics(result, model)["bn4"][1],
                            torch_statistics(match_level_by_level(network, compressed, torch.from_numpy(data[:96]),
@@ -108,17 +108,18 @@ def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
     assert all(set(matched.rule_counts()) == {"matched"} for matched in result.matched.values())
 
 
-def test_the_choice_follows_agreement_on_held_out_batches_or_is_forced():
-    """The shipped showcase: deployed on digits 0-4 only, the 70%-pruned model is best matched."""
+def test_the_choice_follows_agreement_on_every_sample_or_is_forced():
+    """The shipped showcase: deployed on digits 0-4 only, the 70%-pruned model is best matched; both
+    candidates come from every sample, the re-estimated one exactly as a plain run's."""
     model = onnx.load(EXAMPLE / "model_compressed.onnx")
     data = EXAMPLE / "classes-0-4" / "calib"
     auto = bnpass.reestimate_batchnorms(model, data, batch_size=64, reference=EXAMPLE / "model.onnx")
     assert auto.chosen == "matched" and auto.why.startswith("top-1 agreement")
     assert auto.agreement["matched"].top1 > auto.agreement["reestimated"].top1 > auto.agreement["compressed"].top1
-    assert (auto.batches, auto.held_out_samples) == (5, 64)
+    assert auto.batches == 6 and auto.samples == auto.scores.samples == 384
     forced = bnpass.reestimate_batchnorms(model, data, batch_size=64, reference=EXAMPLE / "model.onnx",
                                           candidate="reestimated")
-    plain = bnpass.reestimate_batchnorms(model, data, batch_size=64, num_samples=320)  # the same 5 batches
+    plain = bnpass.reestimate_batchnorms(model, data, batch_size=64)
     assert forced.chosen == "reestimated" and forced.why == "asked for"
     for name, stats in forced.stats.items():
         np.testing.assert_allclose(stats.var, plain.stats[name].var, rtol=1e-6)
@@ -187,7 +188,7 @@ def test_a_qdq_quantized_model_matches_its_float_original():
     data = np.random.default_rng(3).standard_normal((64, 3, 6, 6)).astype(np.float32)
     model = conv_bn_model(quantized=True)
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, reference=conv_bn_model())
-    assert set(result.matched) == {"bn_a", "bn_b"} and result.held_out_samples == 16
+    assert set(result.matched) == {"bn_a", "bn_b"} and result.scores.samples == 64
     folded = bnpass.fold_batchnorms(result.model)
     assert folded.folded and not folded.skipped
 
@@ -198,10 +199,12 @@ def test_cli_reference_report_plot_and_provenance(tmp_path):
                    "--reference", EXAMPLE / "model.onnx", "--batch-size", "64", "--report", "report.json",
                    "--plot", "drift.png", "--verify", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "kept the matched statistics (top-1 agreement" in done.stdout
-    assert "agreement with reference (64 samples): 32.8% -> 90.6% top-1" in done.stdout
+    assert ("kept the matched statistics: top-1 agreement: matched agrees with the reference on 354 of 384 samples, "
+            "reestimated on 313; they differ on 45, 43 to 2, beyond chance (McNemar p = 5.9e-11)") in done.stdout
+    assert "agreement with reference (384 samples): 33.6% -> 92.2% top-1" in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["reference"]["chosen"] == "matched" and report["reference"]["agreement_samples"] == 64
+    assert report["reference"]["chosen"] == "matched" and report["reference"]["samples"] == 384
+    assert report["reference"]["differ"] == {"matched not reestimated": 43, "reestimated not matched": 2}
     assert set(report["reference"]["agreement"]) == {"compressed", "reestimated", "matched"}
     assert all("matched_shift" in record and record["matched"]["rules"] for record in report["batchnorms"])
     assert report["verify"]["max_rel"] < 1e-5
@@ -236,7 +239,7 @@ def test_cli_reference_mistakes_are_one_line_errors(tmp_path, arguments, words):
 
 def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, data):
     """A legacy export with its batch fixed at 1: calibration frees it (the short last batch is used,
-    as for a free batch), the held-out check runs the models as they are, one sample at a time."""
+    as for a free batch), the comparison runs the models as they are, one sample at a time."""
     compressed = magnitude_prune(network, 0.5)
     for name, source in (("model.onnx", compressed), ("ref.onnx", network)):
         exported = export_with_batchnorm_kept(source, torch.from_numpy(data[:1]))
@@ -250,8 +253,8 @@ def test_reference_with_a_fixed_batch_model_and_the_cli_main(tmp_path, network, 
                  "--reference", str(tmp_path / "ref.onnx"), "--batch-size", "16", "--report",
                  str(tmp_path / "r.json"), "-q"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["batch_size"] == 16 and report["samples"] == 96  # 6 batches for the statistics
-    assert report["reference"]["agreement_samples"] == 24  # the last 2 held out, the short one included
+    assert report["batch_size"] == 16 and report["samples"] == 120
+    assert report["reference"]["samples"] == 120  # every sample compared, the short last batch's too
 
 
 def test_reference_with_a_loader_batch_mean_statistics_and_external_data(tmp_path, network, data):
@@ -272,7 +275,7 @@ def test_reference_with_a_loader_batch_mean_statistics_and_external_data(tmp_pat
                  "batch-mean", "--candidate", "matched", "--report", str(tmp_path / "r.json"), "-q"]) == 0
     assert (tmp_path / "out.onnx.data").exists()  # written the way it was read
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["stats"] == "batch-mean" and report["batches"] == 3 and report["reference"]["chosen"] == "matched"
+    assert report["stats"] == "batch-mean" and report["batches"] == 4 and report["reference"]["chosen"] == "matched"
 
 
 def test_a_multi_input_model_matches_its_reference():
@@ -281,5 +284,60 @@ def test_a_multi_input_model_matches_its_reference():
     batches = [{"x": rng.standard_normal((16, 3, 6, 6)).astype(np.float32),
                 "z": rng.standard_normal((16, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
     result = MatchReferencePass(bnpass.calibration_samples(model, batches), model, batch_size=16).call(model)
-    assert result.batches == 3 and result.held_out_samples == 16
+    assert result.batches == 4 and result.scores.samples == 64
     assert all(matched.rule_counts() == {"matched": 4} for matched in result.matched.values())
+
+
+def test_the_choice_rests_on_every_sample_whatever_the_batch_order():
+    """In-domain the candidates are close, so a choice made on a few batches follows whichever batches
+    come last; made on every sample, the order of the batches changes neither the counts nor the choice."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    folder = EXAMPLE / "in-domain" / "calib"
+    batches = [np.load(path) for path in sorted(folder.iterdir())]
+    runs = [bnpass.reestimate_batchnorms(model, order, batch_size=64, reference=EXAMPLE / "model.onnx")
+            for order in (batches, batches[::-1])]
+    for run in runs:
+        assert run.scores.samples == run.samples == sum(len(batch) for batch in batches)
+    assert runs[0].chosen == runs[1].chosen
+    assert runs[0].scores.discordant == runs[1].scores.discordant
+    assert [run.scores.hits(name) for run in runs for name in ("matched", "reestimated")] == [
+        runs[0].scores.hits("matched"), runs[0].scores.hits("reestimated")] * 2
+
+
+def shifted_labelled():
+    """Shifted images with their labels: the first 256 of the example's labelled test split."""
+    with np.load(EXAMPLE / "shifted" / "test.npz") as archive:
+        images, labels = archive["images"][:256], archive["labels"][:256]
+    return [(images[start:start + 64], labels[start:start + 64]) for start in range(0, 256, 64)]
+
+
+def test_labels_decide_where_agreement_with_a_poor_reference_misleads():
+    """On shifted images the uncompressed model is itself poor: agreement with it keeps the matched
+    candidate, accuracy on the labels keeps the re-estimated one (as the held-out test split measures)."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    labelled = shifted_labelled()
+    unlabelled = [images for images, _ in labelled]
+    by_agreement = bnpass.reestimate_batchnorms(model, unlabelled, batch_size=64, reference=EXAMPLE / "model.onnx")
+    by_labels = bnpass.reestimate_batchnorms(model, labelled, batch_size=64, reference=EXAMPLE / "model.onnx")
+    assert by_agreement.chosen == "matched" and not by_agreement.scores.labelled
+    assert by_labels.chosen == "reestimated" and by_labels.choice.criterion == "accuracy"
+    accuracy = {name: meter.accuracy for name, meter in by_labels.scores.accuracy.items()}
+    assert set(accuracy) == {"reference", "compressed", "reestimated", "matched"}
+    assert accuracy["reestimated"] > accuracy["matched"] + 0.2 and accuracy["compressed"] < 0.2
+    assert by_labels.why.startswith("accuracy: reestimated right on")
+    assert not any("favour the wrong candidate" in warning for warning in by_labels.warnings)
+
+
+def test_labels_are_checked_against_the_classes_of_the_output():
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    labelled = shifted_labelled()
+    labelled[2] = (labelled[2][0], np.full(64, 10))  # ten classes: 0..9
+    with pytest.raises(bnpass.DataError, match=r"batch 2: label 10 is outside the model's classes \(0\.\.9\)"):
+        bnpass.reestimate_batchnorms(model, labelled, batch_size=64, reference=EXAMPLE / "model.onnx")
+
+
+def test_a_one_shot_iterator_is_refused_before_anything_runs():
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    with pytest.raises(bnpass.DataError, match="--reference reads the calibration data twice"):
+        bnpass.reestimate_batchnorms(model, iter(shifted_labelled()), batch_size=64,
+                                     reference=EXAMPLE / "model.onnx")

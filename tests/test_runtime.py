@@ -18,9 +18,10 @@ import pytest
 
 import bnpass
 from bnpass import runtime
-from bnpass.calibration import FORM_FOR_PROVIDER, build_calibration_model
+from bnpass.calibration import build_calibration_model
 from bnpass.cli import main
 from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, session_providers
+from bnpass.statistics_forms import FORM_FOR_PROVIDER
 from builders import build_conv_bn_relu_chain_model
 from test_calibration_graph import direct_bn_model
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bnpass.calibration import FORMS, build_calibration_model  # noqa: E402
 from bnpass.data import model_input_specs  # noqa: E402
-from bnpass.passes.reestimate_batchnorm import StatisticsSession  # noqa: E402
+from bnpass.passes.calibration_run import StatisticsSession  # noqa: E402
 from bnpass.runtime import CPU, select_providers  # noqa: E402
 
 

@@ -3,37 +3,34 @@
 Re-estimation makes every BN of the compressed model output N(beta, gamma^2) per channel on the
 calibration data. The uncompressed model's BNs do not: on the same data their outputs have means
 and spreads of their own, which every later layer was trained on. Given that model (the
-*reference*), this pass computes two candidates in one pass over the data and keeps the one whose
-outputs agree better with the reference's on batches held out from the statistics:
+*reference*), this pass computes two candidates from every calibration sample in one pass over the
+data, then reads the data again to score both, the model as given and the reference on every
+sample, and keeps the better candidate (:mod:`bnpass.passes.candidates`: by top-1 accuracy where
+the data carry labels, else by agreement with the reference, with the counts and McNemar's test):
 
-- **reestimated**: plain re-estimation (:class:`ReestimateBatchNormPass`);
+- **reestimated**: plain re-estimation, exactly what a run without ``--reference`` writes;
 - **matched**: each BN's statistics chosen so that its output has, per channel, the mean and
   variance the reference BN's output has (:mod:`bnpass.matching`), measured with every upstream BN
   already matched.
 
-Per batch three sessions run, all on the same feed: the reference with each BN input's moments
-tapped (``observe`` calibration copy); the compressed model's ``matched`` copy, fed those moments,
-in which each BN normalizes with statistics matched on this batch (as a train-mode BN normalizes
-with its batch's); and the plain ``train`` copy. Pooled moments of both sides give the final
-matched statistics; with one batch holding every sample this equals matching level by level
-exactly (tests/test_match_reference.py checks it against an independent PyTorch implementation).
+Per batch three sessions run, all on the same feed (:mod:`bnpass.passes.calibration_run`): the
+reference with each BN input's moments tapped (``observe`` calibration copy); the compressed
+model's ``matched`` copy, fed those moments, in which each BN normalizes with statistics matched on
+this batch (as a train-mode BN normalizes with its batch's); and the plain ``train`` copy. Pooled
+moments of both sides give the final matched statistics; with one batch holding every sample this
+equals matching level by level exactly (tests/test_match_reference.py checks it against an
+independent PyTorch implementation).
 
-**Held-out batches.** The last ``min(4, batches // 4)`` batches are kept out of the statistics
-(the stream is read once; up to 4 batches wait in memory, so nothing grows with the sample count).
-On them, the reference, the compressed model as given and both candidates run; top-1 agreement
-(classifier-shaped outputs) and relative output error against the reference (:mod:`bnpass.agreement`)
-decide: ``choose="auto"`` keeps the candidate with the higher top-1 agreement, then the lower
-error, re-estimation on a tie. With fewer than 4 batches every batch serves both, and the result
-says so. Agreement with the uncompressed model is the right signal only when that model is good on
-the calibration data: on data of another domain, re-estimation can beat the uncompressed model
-itself, and agreement then prefers the matched candidate that copies its weakness (measured in
-tools/make_reference_example.py's shifted domain). That case shows in the reference itself: the
-first BNs of a model see the input through one layer, and on data of its own domain their input
-moments stay at the stored statistics (there: spread ratio 0.99-1.01, mean shift <= 0.03 stored
-standard deviations, also when only a subset of the classes is seen), while on the shifted images
-the spread fell to 0.67. So when the reference's first BNs see a spread outside
-[1/DOMAIN_SPREAD_LIMIT, DOMAIN_SPREAD_LIMIT] of the stored one, or a mean moved by more than
-DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick the wrong candidate.
+Agreement with the uncompressed model is the right signal only when that model is good on the
+calibration data: on data of another domain, re-estimation can beat the uncompressed model itself,
+and agreement then prefers the matched candidate that copies its weakness (measured in
+tools/make_reference_example.py's shifted domain). Labels settle it. Without them, that case shows
+in the reference itself: the first BNs of a model see the input through one layer, and on data of
+its own domain their input moments stay at the stored statistics (there: spread ratio 0.99-1.01,
+mean shift <= 0.03 stored standard deviations, also when only a subset of the classes is seen),
+while on the shifted images the spread fell to 0.67. So when the reference's first BNs see a spread
+outside [1/DOMAIN_SPREAD_LIMIT, DOMAIN_SPREAD_LIMIT] of the stored one, or a mean moved by more
+than DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick the wrong candidate.
 ``choose`` forces a candidate.
 
 BNs correspond by node name when both models name every BN, uniquely, with the same set of
@@ -46,9 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -56,32 +51,31 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .. import data as calibration_data
-from ..agreement import AgreementMeter, best_candidate, format_agreement
-from ..calibration import MatchTarget, batchnorm_nodes, build_calibration_model, form_for_providers
+from ..agreement import format_agreement
+from ..calibration import MatchTarget, batchnorm_nodes
 from ..data import model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift
-from ..errors import DataError, ModelError
+from ..errors import ModelError
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
-from ..progress import progress_bar
-from ..runtime import create_session, select_providers
 from ..stats import ChannelMoments
 from .base import copy_model
-from .reestimate_batchnorm import (
-    ReestimateBatchNormPass,
+from .calibration_run import (
+    CalibrationRun,
+    CalibrationSettings,
     ReestimateResult,
     StatisticsSession,
-    fixed_size_batches,
-    prefetched,
+    checked_statistics,
+    input_batch_size,
+    write_statistics,
 )
+from .candidates import GIVEN, Choice, Scores, choose, score_models
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES = ("reestimated", "matched")
 CHOICES = ("auto",) + CANDIDATES
-HELD_OUT_BATCHES = 4   # at most; a quarter of the batches at most
 DOMAIN_SPREAD_LIMIT = 1.25  # the reference's first BNs: spread ratio against the stored statistics
 DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
 
@@ -90,26 +84,32 @@ DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
 class ReferenceResult(ReestimateResult):
     """A :class:`ReestimateResult` for the kept candidate, with what the choice rested on.
 
-    ``agreement`` holds an :class:`~bnpass.agreement.AgreementMeter` against the reference for
-    "compressed" (the model as given), "reestimated" and "matched"; ``held_out_samples`` counts the
-    samples they were measured on, ``held_out`` is False when those also served the statistics.
-    Per BN: ``reference_moments`` (m_o, v_o), ``compressed_moments`` (m_c, v_c, upstream matched),
+    ``scores`` (:class:`~bnpass.passes.candidates.Scores`) holds every model's scores on every
+    calibration sample: ``scores.agreement`` an :class:`~bnpass.agreement.AgreementMeter` against
+    the reference for "compressed" (the model as given), "reestimated" and "matched";
+    ``scores.accuracy`` (with labels) the top-1 accuracy of those and of "reference". ``choice``
+    says what was kept and why (the criterion, the counts, McNemar's p-value). Per BN:
+    ``reference_moments`` (m_o, v_o), ``compressed_moments`` (m_c, v_c, upstream matched),
     ``matched`` (the matched statistics and the rule per channel), ``reestimated`` (mean, var).
     """
 
     chosen: str = ""
     why: str = ""
-    agreement: dict[str, AgreementMeter] = field(default_factory=dict)
-    held_out_samples: int = 0
-    held_out: bool = True
+    choice: Optional[Choice] = None
+    scores: Scores = field(default_factory=Scores)
     reference_moments: dict[str, tuple] = field(default_factory=dict)
     compressed_moments: dict[str, tuple] = field(default_factory=dict)
     matched: dict[str, MatchedStatistics] = field(default_factory=dict)
     reestimated: dict[str, tuple] = field(default_factory=dict)
 
+    @property
+    def agreement(self) -> dict:
+        """Per model, its :class:`~bnpass.agreement.AgreementMeter` against the reference."""
+        return self.scores.agreement
+
     def agreement_line(self) -> str:
         """``agreement with reference (N samples): 41.2% -> 98.6% top-1, output error 0.83 -> 0.07``."""
-        return format_agreement(self.agreement["compressed"], self.agreement[self.chosen])
+        return format_agreement(self.agreement[GIVEN], self.agreement[self.chosen])
 
 
 def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
@@ -190,17 +190,19 @@ def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
     return targets
 
 
-class MatchReferencePass(ReestimateBatchNormPass):
+class MatchReferencePass:
     """Re-estimate and match ``reference`` (a ModelProto or a path), keep the better candidate.
 
-    Takes :class:`ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by agreement on
-    held-out batches), "reestimated" or "matched".
+    Takes :class:`~bnpass.passes.ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by
+    accuracy on labels where the data carry them, else agreement with the reference, on every
+    calibration sample), "reestimated" or "matched".
     """
 
     def __init__(self, samples: Iterable, reference, *, choose: str = "auto", **options):
-        super().__init__(samples, **options)
         if choose not in CHOICES:
             raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
+        self.samples = samples
+        self.settings = CalibrationSettings(**options)
         self.reference = as_model(reference)
         self.choose = choose
 
@@ -209,105 +211,57 @@ class MatchReferencePass(ReestimateBatchNormPass):
         if not batchnorm_nodes(model):
             return ReferenceResult(model=copy_model(model), modified=False)
         pairs = pair_batchnorms(model, self.reference)
-        batch_size_for_evaluation = _evaluation_batch(model, self.reference)
-        providers = select_providers(self.device)
-        form = self.form or form_for_providers(providers)
+        batch_size_for_evaluation = input_batch_size(model, self.reference)
         targets = match_targets(self.reference, pairs)
-        plain = build_calibration_model(model, form)
-        matched = build_calibration_model(model, form, mode="matched", targets=targets)
-        observed = build_calibration_model(self.reference, form, mode="observe")
-        batch_size = self._batch_size([plain, matched, observed])
-        # Fixed where a calibration copy could not free the batch; the held-out check cuts its batches
-        # to the models' own batch size (_chunks) and needs no fixed size here.
-        fixed = any(copy.fixed_batch is not None for copy in (plain, matched, observed))
-        limit, expected = self._selection(batch_size, fixed=fixed)
-        options = dict(threads=self.threads, tf32=self.tf32, release_model=True)
-        sessions = _Sessions(StatisticsSession(plain, providers, **options),
-                             StatisticsSession(matched, providers, **options),
-                             StatisticsSession(observed, providers, **options), pairs)
-        self._announce(len(plain.taps), batch_size, limit, expected, sessions.plain.device, fixed=fixed)
-        logger.info("matching the reference model as well: three sessions per batch, then the candidates "
-                    "compared on held-out batches")
-        batches = calibration_data.batched(self.samples, batch_size, limit)
-        progress = progress_bar(math.ceil(expected / batch_size) if expected is not None else None,
-                                self.progress, "calibrating")
-        try:
-            held_out, kept_out, samples, statistics_batches = sessions.collect(prefetched(batches), batch_size,
-                                                                               fixed, progress)
-        finally:
-            progress.close()
-        if statistics_batches == 0:
-            raise DataError("no calibration samples: the data source is empty")
+        run = CalibrationRun(self.samples, self.settings)
+        plain = run.copy(model)
+        matched = run.copy(model, mode="matched", targets=targets)
+        observed = run.copy(self.reference, mode="observe")
+        run.require_second_reading("--reference")
+        sessions = _Sessions(*run.open([plain, matched, observed]), pairs)
+        logger.info("matching the reference model as well: three sessions per batch, then every candidate "
+                    "compared with it on the same samples")
+        sessions.collect(run.feeds())
         device = sessions.plain.device
-        taps = plain.taps
-        reestimated = [self._result(tap, moment) for tap, moment in zip(taps, sessions.plain_moments)]
-        compressed = [self._moments(tap, moment) for tap, moment in zip(taps, sessions.matched_moments)]
-        references = [self._moments(tap, sessions.reference_moments[reference_position])
+        taps, mode = plain.taps, self.settings.stats
+        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in zip(taps, sessions.plain_moments)]
+        compressed = [checked_statistics(tap, moment, mode)[:2]
+                      for tap, moment in zip(taps, sessions.matched_moments)]
+        references = [checked_statistics(tap, sessions.reference_moments[reference_position], mode)[:2]
                       for tap, (_, reference_position) in zip(taps, pairs)]
         matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own, name=tap.bn)
                    for tap, target, reference, own in zip(taps, targets, references, compressed)]
         del sessions  # the calibration sessions' memory goes back before the candidates are made
 
-        candidates = {
-            "reestimated": self._write_statistics(copy_model(model), taps, reestimated, ReestimateResult(
-                model=None, modified=True)),
-            "matched": self._write_statistics(copy_model(model), taps, [
+        preprocessing = getattr(self.samples, "preprocessing", None)
+        candidates = {"reestimated": copy_model(model), "matched": copy_model(model)}
+        written = {
+            "reestimated": write_statistics(candidates["reestimated"], taps, reestimated,
+                                            preprocessing=preprocessing),
+            "matched": write_statistics(candidates["matched"], taps, [
                 (match.mean, match.var, count) for match, (_, _, count) in zip(matches, reestimated)],
-                ReestimateResult(model=None, modified=True), diagnose=False),
+                preprocessing=preprocessing, diagnose=False),
         }
-        agreement, evaluated = self._evaluate(model, candidates, held_out, batch_size_for_evaluation, providers)
-        chosen, why = self._choose(agreement)
+        scores = score_models(self.reference, model, candidates, run.evaluation_feeds(batch_size_for_evaluation),
+                              run.providers, threads=self.settings.threads, tf32=self.settings.tf32)
+        choice = choose(scores, list(CANDIDATES), None if self.choose == "auto" else self.choose)
+        chosen = choice.chosen
         result = ReferenceResult(
-            model=candidates[chosen].model, modified=candidates[chosen].modified, stats=candidates[chosen].stats,
-            warnings=candidates["reestimated"].warnings, samples=samples, batches=statistics_batches,
-            batch_size=batch_size, device=device, chosen=chosen, why=why, agreement=agreement,
-            held_out_samples=evaluated, held_out=kept_out)
+            model=candidates[chosen], modified=written[chosen].modified, stats=written[chosen].stats,
+            warnings=written["reestimated"].warnings, samples=run.samples_read, batches=run.batches_read,
+            batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why, choice=choice, scores=scores)
         for tap, reference, own, match, (mean, var, _) in zip(taps, references, compressed, matches, reestimated):
             result.reference_moments[tap.bn] = reference
             result.compressed_moments[tap.bn] = own
             result.matched[tap.bn] = match
             result.reestimated[tap.bn] = (mean, var)
-        warning = _domain_warning(self.reference, pairs, targets, references, forced=self.choose != "auto")
+        warning = "" if scores.labelled else _domain_warning(self.reference, pairs, targets, references,
+                                                             forced=self.choose != "auto")
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
         result.seconds = time.perf_counter() - started
         return result
-
-    def _moments(self, tap, moment: ChannelMoments) -> tuple:
-        """``(mean, var)`` of one BN input in this pass's statistics mode, checked."""
-        return self._result(tap, moment)[:2]
-
-    def _evaluate(self, model, candidates: dict, batches: list, chunk: Optional[int], providers: list) -> tuple:
-        """Agreement of the model as given and of each candidate with the reference on ``batches``."""
-        names = [output.name for output in model.graph.output]
-        reference_names = [output.name for output in self.reference.graph.output]
-        options = dict(tf32=self.tf32, threads=self.threads)
-        reference_session = create_session(self.reference, providers, **options)
-        sessions = {"compressed": create_session(model, providers, **options)}
-        sessions.update((name, create_session(candidate.model, providers, **options))
-                        for name, candidate in candidates.items())
-        agreement = {name: AgreementMeter(names) for name in sessions}
-        samples = 0
-        for feed in _chunks(batches, chunk):
-            expected = reference_session.run(reference_names, feed)
-            for name, session in sessions.items():
-                agreement[name].add(expected, session.run(names, feed))
-            samples += next(iter(feed.values())).shape[0]
-        return agreement, samples
-
-    def _choose(self, agreement: dict) -> tuple:
-        if self.choose != "auto":
-            return self.choose, "asked for"
-        chosen = best_candidate({name: agreement[name] for name in CANDIDATES})
-        other = CANDIDATES[1 - CANDIDATES.index(chosen)]
-        if agreement[chosen].preference() == agreement[other].preference():
-            return chosen, "the candidates agree equally with the reference"
-        top1, other_top1 = agreement[chosen].top1, agreement[other].top1
-        if top1 is not None and other_top1 is not None and top1 != other_top1:
-            return chosen, f"top-1 agreement {100 * top1:.1f}% against {100 * other_top1:.1f}%"
-        return chosen, (f"output error {agreement[chosen].relative_error:.3g} against "
-                        f"{agreement[other].relative_error:.3g}")
 
 
 class _Sessions:
@@ -332,39 +286,10 @@ class _Sessions:
         self.matched.absorb(self.matched_moments, self.matched.runner.run({**feed, **reference_inputs}))
         self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
 
-    def collect(self, feeds, batch_size: int, fixed: bool, progress) -> tuple:
-        """Absorb every batch but the last ``min(HELD_OUT_BATCHES, batches // 4)``; returns
-        ``(held-out batches, held out?, samples absorbed, batches absorbed)``. With too few batches
-        to hold any out, every batch is absorbed and also returned for the evaluation."""
-        pending: deque = deque()  # the last batches read, not absorbed yet
-        samples = batches = 0
-
-        def absorb_oldest():
-            nonlocal samples, batches
-            feed = pending.popleft()
+    def collect(self, feeds) -> None:
+        """Every batch through the three sessions."""
+        for feed in feeds:
             self.absorb(feed)
-            samples += next(iter(feed.values())).shape[0]
-            batches += 1
-            if progress is not None:
-                progress.update(1)
-            return feed
-
-        feeds = iter(feeds)
-        try:
-            for feed in fixed_size_batches(feeds, batch_size if fixed else None):
-                pending.append(feed)
-                if len(pending) > HELD_OUT_BATCHES:
-                    absorb_oldest()
-        finally:
-            close = getattr(feeds, "close", None)
-            if close is not None:
-                close()  # a prefetching generator stops its loading thread
-        keep = min(HELD_OUT_BATCHES, (batches + len(pending)) // 4)
-        if keep == 0:
-            return [absorb_oldest() for _ in range(len(pending))], False, samples, batches
-        while len(pending) > keep:
-            absorb_oldest()
-        return list(pending), True, samples, batches
 
 
 def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list, *,
@@ -388,25 +313,3 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
                     "agreement with it may favour the wrong candidate; check on labelled data"
                     + ("" if forced else ", or choose one with --candidate"))
     return ""
-
-
-def _evaluation_batch(model: onnx.ModelProto, reference: onnx.ModelProto) -> Optional[int]:
-    """The batch size both models' own inputs fix (None when free): held-out batches are run through
-    the models as they are, so they are cut to it."""
-    fixed = {spec.shape[0] for candidate in (model, reference) for spec in model_input_specs(candidate)
-             if spec.shape and spec.shape[0] is not None}
-    if len(fixed) > 1:
-        raise ModelError(f"the reference does not correspond to the model: their inputs fix different batch "
-                         f"sizes {sorted(fixed)}")
-    return fixed.pop() if fixed else None
-
-
-def _chunks(batches: Iterable, size: Optional[int]):
-    """``batches`` as they are, or cut into pieces of ``size`` samples (a short rest is dropped)."""
-    for feed in batches:
-        if size is None:
-            yield feed
-            continue
-        count = next(iter(feed.values())).shape[0]
-        for start in range(0, count - size + 1, size):
-            yield {name: array[start:start + size] for name, array in feed.items()}

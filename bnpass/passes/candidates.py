@@ -1,0 +1,162 @@
+"""Keep the better candidate: every candidate scored on every calibration sample, by labels where
+there are any, with the counts the choice rests on and whether its margin is beyond chance.
+
+A calibrating pass that makes several candidate models (``--reference``: re-estimated and matched
+statistics) reads the data a second time once they exist (:meth:`CalibrationRun.evaluation_feeds`),
+so that every candidate is built from every sample and judged on every sample; nothing is held out
+and the order of the data does not matter. Each batch runs through the uncompressed model (the
+reference), the model as given and each candidate, at the batch size the models' own inputs fix;
+only counts and sums are kept (:mod:`bnpass.agreement`), nothing per sample.
+
+**The criterion.** With labels (class indices of the model's first classifier-shaped output):
+top-1 accuracy. Without: top-1 agreement with the reference. A model with no classifier-shaped
+output: the relative output error against the reference. Equal counts fall back to the lower
+output error, then to the first candidate (re-estimation), and the reason says so.
+
+**How sure.** Both candidates are right (or agree with the reference) on most samples; what decides
+is the samples where exactly one of them is. Under "neither is better", each such sample favours
+either with probability 1/2: McNemar's exact test, a two-sided binomial test on those discordant
+samples (:func:`mcnemar_p_value`). The margin is called beyond chance below :data:`CHANCE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..agreement import AgreementMeter, LabelAccuracy
+from ..data import LABELS
+from ..runtime import create_session
+from .calibration_run import batch_length
+
+logger = logging.getLogger(__name__)
+
+CHANCE = 0.05  # a McNemar p-value below this: the margin is beyond chance
+GIVEN = "compressed"  # the model as given, scored beside the candidates
+
+
+@dataclass
+class Scores:
+    """Every model's scores over the same samples. ``agreement``: per model (the given one and each
+    candidate) an :class:`~bnpass.agreement.AgreementMeter` against the reference; ``accuracy``: per
+    model, the reference included, a :class:`~bnpass.agreement.LabelAccuracy` (empty without labels);
+    ``discordant[(a, b)]``: samples where ``a`` is right (or agrees with the reference) and ``b`` not."""
+
+    samples: int = 0
+    agreement: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)
+    discordant: dict = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.accuracy)
+
+    def hits(self, name: str) -> Optional[int]:
+        """Samples ``name`` got right (labels) or agreed on with the reference; None without top-1."""
+        if self.labelled:
+            return self.accuracy[name].correct
+        meter = self.agreement[name]
+        return meter.top1_matches if meter.top1 is not None else None
+
+    def judged(self) -> int:
+        """How many samples the hits are counted over."""
+        if self.labelled:
+            return next(iter(self.accuracy.values())).samples
+        return next(iter(self.agreement.values())).top1_samples
+
+
+@dataclass
+class Choice:
+    chosen: str
+    why: str          # one line: the rule and the figures it rests on
+    criterion: str    # "asked for", "accuracy", "top-1 agreement" or "output error"
+    p_value: Optional[float] = None  # McNemar's, between the two best candidates; None when not counted
+
+
+def score_models(reference, given, candidates: dict, feeds, providers: list, *, threads=None,
+                 tf32: bool = False) -> Scores:
+    """Run every feed (``{input: batch}``, maybe with :data:`bnpass.data.LABELS`) through the reference,
+    the model as given (``given``) and each candidate (``{name: ModelProto}``), keeping only counts."""
+    options = dict(threads=threads, tf32=tf32)
+    models = {GIVEN: given, **candidates}
+    names = [output.name for output in given.graph.output]
+    reference_names = [output.name for output in reference.graph.output]
+    reference_session = create_session(reference, providers, **options)
+    sessions = {name: create_session(model, providers, **options) for name, model in models.items()}
+    scores = Scores(agreement={name: AgreementMeter(names) for name in models})
+    order = list(candidates)
+    scores.discordant = {(a, b): 0 for a in order for b in order if a != b}
+    for number, feed in enumerate(feeds):
+        labels = feed.get(LABELS)
+        inputs = {name: array for name, array in feed.items() if name != LABELS}
+        expected = reference_session.run(reference_names, inputs)
+        hits = {}
+        if labels is not None:
+            if not scores.accuracy:
+                scores.accuracy = {name: LabelAccuracy() for name in ("reference", *models)}
+            scores.accuracy["reference"].add(expected, labels, batch=number)
+        for name, session in sessions.items():
+            outputs = session.run(names, inputs)
+            agreed = scores.agreement[name].add(expected, outputs)
+            hits[name] = scores.accuracy[name].add(outputs, labels, batch=number) if labels is not None else agreed
+        for a, b in scores.discordant:
+            if hits[a] is not None and hits[b] is not None:
+                scores.discordant[(a, b)] += int(np.count_nonzero(hits[a] & ~hits[b]))
+        scores.samples += batch_length(inputs)
+    return scores
+
+
+def choose(scores: Scores, candidates: list, forced: Optional[str] = None) -> Choice:
+    """The candidate to keep (see the module docstring); ``forced`` names one instead."""
+    if forced is not None:
+        return Choice(forced, "asked for", "asked for")
+    hits = {name: scores.hits(name) for name in candidates}
+    errors = {name: scores.agreement[name].relative_error for name in candidates}
+    if any(value is None for value in hits.values()):  # no classifier-shaped output: by output error
+        chosen = min(candidates, key=lambda name: (math.inf if errors[name] is None else errors[name]))
+        return Choice(chosen, "lower output error against the reference: " + _errors(errors, chosen),
+                      "output error")
+    criterion = "accuracy" if scores.labelled else "top-1 agreement"
+    ranked = sorted(candidates, key=lambda name: (-hits[name], math.inf if errors[name] is None else errors[name],
+                                                  candidates.index(name)))
+    chosen, runner_up = ranked[0], ranked[1]
+    verb = "right on" if scores.labelled else "agrees with the reference on"
+    counted = (f"{spelled(chosen)} {verb} {hits[chosen]} of {scores.judged()} samples, {spelled(runner_up)} on "
+               f"{hits[runner_up]}")
+    for_chosen, for_other = scores.discordant[(chosen, runner_up)], scores.discordant[(runner_up, chosen)]
+    p_value = mcnemar_p_value(for_chosen, for_other)
+    if hits[chosen] == hits[runner_up]:
+        rule = ("the lower output error against the reference decides: " + _errors(errors, chosen)
+                if errors[chosen] != errors[runner_up] else f"equal in every figure, so {spelled(chosen)} is kept")
+        return Choice(chosen, f"{criterion} tied ({counted}); {rule}", criterion, p_value)
+    margin = "beyond chance" if p_value < CHANCE else "within chance"
+    return Choice(chosen, f"{criterion}: {counted}; they differ on {for_chosen + for_other}, {for_chosen} to "
+                          f"{for_other}, {margin} (McNemar p = {p_value:.2g})", criterion, p_value)
+
+
+def mcnemar_p_value(for_a: int, for_b: int) -> float:
+    """Two-sided exact McNemar test: the probability, if each of the ``for_a + for_b`` discordant samples
+    favoured either side with probability 1/2, of a split at least as uneven as this one."""
+    total = for_a + for_b
+    if total == 0:
+        return 1.0
+    tail = sum(math.comb(total, k) for k in range(min(for_a, for_b) + 1))
+    return min(1.0, 2 * tail / 2 ** total)
+
+
+def spelled(candidate: str) -> str:
+    """A candidate's name in prose: "re-estimated" (``reestimated`` is the value options take)."""
+    return "re-estimated" if candidate == "reestimated" else candidate
+
+
+def _errors(errors: dict, chosen: str) -> str:
+    return ", ".join(f"{spelled(name)} {_error(value)}" for name, value in
+                     sorted(errors.items(), key=lambda item: item[0] != chosen))
+
+
+def _error(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
