@@ -528,7 +528,7 @@ def test_a_forced_candidate_gets_no_advice_to_choose_one(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "agreement with it may favour the wrong candidate" in captured.err
     assert "--candidate" not in captured.err, captured.err
-    assert "kept the re-estimated statistics (asked for)" in captured.out
+    assert "kept the re-estimated statistics: asked for" in captured.out
 
 
 @pytest.mark.parametrize("flag", ["--report", "--plot"])

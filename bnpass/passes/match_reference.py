@@ -310,6 +310,7 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
             return (f"the reference's first BatchNormalization ('{node_label(bn)}') sees the calibration data "
                     f"with {shift.std_ratio:.2g}x the spread it was trained on (mean moved by "
                     f"{shift.mean_shift:.2g} standard deviations): the data differ from the reference's own, so "
-                    "agreement with it may favour the wrong candidate; check on labelled data"
+                    "agreement with it may favour the wrong candidate; give labels to choose by accuracy ((inputs, "
+                    "labels) from a loader, or a 'labels' array in .npz files)"
                     + ("" if forced else ", or choose one with --candidate"))
     return ""
