@@ -30,7 +30,14 @@ from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult
 from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
-from .report import batchnorm_drifts, batchnorm_records, no_batchnorm_notice, reference_record, summary_lines
+from .report import (
+    batchnorm_drifts,
+    batchnorm_records,
+    drift_title,
+    no_batchnorm_notice,
+    reference_record,
+    summary_lines,
+)
 from .runtime import DEVICES, select_providers
 from .stats import STATS_MODES
 from .verify import compare_models
@@ -315,7 +322,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - started
     plot = None
     if args.plot and reestimate is not None:
-        plot = render_drift(batchnorm_drifts(model, reestimate), plot_format(args.plot))
+        plot = render_drift(batchnorm_drifts(model, reestimate), plot_format(args.plot), title=drift_title(reestimate))
     elif args.plot:
         logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
     # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.

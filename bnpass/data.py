@@ -8,6 +8,8 @@ folders skipped:
   rank, samples along axis 0). Only for single-input models.
 * ``.npz``: one array per model input, named like the input; each a sample or a batch, the same
   number of samples for every input. A single-input model also takes ``arr_0`` (``np.savez(f, x)``).
+  An array named ``labels`` beside them (one class index per sample; in every file or in none)
+  gives the samples' labels, which ``--reference`` chooses by (:data:`LABELS` carries them).
 
 Every file's shape and dtype is checked against the model inputs before any compute (headers
 only for ``.npy``). Floating-point arrays are cast to the input's floating-point type (numpy
@@ -47,6 +49,7 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 READ_CHUNK = 256  # samples read from a batch file at a time
 SAVEZ_DEFAULT_NAME = "arr_0"  # the name np.savez gives a positional array
 LABELS = "\x00bnpass labels"  # the key of a sample's or batch's labels, beside the inputs (no input is named so)
+LABELS_ARRAY = "labels"  # an .npz array of that name beside the inputs holds their labels
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,13 @@ class ArrayFolder:
             names = ", ".join(s.name for s in specs)
             raise DataError(f"the model has {len(specs)} inputs ({names}): give .npz files with one array "
                             "per input name, not .npy files")
-        self.sample_counts = [self._check_file(path) for path in self.files]
+        checked = [self._check_file(path) for path in self.files]
+        self.sample_counts = [count for count, _ in checked]
+        labelled = [path for path, (_, has_labels) in zip(self.files, checked) if has_labels]
+        if labelled and len(labelled) != len(self.files):
+            unlabelled = next(path for path, (_, has_labels) in zip(self.files, checked) if not has_labels)
+            raise DataError(f"{labelled[0]} has a '{LABELS_ARRAY}' array and {unlabelled} has none: give labels "
+                            "in every file or in none")
 
     @property
     def sample_count(self) -> int:
@@ -221,19 +230,23 @@ class ArrayFolder:
             with np.load(path, allow_pickle=False) as archive:
                 names = {s.name: s.name for s in self.specs}
                 if len(self.specs) == 1 and self.specs[0].name not in archive.files and (
-                        archive.files == [SAVEZ_DEFAULT_NAME]):
+                        [name for name in archive.files if name != LABELS_ARRAY] == [SAVEZ_DEFAULT_NAME]):
                     names[self.specs[0].name] = SAVEZ_DEFAULT_NAME
                 missing = [s.name for s in self.specs if names[s.name] not in archive.files]
                 if missing:
                     raise DataError(f"{path}: no array named '{missing[0]}' for model input '{missing[0]}' "
                                     f"(the file has: {', '.join(archive.files) or 'nothing'})")
-                return {s.name: _read_archive_array(archive, names[s.name], path) for s in self.specs}
+                arrays = {s.name: _read_archive_array(archive, names[s.name], path) for s in self.specs}
+                if LABELS_ARRAY in archive.files and LABELS_ARRAY not in names:
+                    arrays[LABELS] = _read_archive_array(archive, LABELS_ARRAY, path)
+                return arrays
         except DataError:
             raise
         except Exception as error:  # numpy raises ValueError, OSError, zipfile errors...
             raise DataError(f"{path}: cannot read as a numpy array file ({error})") from None
 
-    def _check_file(self, path: str) -> int:
+    def _check_file(self, path: str) -> tuple:
+        """``(samples, whether the file carries labels)``, checked."""
         counts = set()
         arrays = self._arrays(path)
         for spec in self.specs:
@@ -242,7 +255,15 @@ class ArrayFolder:
             counts.add(array.shape[0] if is_batch else 1)
         if len(counts) != 1:
             raise DataError(f"{path}: arrays hold different numbers of samples {sorted(counts)}")
-        return counts.pop()
+        count = counts.pop()
+        labelled = LABELS in arrays
+        if labelled:
+            labels = arrays[LABELS]
+            if labels.size != count or not (np.issubdtype(labels.dtype, np.integer) or (
+                    np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
+                raise DataError(f"{path}: '{LABELS_ARRAY}' must hold one class index per sample ({count}), "
+                                f"not {labels.dtype} of shape {list(labels.shape)}")
+        return count, labelled
 
     def _batch_arrays(self, path: str) -> dict:
         """The file's arrays by input name, each with a batch axis, and their target dtypes."""
@@ -250,6 +271,8 @@ class ArrayFolder:
         for spec in self.specs:
             is_batch, dtype = _fit(in_file[spec.name], spec, path)
             arrays[spec.name] = (in_file[spec.name] if is_batch else in_file[spec.name][None], dtype)
+        if LABELS in in_file:
+            arrays[LABELS] = (in_file[LABELS].reshape(-1), np.dtype(np.int64))
         return arrays
 
     def __iter__(self) -> Iterator[dict]:

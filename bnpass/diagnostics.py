@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from .graph import DEFAULT_DOMAINS, GraphIndex, attribute, node_label
+from .stats import drift
 
 STD_RATIO_LIMIT = 3.0     # x3 in standard deviation is x9 in variance
 MEAN_SHIFT_LIMIT = 1.5    # in stored standard deviations
@@ -78,16 +79,12 @@ def first_batchnorms(model: onnx.ModelProto, index: Optional[GraphIndex] = None)
 
 def input_shift(bn: onnx.NodeProto, old_mean, old_var, new_mean, new_var) -> Optional[InputShift]:
     """The medians of :class:`InputShift` for one BN, or None when its stored statistics say nothing."""
-    old_mean, old_var, new_mean, new_var = (np.asarray(v, dtype=np.float64).reshape(-1)
-                                            for v in (old_mean, old_var, new_mean, new_var))
-    if np.all(old_mean == 0) and np.all(old_var == 1):
+    if np.all(np.asarray(old_mean) == 0) and np.all(np.asarray(old_var) == 1):
         return None
-    epsilon = float(attribute(bn, "epsilon", 1e-5))
-    old_std, new_std = np.sqrt(old_var + epsilon), np.sqrt(new_var + epsilon)
+    shift, variance_ratio = drift(new_mean, new_var, old_mean, old_var, float(attribute(bn, "epsilon", 1e-5)))
     with np.errstate(all="ignore"):
-        ratio = float(np.median(new_std / old_std))
-        shift = float(np.median(np.abs(new_mean - old_mean) / old_std))
-    return InputShift(bn=node_label(bn), std_ratio=ratio, mean_shift=shift)
+        return InputShift(bn=node_label(bn), std_ratio=float(np.median(np.sqrt(variance_ratio))),
+                          mean_shift=float(np.median(shift)))
 
 
 IMAGENET_OPTIONS = "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225"

@@ -1,17 +1,19 @@
 """``--plot FILE.png`` (``.svg``, ``.pdf``): how far each BN's statistics drifted, per BN in graph order.
 
-For each BN, per channel, with (mu_r, v_r) its stored statistics, e its epsilon and (m, v) the
-mean and variance the compressed model's BN input has on the calibration data:
+For each BN, per channel, with (mu_r, v_r) its stored statistics, e its epsilon and (mu, v) the
+statistics bnpass wrote (with ``--reference``, those of the kept candidate, named in the title):
 
-- **mean shift** ``|m - mu_r| / sqrt(v_r + e)``: how far the mean moved, in units of the stored
+- **mean shift** ``|mu - mu_r| / sqrt(v_r + e)``: how far the mean moved, in units of the stored
   standard deviation (the BN's own scale), so BNs of any magnitude share one axis;
 - **variance ratio** ``(v + e) / (v_r + e)``: how much the BN's divisor changed, squared (log
   scale). e is added on both sides, as the BN adds it: the ratio is what changes the output, and
-  stays finite for channels whose variance is 0.
+  stays finite for channels whose variance is 0 (:func:`bnpass.stats.drift`).
 
-With a reference model, the same two against the uncompressed model's measured input moments
-(m_o, v_o): ``|m - m_o| / sqrt(v_o + e)`` and ``(v + e) / (v_o + e)``. Stale stored statistics
-show as drift from the stored ones; compression shows as drift from the reference.
+With a reference model, a second series compares activations rather than statistics: the mean and
+variance (m, v) of the BN's input in the compressed model (upstream BNs as kept) against those of
+the uncompressed model's (m_o, v_o), in the uncompressed model's own units: ``|m - m_o| / sqrt(v_o +
+e)`` and ``(v + e) / (v_o + e)``. Stale stored statistics show in the first series; what
+compression did to the activations, in the second.
 
 Each panel draws, per BN, the median over channels (line) and the 10-90% range over channels
 (band): readable with 50 BNs and with 150. The figure is 1600 x 900 pixels (16 x 9 inches at 100
@@ -33,9 +35,11 @@ import numpy as np
 
 from .errors import BnpassError
 from .model_io import write_bytes_atomically
+from .stats import drift
 
 WIDTH_PIXELS, HEIGHT_PIXELS, DPI = 1600, 900, 100
 LABELED_TICKS = 40          # at most this many BN names on the x axis
+HORIZONTAL_TICKS = 12       # up to this many, written level; more, at 45 degrees
 SPREAD = (10, 90)           # percentiles of the band
 FORMATS = ("png", "svg", "pdf")  # what the file name's suffix may say
 
@@ -51,20 +55,17 @@ class BatchNormDrift:
     reference_variance_ratio: Optional[np.ndarray] = None
 
 
-def measure_drift(label: str, epsilon: float, stored_mean, stored_var, mean, var,
-                  reference_mean=None, reference_var=None) -> BatchNormDrift:
-    """The drift of ``(mean, var)`` from the stored statistics and, when given, from the reference's."""
-    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-
-    def against(base_mean, base_var):
-        base_mean, base_var = np.asarray(base_mean, np.float64), np.asarray(base_var, np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):  # a zero scale plots as a gap
-            return np.abs(mean - base_mean) / np.sqrt(base_var + epsilon), (var + epsilon) / (base_var + epsilon)
-
-    drift = BatchNormDrift(label, *against(stored_mean, stored_var))
+def measure_drift(label: str, epsilon: float, stored_mean, stored_var, mean, var, reference_mean=None,
+                  reference_var=None, input_mean=None, input_var=None) -> BatchNormDrift:
+    """The drift of the written ``(mean, var)`` from the stored statistics and, with a reference, of the
+    compressed model's BN input moments (``input_*``; default: the written statistics, which they are
+    for re-estimation) from the reference's (a zero scale plots as a gap)."""
+    result = BatchNormDrift(label, *drift(mean, var, stored_mean, stored_var, epsilon))
     if reference_mean is not None:
-        drift.reference_mean_shift, drift.reference_variance_ratio = against(reference_mean, reference_var)
-    return drift
+        input_mean, input_var = (mean, var) if input_mean is None else (input_mean, input_var)
+        result.reference_mean_shift, result.reference_variance_ratio = drift(
+            input_mean, input_var, reference_mean, reference_var, epsilon)
+    return result
 
 
 def plot_format(path) -> str:
@@ -93,10 +94,10 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     shift_axes, ratio_axes = figure.subplots(2, 1, sharex=True)
     positions = np.arange(len(drifts))
     with_reference = any(drift.reference_mean_shift is not None for drift in drifts)
-    series = [("against the stored statistics", "mean_shift", "variance_ratio", "tab:blue")]
+    series = [("statistics written vs stored (units: stored std)", "mean_shift", "variance_ratio", "tab:blue")]
     if with_reference:
-        series.append(("against the reference model's", "reference_mean_shift", "reference_variance_ratio",
-                       "tab:orange"))
+        series.append(("BN input, compressed vs uncompressed model (units: the uncompressed model's std)",
+                       "reference_mean_shift", "reference_variance_ratio", "tab:orange"))
     for legend, shift_field, ratio_field, color in series:
         for axes, field in ((shift_axes, shift_field), (ratio_axes, ratio_field)):
             low, median, high = _spread([getattr(drift, field) for drift in drifts], positive=axes is ratio_axes)
@@ -108,17 +109,23 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     shift_axes.set_yscale("symlog", linthresh=0.1)
     shift_axes.set_ylim(bottom=0)
     shift_axes.axhline(0, color="gray", linewidth=0.8)
-    shift_axes.set_ylabel("|mean shift| / stored std")
+    shift_axes.set_ylabel("|mean shift| in standard deviations\n|m - m_base| / sqrt(v_base + e)")
     ratio_axes.set_yscale("log")
     ratio_axes.axhline(1, color="gray", linewidth=0.8)
-    ratio_axes.set_ylabel("variance ratio (v + e) / (v_base + e)")
-    shift_axes.legend(loc="upper left", fontsize="small", ncols=2, framealpha=0.8)
+    ratio_axes.set_ylabel("variance ratio\n(v + e) / (v_base + e)")
+    shift_axes.legend(loc="best", fontsize="medium", ncols=1, framealpha=0.8)
+    plain = _plain_number_formatter()
     for axes in (shift_axes, ratio_axes):
         axes.grid(True, which="major", alpha=0.3)
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(plain if axes is ratio_axes else _no_label_formatter())
+        axes.tick_params(axis="y", labelsize="medium")
     step = max(1, math.ceil(len(drifts) / LABELED_TICKS))
     ticks = positions[::step]
     labels = _tick_labels([drift.label for drift in drifts])
-    ratio_axes.set_xticks(ticks, [f"{index} {labels[index]}" for index in ticks], rotation=90, fontsize="x-small")
+    horizontal = len(ticks) <= HORIZONTAL_TICKS
+    ratio_axes.set_xticks(ticks, [f"{index} {labels[index]}" for index in ticks], rotation=0 if horizontal else 45,
+                          ha="center" if horizontal else "right", rotation_mode="anchor", fontsize="medium")
     ratio_axes.set_xlim(-0.5, len(drifts) - 0.5)
     ratio_axes.set_xlabel(f"BatchNormalization nodes in graph order ({len(drifts)}"
                           + (f"; names shown for 1 in {step})" if step > 1 else ")"))
@@ -130,6 +137,19 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     else:  # the Agg canvas hands SVG and PDF to matplotlib's vector backends
         canvas.print_figure(buffer, format=file_format, dpi=DPI)
     return buffer.getvalue()
+
+
+def _plain_number_formatter():
+    """Tick labels as plain numbers (0.3, 1, 20), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")
+
+
+def _no_label_formatter():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
 
 
 def require_matplotlib():

@@ -75,19 +75,31 @@ def _matching_record(result: ReferenceResult, name: str, epsilon: float, stats) 
 
 
 def batchnorm_drifts(model: onnx.ModelProto, result: ReestimateResult) -> list:
-    """``--plot``'s input: per BN of ``model`` (the input model), in graph order, how far its re-estimated
-    statistics moved from the stored ones and, with a reference, from the reference's measured ones."""
+    """``--plot``'s input: per BN of ``model`` (the input model), in graph order, how far the statistics
+    written (the kept candidate's) moved from the stored ones and, with a reference, how far the BN's
+    input in the compressed model (upstream as kept) is from the uncompressed model's."""
     epsilons, drifts = _epsilons(model), []
     for name, stats in result.stats.items():
         if stats.old_mean is None or stats.old_var is None:
             continue
-        mean, var = stats.mean, stats.var
-        reference = (None, None)
+        activations = {}
         if isinstance(result, ReferenceResult):
-            mean, var = result.reestimated[name]
-            reference = result.reference_moments[name]
-        drifts.append(measure_drift(name, epsilons[name], stats.old_mean, stats.old_var, mean, var, *reference))
+            reference_mean, reference_var = result.reference_moments[name]
+            input_mean, input_var = (result.compressed_moments if result.chosen == "matched"
+                                     else result.reestimated)[name]
+            activations = dict(reference_mean=reference_mean, reference_var=reference_var, input_mean=input_mean,
+                               input_var=input_var)
+        drifts.append(measure_drift(name, epsilons[name], stats.old_mean, stats.old_var, stats.mean, stats.var,
+                                    **activations))
     return drifts
+
+
+def drift_title(result: ReestimateResult) -> str:
+    """The plot's title: what was written."""
+    if isinstance(result, ReferenceResult):
+        return (f"BatchNormalization statistics per node: the {spelled(result.chosen)} candidate, kept "
+                f"({result.choice.criterion if result.choice else 'asked for'})")
+    return "BatchNormalization statistics per node: re-estimated from the calibration data"
 
 
 def batchnorm_records(model: onnx.ModelProto, reestimate: Optional[ReestimateResult],

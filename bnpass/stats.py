@@ -73,3 +73,15 @@ class ChannelMoments:
         if mode == "batch-mean":
             return self.sum_batch_means / self.batches, self.sum_batch_unbiased_vars / self.batches
         raise ValueError(f"unknown statistics mode {mode!r}; expected one of {STATS_MODES}")
+
+
+def drift(mean, var, base_mean, base_var, epsilon: float) -> tuple:
+    """Per channel, how far moments (mean, var) are from base moments, in the base's own units (float64):
+    the mean shift ``|mean - base_mean| / sqrt(base_var + e)`` and the variance ratio
+    ``(var + e) / (base_var + e)``, e added on both sides as a BN adds it (the ratio is what changes
+    a BN's output, and stays finite for constant channels). A zero base scale gives inf or nan."""
+    mean, var, base_mean, base_var = (np.asarray(value, np.float64).reshape(-1)
+                                      for value in (mean, var, base_mean, base_var))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.abs(mean - base_mean) / np.sqrt(base_var + epsilon), (var + epsilon) / (base_var + epsilon)
+

@@ -14,6 +14,7 @@ import bnpass
 from bnpass import images
 from bnpass.cli import main
 from bnpass.config import read_nncf_config
+from bnpass.data import LABELS, model_input_specs, open_folder
 from builders import GraphBuilder, add_batchnorm, build_conv_bn_relu_chain_model, random_bn_params
 
 
@@ -354,6 +355,27 @@ def test_single_input_npz_may_name_its_array_arr_0(tmp_path):
     np.savez(tmp_path / "calib" / "a.npz", data)  # positional: saved as arr_0
     result = bnpass.reestimate_batchnorms(input_bn_model(["N", 3, 4, 4]), tmp_path / "calib", batch_size=9)
     np.testing.assert_allclose(result.stats["bn"].mean, pooled(data)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_npz_labels_travel_with_their_samples_and_are_checked(tmp_path):
+    """A 'labels' array beside the inputs: one class index per sample, with its sample however read (arr_0
+    beside it, shuffled); in every file or in none."""
+    data = np.random.default_rng(6).standard_normal((9, 3, 4, 4)).astype(np.float32)
+    specs = model_input_specs(input_bn_model(["N", 3, 4, 4]))
+    (tmp_path / "calib").mkdir()
+    np.savez(tmp_path / "calib" / "a.npz", data[:5], labels=np.arange(5))  # positional: arr_0
+    np.savez(tmp_path / "calib" / "b.npz", x=data[5:], labels=np.arange(5, 9))
+    for shuffle in (False, True):
+        samples = list(open_folder(tmp_path / "calib", specs, shuffle=shuffle, seed=1))
+        assert sorted(int(sample[LABELS]) for sample in samples) == list(range(9))
+        for sample in samples:
+            np.testing.assert_array_equal(sample["x"], data[int(sample[LABELS])])
+    np.savez(tmp_path / "calib" / "b.npz", x=data[5:])
+    with pytest.raises(bnpass.DataError, match="a.npz has a 'labels' array and .*b.npz has none"):
+        open_folder(tmp_path / "calib", specs)
+    np.savez(tmp_path / "calib" / "b.npz", x=data[5:], labels=np.array([0.5, 1, 2, 3]))
+    with pytest.raises(bnpass.DataError, match=r"b.npz: 'labels' must hold one class index per sample \(4\)"):
+        open_folder(tmp_path / "calib", specs)
 
 
 def test_pickled_object_arrays_are_refused_by_name(tmp_path):

@@ -18,6 +18,8 @@ import bnpass  # noqa: E402
 from bnpass.cli import main  # noqa: E402
 from bnpass.errors import ModelError  # noqa: E402
 from bnpass.passes.match_reference import MatchReferencePass, pair_batchnorms  # noqa: E402
+from bnpass.report import batchnorm_drifts, drift_title  # noqa: E402
+from bnpass.stats import drift  # noqa: E402
 from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params, random_weight  # noqa: E402
 from matching_reference import (  # noqa: E402
     ResidualNet,
@@ -117,6 +119,15 @@ def test_the_choice_follows_agreement_on_every_sample_or_is_forced():
     assert auto.chosen == "matched" and auto.why.startswith("top-1 agreement")
     assert auto.agreement["matched"].top1 > auto.agreement["reestimated"].top1 > auto.agreement["compressed"].top1
     assert auto.batches == 6 and auto.samples == auto.scores.samples == 384
+    # --plot draws what was kept: the matched statistics, and the BN inputs with upstream BNs matched.
+    assert drift_title(auto).endswith("the matched candidate, kept (top-1 agreement)")
+    drifts, name = batchnorm_drifts(model, auto), list(auto.stats)[-1]  # the last BN: every BN upstream
+    epsilon = next(node for node in model.graph.node if node.name == name).attribute[0].f
+    stored = auto.stats[name]
+    for got, expected in zip((drifts[-1].mean_shift, drifts[-1].reference_mean_shift), (
+            drift(auto.matched[name].mean, auto.matched[name].var, stored.old_mean, stored.old_var, epsilon)[0],
+            drift(*auto.compressed_moments[name], *auto.reference_moments[name], epsilon)[0])):
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
     forced = bnpass.reestimate_batchnorms(model, data, batch_size=64, reference=EXAMPLE / "model.onnx",
                                           candidate="reestimated")
     plain = bnpass.reestimate_batchnorms(model, data, batch_size=64)
@@ -200,7 +211,7 @@ def test_cli_reference_report_plot_and_provenance(tmp_path):
                    "--plot", "drift.png", "--verify", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert ("kept the matched statistics: top-1 agreement: matched agrees with the reference on 354 of 384 samples, "
-            "reestimated on 313; they differ on 45, 43 to 2, beyond chance (McNemar p = 5.9e-11)") in done.stdout
+            "re-estimated on 313; they differ on 45, 43 to 2, beyond chance (McNemar p = 5.9e-11)") in done.stdout
     assert "agreement with reference (384 samples): 33.6% -> 92.2% top-1" in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference"]["chosen"] == "matched" and report["reference"]["samples"] == 384
@@ -324,7 +335,7 @@ def test_labels_decide_where_agreement_with_a_poor_reference_misleads():
     accuracy = {name: meter.accuracy for name, meter in by_labels.scores.accuracy.items()}
     assert set(accuracy) == {"reference", "compressed", "reestimated", "matched"}
     assert accuracy["reestimated"] > accuracy["matched"] + 0.2 and accuracy["compressed"] < 0.2
-    assert by_labels.why.startswith("accuracy: reestimated right on")
+    assert by_labels.why.startswith("accuracy: re-estimated right on")
     assert not any("favour the wrong candidate" in warning for warning in by_labels.warnings)
 
 

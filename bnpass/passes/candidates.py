@@ -30,6 +30,7 @@ import numpy as np
 
 from ..agreement import AgreementMeter, LabelAccuracy
 from ..data import LABELS
+from ..errors import DataError
 from ..runtime import create_session
 from .calibration_run import batch_length
 
@@ -92,6 +93,10 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
     scores.discordant = {(a, b): 0 for a in order for b in order if a != b}
     for number, feed in enumerate(feeds):
         labels = feed.get(LABELS)
+        if number and (labels is not None) != scores.labelled:
+            raise DataError(f"batch {number} {'has' if labels is not None else 'has no'} labels and the batches "
+                            f"before it {'have none' if labels is not None else 'have them'}: give labels with every "
+                            "sample or with none")
         inputs = {name: array for name, array in feed.items() if name != LABELS}
         expected = reference_session.run(reference_names, inputs)
         hits = {}
