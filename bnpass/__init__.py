@@ -72,9 +72,10 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
 
     ``reference``: the uncompressed model (a ModelProto or a path). Then the statistics that make
     every BN reproduce the reference BN's output moments are computed too, and ``candidate``
-    ("auto": by agreement with the reference on held-out batches; "reestimated"; "matched") says
-    which are kept; the result is a :class:`~bnpass.passes.match_reference.ReferenceResult`. A
-    reference with the model's own weights and statistics is a ModelError.
+    ("auto": by top-1 accuracy where ``data`` carry labels, else by agreement with the reference,
+    on every sample; "reestimated"; "matched") says which are kept; the result is a
+    :class:`~bnpass.passes.match_reference.ReferenceResult`. A reference with the model's own
+    weights and statistics is a ModelError.
     """
     model = as_model(model)
     if reference is not None:

@@ -140,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--reference", metavar="ORIGINAL.onnx",
                            help="the model before compression: also compute statistics with which every BN "
                                 "reproduces the per-channel output mean and spread of the original's, and keep "
-                                "whichever candidate (re-estimated or matched) agrees better with the original on "
-                                "calibration batches held out from the statistics")
+                                "the better candidate (re-estimated or matched), judged on every calibration sample: "
+                                "by accuracy where the data carry labels, else by agreement with the original")
     reference.add_argument("--candidate", choices=CHOICES, default="auto",
-                           help="which candidate --reference keeps (default: auto, by agreement with the original)")
+                           help="which candidate --reference keeps (default: auto, by labels or agreement)")
 
     runtime = parser.add_argument_group("Runtime")
     runtime.add_argument("--device", choices=DEVICES, default="auto",

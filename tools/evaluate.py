@@ -40,10 +40,21 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test", type=Path, default=DEFAULT_TEST_SET,
                         help="labelled test set, .npz with 'images' and 'labels' "
                              "(default: %(default)s)")
+    parser.add_argument("--samples", type=parse_slice, metavar="START:STOP",
+                        help="evaluate on these test images only (a Python slice, e.g. 250: for all from the "
+                             "251st), to keep apart a labelled split used for calibration")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="images per inference call when the model's batch dimension is "
                              "dynamic (default: %(default)s)")
     return parser.parse_args(argv)
+
+
+def parse_slice(text: str) -> slice:
+    try:
+        start, stop = (int(part) if part else None for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (either may be empty), got {text!r}") from None
+    return slice(start, stop)
 
 
 def load_test_set(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise EvaluationError(f"model file(s) not found: {', '.join(missing)}")
         images, labels = load_test_set(arguments.test)
+        if arguments.samples is not None:
+            images, labels = images[arguments.samples], labels[arguments.samples]
+            if not len(labels):
+                raise EvaluationError(f"--samples selects no image of the {len(load_test_set(arguments.test)[1])}")
         print(f"test set: {arguments.test} ({len(labels)} images)")
         print(f"{'accuracy':>9}  {'BatchNormalization nodes':>24}  model")
         for path in arguments.models:
