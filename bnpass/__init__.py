@@ -16,15 +16,22 @@ from typing import Iterable, Optional, Union
 
 import onnx
 
-from .data import IterableSource, model_input_specs, open_folder
+from .data import model_input_specs
 from .errors import BnpassError, DataError, ModelError, RuntimeUnavailableError
 from .images import ImageOptions
 from .model_io import as_model
-from .passes import BatchNormStatistics, FoldBatchNormPass, FoldResult, ReestimateBatchNormPass, ReestimateResult
+from .passes import (
+    BatchNormStatistics,
+    FoldBatchNormPass,
+    FoldResult,
+    ReestimateResult,
+    ReferenceResult,
+    calibrating_pass,
+)
 from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
-from .passes.match_reference import MatchReferencePass, ReferenceResult, check_reference_differs
-
-__version__ = "0.1.0"
+from .passes.match_reference import check_reference_differs
+from .sources import open_source
+from .version import __version__  # noqa: F401  (bnpass.__version__)
 
 __all__ = [
     "reestimate_batchnorms", "fold_batchnorms", "calibration_samples", "ImageOptions",
@@ -44,13 +51,7 @@ def calibration_samples(model: onnx.ModelProto, data: Union[str, os.PathLike, It
     before anything runs; ``shuffle`` draws their samples in a random order fixed by ``seed``.
     ``image_options`` apply to image files only: given for arrays, they are a DataError.
     """
-    specs = model_input_specs(model)
-    if isinstance(data, (str, os.PathLike)):
-        return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
-    if image_options is not None and image_options.given():
-        raise DataError(f"image_options ({', '.join(image_options.given())}) apply to image folders; batches given "
-                        "in Python are fed as they are")
-    return IterableSource(data, specs)
+    return open_source(data, model_input_specs(model), image_options, shuffle=shuffle, seed=seed)
 
 
 def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data, *, stats: str = "pooled",
@@ -82,11 +83,9 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
         reference = as_model(reference)
         check_reference_differs(model, reference)
     samples = calibration_samples(model, data, image_options, shuffle=shuffle, seed=seed)
-    options = dict(stats=stats, batch_size=batch_size, num_samples=num_samples, device=device, progress=progress,
-                   threads=threads, tf32=tf32)
-    if reference is not None:
-        return MatchReferencePass(samples, reference, choose=candidate, **options).call(model)
-    return ReestimateBatchNormPass(samples, **options).call(model)
+    return calibrating_pass(samples, reference=reference, candidate=candidate, stats=stats, batch_size=batch_size,
+                            num_samples=num_samples, device=device, progress=progress, threads=threads,
+                            tf32=tf32).call(model)
 
 
 def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike]) -> FoldResult:

@@ -9,38 +9,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
 import time
 
-from . import __version__, calibration_samples
 from .calibration import batchnorm_nodes
 from .config import check_sample_sizes, read_nncf_config
-from .data import LoaderSource, batched, model_input_specs
+from .data import batched, model_input_specs
 from .errors import BnpassError, RuntimeUnavailableError
 from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
+from .loaders import LoaderSource
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
-from .passes import FoldBatchNormPass, ReestimateBatchNormPass
+from .passes import FoldBatchNormPass, calibrating_pass
 from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
-from .passes.match_reference import CHOICES, MatchReferencePass, ReferenceResult, check_reference_differs
+from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
-from .report import (
-    batchnorm_drifts,
-    batchnorm_records,
-    drift_title,
-    no_batchnorm_notice,
-    reference_record,
-    summary_lines,
-)
+from .report import batchnorm_drifts, drift_title, no_batchnorm_notice, provenance, run_report, summary_lines
 from .runtime import DEVICES, select_providers
+from .sources import open_source
 from .stats import STATS_MODES
 from .verify import compare_models
+from .version import __version__
 
 logger = logging.getLogger("bnpass")
 
@@ -280,7 +274,7 @@ def run(args) -> int:
     specs = model_input_specs(model)
     if settings is not None:
         check_sample_sizes(settings, specs, args.config)
-    samples = _samples(args, model) if reestimating or args.verify else None  # a folder is checked here
+    samples = _samples(args, specs) if reestimating or args.verify else None  # a folder is checked here
     writes_external = bool(external_files) or exceeds_protobuf_limit(model)
     check_separate(_reads(args, external_files, reference_files, samples), _writes(args, writes_external))
     if reference is not None:
@@ -292,12 +286,9 @@ def run(args) -> int:
     reestimate = None
     unfolded = model
     if bn_names and reestimating:
-        options = dict(stats=args.stats, batch_size=args.batch_size, num_samples=num_samples, device=args.device,
-                       progress=not args.quiet, threads=args.threads, tf32=args.tf32)
-        if reference is not None:
-            reestimate = MatchReferencePass(samples, reference, choose=args.candidate, **options).call(model)
-        else:
-            reestimate = ReestimateBatchNormPass(samples, **options).call(model)
+        reestimate = calibrating_pass(samples, reference=reference, candidate=args.candidate, stats=args.stats,
+                                      batch_size=args.batch_size, num_samples=num_samples, device=args.device,
+                                      progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)
         unfolded = reestimate.model
 
     fold = None
@@ -318,7 +309,8 @@ def run(args) -> int:
             bar.close()
 
     if (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified):
-        set_metadata(result, _provenance(args, reestimate, fold, bn_names))
+        set_metadata(result, provenance(reestimate, fold, stats=args.stats, batchnorms=len(bn_names),
+                                        reference_path=args.reference))
     seconds = time.perf_counter() - started
     plot = None
     if args.plot and reestimate is not None:
@@ -330,8 +322,9 @@ def run(args) -> int:
         # The written model is checked (onnx.checker, full): a failure there is a bug in bnpass.
         staged.write_model(result, args.output, external_data=bool(external_files), what="the output")
         if args.report:
-            staged.write_bytes(args.report, _report(args, model, reestimate, fold, difference, seconds),
-                               what="the report")
+            staged.write_bytes(args.report, run_report(
+                model, reestimate, fold, difference, input_path=args.input, output_path=args.output, stats=args.stats,
+                seconds=seconds, reference_path=args.reference), what="the report")
         if plot is not None:
             staged.write_bytes(args.plot, plot, what="the plot")
         staged.commit()
@@ -386,20 +379,6 @@ def _writes(args, external: bool) -> list:
     return writes
 
 
-def _provenance(args, reestimate, fold, bn_names: list) -> dict:
-    """What the output model records of the run that made it (``metadata_props``, keys ``bnpass.*``)."""
-    entries = {"bnpass.version": __version__}
-    if reestimate is not None:
-        entries.update({"bnpass.stats": args.stats, "bnpass.samples": reestimate.samples,
-                        "bnpass.batch_size": reestimate.batch_size})
-    if isinstance(reestimate, ReferenceResult):
-        entries.update({"bnpass.reference": os.path.basename(args.reference),
-                        "bnpass.candidate": reestimate.chosen})
-    if fold is not None:
-        entries["bnpass.folded"] = f"{len(fold.folded)} of {len(bn_names)}"
-    return entries
-
-
 def _num_samples(args, settings) -> int:
     """--num-samples, else the NNCF config's num_bn_adaptation_samples, else the default."""
     if args.num_samples is not None:
@@ -412,13 +391,13 @@ def _num_samples(args, settings) -> int:
     return DEFAULT_NUM_SAMPLES
 
 
-def _samples(args, model):
+def _samples(args, specs: list):
     if args.loader:
-        return LoaderSource(args.loader, model_input_specs(model))
+        return LoaderSource(args.loader, specs)
     if not args.data:
         return None
-    samples = calibration_samples(model, args.data, _image_options(args), shuffle=args.shuffle or args.seed is not None,
-                                  seed=args.seed or 0)
+    samples = open_source(args.data, specs, _image_options(args), shuffle=args.shuffle or args.seed is not None,
+                          seed=args.seed or 0)
     if isinstance(samples, ImageFolder):
         logger.info("%s", describe_images(samples.preprocessing))
     return samples
@@ -434,27 +413,6 @@ def _first_batches(samples, batch_size: int, model, count: int):
     fixed = input_batch_size(model)
     size = fixed or batch_size
     return batches_of(batched(samples, size, count * size), fixed)
-
-
-def _report(args, model, reestimate, fold, difference, seconds) -> bytes:
-    """The ``--report`` file's content (JSON)."""
-    report = {
-        "bnpass_version": __version__,
-        "input": args.input, "output": args.output, "stats": args.stats if reestimate else None,
-        "seconds": round(seconds, 3),
-        "samples": reestimate.samples if reestimate else 0,
-        "batches": reestimate.batches if reestimate else 0,
-        "batch_size": reestimate.batch_size if reestimate else None,
-        "device": reestimate.device if reestimate else None,
-        "warnings": reestimate.warnings if reestimate else [],
-        "batchnorms": batchnorm_records(model, reestimate, fold),
-    }
-    if isinstance(reestimate, ReferenceResult):
-        report["reference"] = {"model": args.reference, **reference_record(reestimate)}
-    if difference is not None:
-        report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
-                            "max_rel": difference.max_rel}
-    return (json.dumps(report, indent=2) + "\n").encode()
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections import Counter
 from typing import Optional
@@ -16,6 +18,7 @@ from .passes import FoldResult, ReestimateResult
 from .passes.candidates import spelled
 from .passes.match_reference import CANDIDATES, ReferenceResult
 from .plot import measure_drift
+from .version import __version__
 
 
 def _summary(values: Optional[np.ndarray]) -> Optional[dict]:
@@ -230,3 +233,42 @@ def _per_batchnorm_lines(bn_names: list, reestimate: Optional[ReestimateResult],
 
 def _median(values) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def provenance(reestimate: Optional[ReestimateResult], fold: Optional[FoldResult], *, stats: str,
+               batchnorms: int, reference_path: Optional[str] = None) -> dict:
+    """What an output model records of the run that made it (``metadata_props``, keys ``bnpass.*``)."""
+    entries = {"bnpass.version": __version__}
+    if reestimate is not None:
+        entries.update({"bnpass.stats": stats, "bnpass.samples": reestimate.samples,
+                        "bnpass.batch_size": reestimate.batch_size})
+    if isinstance(reestimate, ReferenceResult):
+        entries.update({"bnpass.reference": os.path.basename(reference_path),
+                        "bnpass.candidate": reestimate.chosen})
+    if fold is not None:
+        entries["bnpass.folded"] = f"{len(fold.folded)} of {batchnorms}"
+    return entries
+
+
+def run_report(model: onnx.ModelProto, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult],
+               difference, *, input_path: str, output_path: str, stats: str, seconds: float,
+               reference_path: Optional[str] = None) -> bytes:
+    """The ``--report`` file's content (JSON): the run, per BN its statistics and fold, the reference's
+    part (README: "The report's reference part") and ``--verify``'s difference."""
+    report = {
+        "bnpass_version": __version__,
+        "input": input_path, "output": output_path, "stats": stats if reestimate else None,
+        "seconds": round(seconds, 3),
+        "samples": reestimate.samples if reestimate else 0,
+        "batches": reestimate.batches if reestimate else 0,
+        "batch_size": reestimate.batch_size if reestimate else None,
+        "device": reestimate.device if reestimate else None,
+        "warnings": reestimate.warnings if reestimate else [],
+        "batchnorms": batchnorm_records(model, reestimate, fold),
+    }
+    if isinstance(reestimate, ReferenceResult):
+        report["reference"] = {"model": reference_path, **reference_record(reestimate)}
+    if difference is not None:
+        report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
+                            "max_rel": difference.max_rel}
+    return (json.dumps(report, indent=2) + "\n").encode()

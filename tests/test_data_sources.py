@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 import bnpass
-from bnpass import images
+from bnpass import arrays, images
 from bnpass.cli import main
 from bnpass.config import read_nncf_config
-from bnpass.data import LABELS, model_input_specs, open_folder
+from bnpass.data import LABELS, model_input_specs
+from bnpass.sources import open_folder
 from builders import GraphBuilder, add_batchnorm, build_conv_bn_relu_chain_model, random_bn_params
 
 
@@ -261,9 +262,7 @@ def test_models_over_the_protobuf_limit_calibrate_from_files(monkeypatch):
 
 
 def test_batch_files_stream_in_chunks_across_batch_boundaries(tmp_path, monkeypatch):
-    from bnpass import data as data_module
-
-    monkeypatch.setattr(data_module, "READ_CHUNK", 7)  # chunks of 7 samples, batches of 5
+    monkeypatch.setattr(arrays, "READ_CHUNK", 7)  # chunks of 7 samples, batches of 5
     data = np.random.default_rng(8).standard_normal((40, 3, 4, 4)).astype(np.float64)  # cast to float32 per chunk
     (tmp_path / "calib").mkdir()
     np.save(tmp_path / "calib" / "a.npy", data[:23])

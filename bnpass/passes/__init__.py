@@ -3,7 +3,18 @@
 from .base import PassResult
 from .calibration_run import BatchNormStatistics, ReestimateResult
 from .fold_batchnorm import FoldBatchNormPass, FoldResult
+from .match_reference import MatchReferencePass, ReferenceResult
 from .reestimate_batchnorm import ReestimateBatchNormPass
 
-__all__ = ["PassResult", "FoldBatchNormPass", "FoldResult", "ReestimateBatchNormPass",
-           "ReestimateResult", "BatchNormStatistics"]
+
+def calibrating_pass(samples, *, reference=None, candidate: str = "auto", **settings):
+    """The pass that re-estimates from ``samples`` (``settings``: those of
+    :class:`~bnpass.passes.calibration_run.CalibrationSettings`): with a ``reference``, the one that
+    also matches it and keeps the better ``candidate``."""
+    if reference is not None:
+        return MatchReferencePass(samples, reference, choose=candidate, **settings)
+    return ReestimateBatchNormPass(samples, **settings)
+
+
+__all__ = ["PassResult", "FoldBatchNormPass", "FoldResult", "ReestimateBatchNormPass", "ReestimateResult",
+           "MatchReferencePass", "ReferenceResult", "BatchNormStatistics", "calibrating_pass"]

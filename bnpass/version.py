@@ -1,0 +1,3 @@
+"""bnpass's version, recorded in every model and report it writes."""
+
+__version__ = "0.1.0"
