@@ -38,7 +38,8 @@ class IterableSource:
     def __init__(self, batches, specs: list):
         self.batches = batches
         self.specs = specs
-        self.one_shot = isinstance(batches, Iterator) and not callable(getattr(batches, "rewind", None))
+        rewinds = callable(getattr(batches, "rewind", None))
+        self.one_shot = (isinstance(batches, Iterator) or is_calibration_data_reader(batches)) and not rewinds
 
     def __iter__(self) -> Iterator[dict]:
         rewind = getattr(self.batches, "rewind", None)
@@ -48,17 +49,17 @@ class IterableSource:
 
 
 def _labels_of(item, count: int) -> Optional[np.ndarray]:
-    """The labels of an ``(inputs, labels...)`` item: one number per sample, or None where the item
-    carries none (or something else beside the inputs: targets of another kind are ignored)."""
+    """The labels of an ``(inputs, labels...)`` item: one class index (an integer, or a float with an
+    integer value) per sample, or None where the item carries none (targets of another kind, such as
+    one-hot rows, masks or real-valued targets, are ignored)."""
     if not isinstance(item, (tuple, list)) or len(item) < 2:
         return None
     try:
         labels = _as_array(item[1], "labels")
     except DataError:
         return None
-    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
-        return None
-    if labels.size != count:
+    if labels.size != count or not (np.issubdtype(labels.dtype, np.integer) or (
+            np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
         return None
     return labels.reshape(count)
 

@@ -352,3 +352,29 @@ def test_a_one_shot_iterator_is_refused_before_anything_runs():
     with pytest.raises(bnpass.DataError, match="--reference reads the calibration data twice"):
         bnpass.reestimate_batchnorms(model, iter(shifted_labelled()), batch_size=64,
                                      reference=EXAMPLE / "model.onnx")
+
+
+def test_labels_for_a_model_without_class_scores_are_set_aside_with_a_warning(caplog):
+    """(inputs, labels) from a DataLoader of a model whose output is a feature map: compared with the
+    reference instead, said once."""
+    rng = np.random.default_rng(4)
+    batches = [(rng.standard_normal((16, 3, 6, 6)).astype(np.float32), np.arange(16) % 3) for _ in range(3)]
+    model, reference = conv_bn_model(quantized=True), conv_bn_model()
+    result = bnpass.reestimate_batchnorms(model, batches, batch_size=16, reference=reference)
+    assert not result.scores.labelled and result.choice.criterion == "output error"
+    assert sum("the data carry labels, but the model has no classifier-shaped output" in record.message
+               for record in caplog.records) == 1
+
+
+def test_a_reader_that_cannot_rewind_is_refused_before_anything_runs():
+    class Reader:  # onnxruntime's CalibrationDataReader interface, duck-typed, without rewind()
+        def __init__(self):
+            self.batches = iter([np.zeros((16, 3, 6, 6), np.float32)])
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch}
+
+    with pytest.raises(bnpass.DataError, match="--reference reads the calibration data twice"):
+        bnpass.reestimate_batchnorms(conv_bn_model(quantized=True), Reader(), batch_size=16,
+                                     reference=conv_bn_model())

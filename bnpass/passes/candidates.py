@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..agreement import AgreementMeter, LabelAccuracy
+from ..agreement import AgreementMeter, LabelAccuracy, is_classifier_shaped
 from ..data import LABELS
 from ..errors import DataError
 from ..runtime import create_session
@@ -91,14 +91,22 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
     scores = Scores(agreement={name: AgreementMeter(names) for name in models})
     order = list(candidates)
     scores.discordant = {(a, b): 0 for a in order for b in order if a != b}
+    usable = None  # whether labels can be scored: the reference has a classifier-shaped output
     for number, feed in enumerate(feeds):
         labels = feed.get(LABELS)
-        if number and (labels is not None) != scores.labelled:
+        if number and usable is not False and (labels is not None) != scores.labelled:
             raise DataError(f"batch {number} {'has' if labels is not None else 'has no'} labels and the batches "
                             f"before it {'have none' if labels is not None else 'have them'}: give labels with every "
                             "sample or with none")
         inputs = {name: array for name, array in feed.items() if name != LABELS}
         expected = reference_session.run(reference_names, inputs)
+        if labels is not None and usable is None:
+            usable = any(is_classifier_shaped(np.asarray(output)) for output in expected)
+            if not usable:
+                logger.warning("the data carry labels, but the model has no classifier-shaped output ((N, classes) "
+                               "scores or (N,) classes): the candidates are compared with the reference instead")
+        if not usable:
+            labels = None
         hits = {}
         if labels is not None:
             if not scores.accuracy:
@@ -112,6 +120,9 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
             if hits[a] is not None and hits[b] is not None:
                 scores.discordant[(a, b)] += int(np.count_nonzero(hits[a] & ~hits[b]))
         scores.samples += batch_length(inputs)
+    if scores.samples == 0:
+        raise DataError("the second reading of the calibration data gave no sample: the source can be read only "
+                        "once; give a folder, a list, a DataLoader or a loader function")
     return scores
 
 
