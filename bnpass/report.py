@@ -151,8 +151,8 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
         for name, stats in reestimate.stats.items():
             if not stats.written:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
-        if isinstance(reestimate, ReferenceResult):
-            lines.extend(_reference_lines(reestimate))
+    if isinstance(reestimate, ReferenceResult) and (bn_names or reestimate.layers):
+        lines.extend(_reference_lines(reestimate))
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
