@@ -110,6 +110,7 @@ class MatchTarget:
     mean: np.ndarray
     var: np.ndarray
     epsilon: float
+    min_ratio: float = 0.0  # the BOUNDED rule of :mod:`bnpass.matching` (0: none)
 
 
 def batchnorm_nodes(model: onnx.ModelProto) -> list:
@@ -204,7 +205,7 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce", *, mod
                 bn_mean, bn_variance, matched_nodes, matched_inits = matched_statistics_nodes(
                     target.mean, target.var, target.epsilon, reference_mean=reference_mean,
                     reference_var=reference_var, compressed_mean=moments.mean, compressed_var=moments.var,
-                    shape=param_shape, dtype=compute, opset=copy_opset, out=out)
+                    shape=param_shape, dtype=compute, opset=copy_opset, out=out, min_ratio=target.min_ratio)
                 nodes.extend(matched_nodes)
                 new_inits.extend(matched_inits)
             if param_dtype != compute:

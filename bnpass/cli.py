@@ -280,12 +280,12 @@ def run(args) -> int:
     if reference is not None:
         check_reference_differs(model, reference)
     bn_names = [node_label(node) for node in batchnorm_nodes(model)]
-    if not bn_names:
+    if not bn_names and reference is None:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
 
     reestimate = None
     unfolded = model
-    if bn_names and reestimating:
+    if (bn_names or reference is not None) and reestimating:
         reestimate = calibrating_pass(samples, reference=reference, candidate=args.candidate, stats=args.stats,
                                       batch_size=args.batch_size, num_samples=num_samples, device=args.device,
                                       progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)

@@ -43,7 +43,14 @@ BOTH_CONSTANT          v_o = v_c = 0                               v' = v_r, mu'
                                                                    the constant output is reproduced
 ZERO_STORED_SCALE      v_r + e = 0: the stored BN divides by zero  (mu_r, v_r) unchanged, as the
                        (e = 0 and v_r = 0)                         reference computes it
+BOUNDED                ``ratio < min_ratio`` (given): the channel  ratio = min_ratio: the gain
+                       spreads so much less than the reference's   sqrt(v_o / v_c) the formula would
+                       that the formula would amplify it by more   apply is capped at
+                       than ``1 / sqrt(min_ratio)``                1 / sqrt(min_ratio)
 =====================  ==========================================  =================================
+
+``min_ratio`` is 0 (no bound) for the BNs of a model; the layer correction of
+:mod:`bnpass.passes.correct_layers` bounds the gain of the BNs it inserts (see there why).
 
 e = 0 needs no rule of its own: v' = v_r * ratio is never negative. Non-finite or negative inputs
 are errors (:class:`~bnpass.errors.DataError` for measured moments, :class:`~bnpass.errors.ModelError`
@@ -82,6 +89,7 @@ class MatchRule(enum.IntEnum):
     COMPRESSED_CONSTANT = 3
     BOTH_CONSTANT = 4
     ZERO_STORED_SCALE = 5
+    BOUNDED = 6
 
 
 @dataclass
@@ -100,13 +108,13 @@ class MatchedStatistics:
 
 def match_statistics(stored_mean, stored_var, epsilon: float, reference_mean, reference_var,
                      compressed_mean, compressed_var, *, tolerance: float = DEFAULT_CONSTANT_TOLERANCE,
-                     name: Optional[str] = None) -> MatchedStatistics:
+                     min_ratio: float = 0.0, name: Optional[str] = None) -> MatchedStatistics:
     """Matched statistics of one BN, in float64, with the rule applied per channel.
 
     ``stored_*``: the BN's (mu_r, v_r); ``reference_*``: (m_o, v_o), the pooled mean and biased
     variance of its input in the uncompressed model; ``compressed_*``: (m_c, v_c), the same in
-    the compressed model with every upstream BN already matched. ``name`` (the BN's) goes into
-    error messages.
+    the compressed model with every upstream BN already matched. ``min_ratio``: the smallest
+    v_c / v_o the formula takes (the BOUNDED rule). ``name`` (the BN's) goes into error messages.
     """
     where = f" of BatchNormalization '{name}'" if name else ""
     epsilon = float(epsilon)
@@ -124,12 +132,13 @@ def match_statistics(stored_mean, stored_var, epsilon: float, reference_mean, re
         raise ValueError(f"statistics{where} have different shapes: {sorted(shapes)}")
 
     with np.errstate(divide="ignore", invalid="ignore"):  # zero stored scales are replaced below
-        mean, var, reference_constant, compressed_constant, clamped = _match(
+        mean, var, reference_constant, compressed_constant, clamped, bounded = _match(
             stored_mean, stored_var, np.float64(epsilon), reference_mean, reference_var, compressed_mean,
-            compressed_var, tolerance)
+            compressed_var, tolerance, np.float64(min_ratio))
     zero_scale = stored_var + epsilon == 0
     mean, var = np.where(zero_scale, stored_mean, mean), np.where(zero_scale, stored_var, var)
     rule = np.full(stored_mean.shape, MatchRule.MATCHED, dtype=np.int8)
+    rule[bounded] = MatchRule.BOUNDED
     rule[clamped] = MatchRule.CLAMPED
     rule[reference_constant & ~compressed_constant] = MatchRule.REFERENCE_CONSTANT
     rule[compressed_constant & ~reference_constant] = MatchRule.COMPRESSED_CONSTANT
@@ -139,7 +148,8 @@ def match_statistics(stored_mean, stored_var, epsilon: float, reference_mean, re
 
 
 def match_batch_statistics(stored_mean, stored_var, epsilon: float, reference_mean, reference_var,
-                           compressed_mean, compressed_var, *, tolerance: float = DEFAULT_CONSTANT_TOLERANCE):
+                           compressed_mean, compressed_var, *, tolerance: float = DEFAULT_CONSTANT_TOLERANCE,
+                           min_ratio: float = 0.0):
     """``(mu', v')`` from one batch's moments (or pooled ones), in the dtype of the moments.
 
     What the one-pass calibration graph computes per BN; the comment on each line names the ONNX
@@ -151,7 +161,7 @@ def match_batch_statistics(stored_mean, stored_var, epsilon: float, reference_me
     dtype = np.result_type(reference_mean, compressed_mean)
     mean, var, *_ = _match(*(np.asarray(values, dtype) for values in (
         stored_mean, stored_var, epsilon, reference_mean, reference_var, compressed_mean, compressed_var)),
-        dtype.type(tolerance))
+        dtype.type(tolerance), dtype.type(min_ratio))
     return mean, var
 
 
@@ -168,9 +178,9 @@ def _checked(values, what: str, where: str, error: type, *, variance: bool = Fal
 
 
 def _match(stored_mean, stored_var, epsilon, reference_mean, reference_var, compressed_mean, compressed_var,
-           tolerance):
+           tolerance, min_ratio):
     """The formula and its constant-channel rule, in the inputs' dtype; also returns which
-    channels were constant in each model and which were clamped (for the rules)."""
+    channels were constant in each model, which were clamped and which bounded (for the rules)."""
     one, zero = np.ones((), epsilon.dtype), np.zeros((), epsilon.dtype)
     stored_scale_squared = stored_var + epsilon                                   # initializer
     stored_scale = np.sqrt(stored_scale_squared)                                  # initializer
@@ -182,9 +192,11 @@ def _match(stored_mean, stored_var, epsilon, reference_mean, reference_var, comp
     constant = np.logical_or(reference_constant, compressed_constant)             # Or
     safe_reference_var = np.where(constant, one, reference_var)                   # Where
     ratio = np.where(constant, one, compressed_var / safe_reference_var)          # Div, Where
+    bounded = ratio < min_ratio                                                   # (for the rule only)
+    ratio = np.maximum(ratio, min_ratio)                                          # Max (min_ratio > 0 only)
     unclamped = stored_var * ratio + epsilon * (ratio - one)                      # Mul, Sub, Mul, Add
     var = np.maximum(unclamped, zero)                                             # Max
     scale_ratio = np.sqrt(var + epsilon) / stored_scale                           # Add, Sqrt, Div
     mean = stored_mean + (compressed_mean - reference_mean) \
         + (one - scale_ratio) * (reference_mean - stored_mean)                    # Sub x3, Mul, Add x2
-    return mean, var, reference_constant, compressed_constant, unclamped < 0
+    return mean, var, reference_constant, compressed_constant, unclamped < 0, bounded

@@ -28,12 +28,12 @@ from .matching import DEFAULT_CONSTANT_TOLERANCE
 def matched_statistics_nodes(stored_mean: np.ndarray, stored_var: np.ndarray, epsilon: float, *,
                              reference_mean: str, reference_var: str, compressed_mean: str, compressed_var: str,
                              shape: list, dtype: np.dtype, opset: int,
-                             out: Callable[[str], str]) -> tuple[str, str, list, list]:
+                             out: Callable[[str], str], min_ratio: float = 0.0) -> tuple[str, str, list, list]:
     """``(mean, var, nodes, initializers)``: the names of the matched (mu', v') and the nodes and
     initializers computing them, in ``dtype``, from the tensors named ``reference_*`` (m_o, v_o)
     and ``compressed_*`` (m_c, v_c), all of ``shape``; the stored (mu_r, v_r) and e become
     initializers. ``out(suffix)`` makes a fresh unique tensor/node name; ``opset`` is the graph's
-    (LessOrEqual from 12, Not(Greater) before)."""
+    (LessOrEqual from 12, Not(Greater) before); ``min_ratio`` > 0 bounds the ratio from below."""
     nodes, inits = [], []
 
     def constant(value, suffix):
@@ -74,6 +74,9 @@ def matched_statistics_nodes(stored_mean: np.ndarray, stored_var: np.ndarray, ep
     safe_reference_var = node("Where", constant_channel, one, reference_var)
     # ratio = where(constant, 1, compressed_var / safe_reference_var)
     ratio = node("Where", constant_channel, one, node("Div", compressed_var, safe_reference_var))
+    if min_ratio > 0:
+        # ratio = max(ratio, min_ratio)
+        ratio = node("Max", ratio, constant(min_ratio, "min_ratio"))
     # unclamped = stored_var * ratio + epsilon * (ratio - 1)
     unclamped = node("Add", node("Mul", stored_var_name, ratio), node("Mul", epsilon_name, node("Sub", ratio, one)))
     # var = max(unclamped, 0)

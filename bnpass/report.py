@@ -15,8 +15,8 @@ from .calibration import batchnorm_nodes
 from .data import plural
 from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
-from .passes.candidates import spelled
-from .passes.match_reference import CANDIDATES, ReferenceResult
+from .passes.candidates import GIVEN, spelled
+from .passes.match_reference import ReferenceResult
 from .plot import measure_drift
 from .version import __version__
 
@@ -157,7 +157,7 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
     (or the full reason it stays).
     """
     lines = []
-    if reestimate is not None:
+    if reestimate is not None and bn_names:
         written = sum(1 for s in reestimate.stats.values() if s.written)
         lines.append(f"re-estimated {written} of {plural(len(bn_names), 'BatchNormalization node')} from "
                      f"{plural(reestimate.samples, 'sample')} ({plural(reestimate.batches, 'batch')} of up to "
@@ -166,8 +166,8 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
         for name, stats in reestimate.stats.items():
             if not stats.written:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
-        if isinstance(reestimate, ReferenceResult):
-            lines.extend(_reference_lines(reestimate))
+    if isinstance(reestimate, ReferenceResult) and (bn_names or reestimate.layers):
+        lines.extend(_reference_lines(reestimate))
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
@@ -193,7 +193,8 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
     else:
         cause = ("if the network had BN, its export fused BN into the layers before it; export it with BN kept "
                  "(README: \"Exporting with BN kept\")")
-    return f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}"
+    return (f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}\n  or, with the model "
+            "from before compression, --reference ORIGINAL.onnx can repair it: every layer's output matched to it")
 
 def _reference_lines(result: ReferenceResult) -> list:
     scores = result.scores
@@ -202,10 +203,17 @@ def _reference_lines(result: ReferenceResult) -> list:
         accuracy = scores.accuracy
         lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * accuracy[name].accuracy:.1f}%"
-            for name in ("reference", "compressed", *CANDIDATES)))
+            for name in accuracy))
     lines.append(result.agreement_line())
+    if result.layers or result.refused_layers:
+        total = len(result.layers) + len(result.refused_layers)
+        lines.append(f"corrected {len(result.layers)} of {plural(total, 'layer')} without BatchNormalization (mean "
+                     "and spread matched to the reference's layer outputs)"
+                     + ("; not kept" if result.chosen in (GIVEN, "reestimated") else ""))
+        for label, reason in result.refused_layers.items():
+            lines.append(f"  not corrected: {label}: {reason}")
     changed = Counter()
-    for matched in result.matched.values():
+    for matched in [*result.matched.values(), *(layer.matched for layer in result.layers.values())]:
         changed.update({rule: count for rule, count in matched.rule_counts().items() if rule != "matched"})
     if changed:
         lines.append("  matching rules other than the formula: " + ", ".join(

@@ -89,7 +89,7 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
     reference_session = create_session(reference, providers, **options)
     sessions = {name: create_session(model, providers, **options) for name, model in models.items()}
     scores = Scores(agreement={name: AgreementMeter(names) for name in models})
-    order = list(candidates)
+    order = [GIVEN, *candidates]  # the model as given can be a candidate too
     scores.discordant = {(a, b): 0 for a in order for b in order if a != b}
     usable = None  # whether labels can be scored: the reference has a classifier-shaped output
     for number, feed in enumerate(feeds):
@@ -166,7 +166,8 @@ def mcnemar_p_value(for_a: int, for_b: int) -> float:
 
 def spelled(candidate: str) -> str:
     """A candidate's name in prose: "re-estimated" (``reestimated`` is the value options take)."""
-    return "re-estimated" if candidate == "reestimated" else candidate
+    return {"reestimated": "re-estimated", "matched-except-logits": "matched except the logits layer",
+            GIVEN: "compressed (as given)"}.get(candidate, candidate)
 
 
 def _errors(errors: dict, chosen: str) -> str:

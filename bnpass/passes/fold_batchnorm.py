@@ -74,7 +74,11 @@ class FoldResult(PassResult):
 
 
 class FoldBatchNormPass:
-    """Fold every BatchNormalization that can be folded exactly; report the others."""
+    """Fold every BatchNormalization that can be folded exactly (``only``: those of these node
+    names); report the others."""
+
+    def __init__(self, only: Optional[set] = None):
+        self.only = only
 
     def call(self, model: onnx.ModelProto) -> FoldResult:
         # A weightless copy is edited, reading values from ``model``; each payload is copied into
@@ -82,7 +86,8 @@ class FoldBatchNormPass:
         editor = GraphEditor.on_copy_of(model)
         context = _Context(editor)
         folded, reasons, patterns = [], {}, {}
-        pending = [node for node in editor.graph.node if is_batchnorm(node)]
+        pending = [node for node in editor.graph.node
+                   if is_batchnorm(node) and (self.only is None or node.name in self.only)]
         while pending:  # a fold can make another possible (BN -> BN -> Conv): repeat until none does
             remaining = []
             for bn in pending:
@@ -225,6 +230,19 @@ def plan_fold(bn: onnx.NodeProto, index: GraphIndex, context: _Context) -> _Back
             return check_forward_fold(bn, affine, index, context)
         except CannotFold as forward:
             raise CannotFold(f"{backward}; nor can it fold into the layer after it: {forward}") from None
+
+
+def backward_fold_refusal(bn: onnx.NodeProto, editor: GraphEditor) -> str:
+    """Why ``bn`` cannot fold backward into the layer before it leaving every node but the BN as
+    it is (a bias-less MatMul would need a new Add), or "" when it can."""
+    context = _Context(editor)
+    try:
+        plan = check_backward_fold(bn, check_batchnorm(bn, editor.index, context.opset), editor.index, context)
+    except CannotFold as reason:
+        return str(reason)
+    if not LAYERS[plan.layer.op_type].bias_slot and plan.add is None:
+        return f"{plan.layer.op_type} '{node_label(plan.layer)}' has no bias Add to take the correction's bias"
+    return ""
 
 
 def check_batchnorm(bn: onnx.NodeProto, index: GraphIndex, opset: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
 import numpy as np
@@ -66,18 +66,40 @@ from .calibration_run import (
     CalibrationSettings,
     ReestimateResult,
     StatisticsSession,
+    WrittenStatistics,
     checked_statistics,
     input_batch_size,
     write_statistics,
 )
 from .candidates import GIVEN, Choice, Scores, choose, score_models
+from .correct_layers import (
+    MAX_GAIN,
+    foldable_layers,
+    insert_identity_batchnorms,
+    inserted_names,
+    layers_without_batchnorm,
+    logits_layer,
+    pair_layers,
+)
+from .fold_batchnorm import FoldBatchNormPass
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES = ("reestimated", "matched")
+EXCEPT_LOGITS = "matched-except-logits"  # layers corrected, the logits layer as given
 CHOICES = ("auto",) + CANDIDATES
 DOMAIN_SPREAD_LIMIT = 1.25  # the reference's first BNs: spread ratio against the stored statistics
 DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
+
+
+@dataclass
+class LayerCorrection:
+    """One corrected layer output: the reference's moments (m_o, v_o), the compressed model's (m_c, v_c,
+    earlier layers corrected) and the matched statistics of its inserted BN, with the rule per channel."""
+
+    reference_moments: tuple
+    compressed_moments: tuple
+    matched: MatchedStatistics
 
 
 @dataclass
@@ -101,6 +123,9 @@ class ReferenceResult(ReestimateResult):
     compressed_moments: dict[str, tuple] = field(default_factory=dict)
     matched: dict[str, MatchedStatistics] = field(default_factory=dict)
     reestimated: dict[str, tuple] = field(default_factory=dict)
+    layers: dict[str, LayerCorrection] = field(default_factory=dict)  # per corrected layer (label)
+    refused_layers: dict[str, str] = field(default_factory=dict)  # layer label -> why it is not corrected
+    logits: Optional[str] = None  # the logits layer, when corrected (EXCEPT_LOGITS leaves it as given)
 
     @property
     def agreement(self) -> dict:
@@ -195,68 +220,126 @@ class MatchReferencePass:
 
     Takes :class:`~bnpass.passes.ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by
     accuracy on labels where the data carry them, else agreement with the reference, on every
-    calibration sample), "reestimated" or "matched".
+    calibration sample), "reestimated" or "matched"; ``correct_layers``: correct the layers without
+    BN too (:mod:`bnpass.passes.correct_layers`), with their gain capped at ``max_gain`` (None: no cap).
     """
 
-    def __init__(self, samples: Iterable, reference, *, choose: str = "auto", **options):
-        if choose not in CHOICES:
+    def __init__(self, samples: Iterable, reference, *, choose: str = "auto", correct_layers: bool = True,
+                 max_gain: Optional[float] = MAX_GAIN, **options):
+        if choose not in CHOICES + (EXCEPT_LOGITS, GIVEN):
             raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
         self.samples = samples
         self.settings = CalibrationSettings(**options)
         self.reference = as_model(reference)
         self.choose = choose
+        self.correct_layers = correct_layers
+        self.max_gain = max_gain
 
     def call(self, model: onnx.ModelProto) -> ReferenceResult:
         started = time.perf_counter()
-        if not batchnorm_nodes(model):
+        has_batchnorm = bool(batchnorm_nodes(model))
+        if not has_batchnorm and not self.correct_layers:
             return ReferenceResult(model=copy_model(model), modified=False)
         pairs = pair_batchnorms(model, self.reference)
+        layer_pairs, refused = [], {}
+        if self.correct_layers:
+            layer_pairs = pair_layers(layers_without_batchnorm(model), layers_without_batchnorm(self.reference))
+            kept, refused = foldable_layers(model, [mine for mine, _ in layer_pairs])
+            kept_labels = {layer.label for layer in kept}
+            layer_pairs = [(mine, theirs) for mine, theirs in layer_pairs if mine.label in kept_labels]
+            for label, reason in refused.items():
+                logger.info("layer '%s' is not corrected: %s", label, reason)
+        if not has_batchnorm and not layer_pairs:
+            return ReferenceResult(model=copy_model(model), modified=False, refused_layers=refused)
+        if self.choose == "reestimated" and not has_batchnorm:
+            raise ModelError("--candidate reestimated: the model has no BatchNormalization to re-estimate")
         batch_size_for_evaluation = input_batch_size(model, self.reference)
-        targets = match_targets(self.reference, pairs)
+        augmented, origins = insert_identity_batchnorms(model, [mine for mine, _ in layer_pairs])
+        augmented_reference, reference_origins = insert_identity_batchnorms(
+            self.reference, [theirs for _, theirs in layer_pairs])
+        partner = {mine.label: theirs.label for mine, theirs in layer_pairs}
+        where = {origin: position for position, origin in enumerate(reference_origins)}
+        batchnorm_partner = dict(pairs)
+        augmented_pairs = [
+            (position, where[("bn", batchnorm_partner[origin[1]])] if origin[0] == "bn"
+             else where[("layer", partner[origin[1]])]) for position, origin in enumerate(origins)]
+        min_ratio = 0.0 if self.max_gain is None else 1 / self.max_gain ** 2
+        targets = [target if origin[0] == "bn" else replace(target, min_ratio=min_ratio)
+                   for target, origin in zip(match_targets(augmented_reference, augmented_pairs), origins)]
         run = CalibrationRun(self.samples, self.settings)
-        plain = run.copy(model)
-        matched = run.copy(model, mode="matched", targets=targets)
-        observed = run.copy(self.reference, mode="observe")
+        matched = run.copy(augmented, mode="matched", targets=targets)
+        observed = run.copy(augmented_reference, mode="observe")
+        plain = run.copy(model) if has_batchnorm else None
         run.require_second_reading("--reference")
-        sessions = _Sessions(*run.open([plain, matched, observed]), pairs)
-        logger.info("matching the reference model as well: three sessions per batch, then every candidate "
-                    "compared with it on the same samples")
+        opened = run.open([copy for copy in (matched, observed, plain) if copy is not None])
+        sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
+        logger.info("matching the reference model as well: %d sessions per batch, then every candidate "
+                    "compared with it on the same samples", len(opened))
         sessions.collect(run.feeds())
-        device = sessions.plain.device
-        taps, mode = plain.taps, self.settings.stats
-        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in zip(taps, sessions.plain_moments)]
-        compressed = [checked_statistics(tap, moment, mode)[:2]
-                      for tap, moment in zip(taps, sessions.matched_moments)]
+        device = sessions.matched.device
+        taps, mode = matched.taps, self.settings.stats
+        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in
+                       zip(plain.taps, sessions.plain_moments)] if plain is not None else []
+        compressed = [checked_statistics(tap, moment, mode) for tap, moment in zip(taps, sessions.matched_moments)]
         references = [checked_statistics(tap, sessions.reference_moments[reference_position], mode)[:2]
-                      for tap, (_, reference_position) in zip(taps, pairs)]
-        matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own, name=tap.bn)
+                      for tap, (_, reference_position) in zip(taps, augmented_pairs)]
+        matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own[:2],
+                                    min_ratio=target.min_ratio, name=tap.bn)
                    for tap, target, reference, own in zip(taps, targets, references, compressed)]
         del sessions  # the calibration sessions' memory goes back before the candidates are made
 
         preprocessing = getattr(self.samples, "preprocessing", None)
-        candidates = {"reestimated": copy_model(model), "matched": copy_model(model)}
-        written = {
-            "reestimated": write_statistics(candidates["reestimated"], taps, reestimated,
-                                            preprocessing=preprocessing),
-            "matched": write_statistics(candidates["matched"], taps, [
-                (match.mean, match.var, count) for match, (_, _, count) in zip(matches, reestimated)],
-                preprocessing=preprocessing, diagnose=False),
-        }
+        inserted = inserted_names(augmented, origins)
+        logits = logits_layer(model, [mine for mine, _ in layer_pairs])
+        candidates, written = {}, {}
+        if has_batchnorm:
+            candidates["reestimated"] = copy_model(model)
+            written["reestimated"] = write_statistics(candidates["reestimated"], plain.taps, reestimated,
+                                                      preprocessing=preprocessing)
+        variants = {"matched": None}
+        if logits is not None:
+            variants[EXCEPT_LOGITS] = inserted[logits]
+        for name, left in variants.items():
+            candidate = copy_model(augmented)
+            results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)
+                       for tap, target, match, (_, _, count) in zip(taps, targets, matches, compressed)]
+            written[name] = write_statistics(candidate, taps, results, preprocessing=preprocessing, diagnose=False)
+            written[name].stats = {label: entry for label, entry in written[name].stats.items()
+                                   if label not in inserted.values()}
+            if inserted:
+                candidate = FoldBatchNormPass(only=set(inserted.values())).call(candidate).model
+                written[name].modified = True
+            candidates[name] = candidate
+        names = list(candidates) + ([GIVEN] if layer_pairs else [])
         scores = score_models(self.reference, model, candidates, run.evaluation_feeds(batch_size_for_evaluation),
                               run.providers, threads=self.settings.threads, tf32=self.settings.tf32)
-        choice = choose(scores, list(CANDIDATES), None if self.choose == "auto" else self.choose)
+        choice = choose(scores, names, None if self.choose == "auto" else self.choose)
         chosen = choice.chosen
+        if chosen == GIVEN:
+            kept = WrittenStatistics()
+            candidates[GIVEN] = copy_model(model)
+        else:
+            kept = written[chosen]
         result = ReferenceResult(
-            model=candidates[chosen], modified=written[chosen].modified, stats=written[chosen].stats,
-            warnings=written["reestimated"].warnings, samples=run.samples_read, batches=run.batches_read,
-            batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why, choice=choice, scores=scores)
-        for tap, reference, own, match, (mean, var, _) in zip(taps, references, compressed, matches, reestimated):
+            model=candidates[chosen], modified=kept.modified, stats=kept.stats,
+            warnings=written["reestimated"].warnings if has_batchnorm else [], samples=run.samples_read,
+            batches=run.batches_read, batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why,
+            choice=choice, scores=scores, refused_layers=refused, logits=logits)
+        label_of = {name: label for label, name in inserted.items()}
+        for tap, reference, own, match in zip(taps, references, compressed, matches):
+            if tap.bn in label_of:
+                result.layers[label_of[tap.bn]] = LayerCorrection(reference, own[:2], match)
+                continue
             result.reference_moments[tap.bn] = reference
-            result.compressed_moments[tap.bn] = own
+            result.compressed_moments[tap.bn] = own[:2]
             result.matched[tap.bn] = match
+        for tap, (mean, var, _) in zip(plain.taps if plain is not None else [], reestimated):
             result.reestimated[tap.bn] = (mean, var)
-        warning = "" if scores.labelled else _domain_warning(self.reference, pairs, targets, references,
-                                                             forced=self.choose != "auto")
+        bn_pairs = [pair for pair, origin in zip(augmented_pairs, origins) if origin[0] == "bn"]
+        bn_targets = [target for target, origin in zip(targets, origins) if origin[0] == "bn"]
+        bn_references = [reference for reference, origin in zip(references, origins) if origin[0] == "bn"]
+        warning = "" if scores.labelled or not has_batchnorm else _domain_warning(
+            augmented_reference, bn_pairs, bn_targets, bn_references, forced=self.choose != "auto")
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
@@ -265,12 +348,13 @@ class MatchReferencePass:
 
 
 class _Sessions:
-    """The three calibration sessions of one reference run, fed the same batches in lockstep."""
+    """The calibration sessions of one reference run, fed the same batches in lockstep (``plain`` None
+    for a model without BN of its own)."""
 
-    def __init__(self, plain: StatisticsSession, matched: StatisticsSession, observed: StatisticsSession,
-                 pairs: list):
+    def __init__(self, plain: Optional[StatisticsSession], matched: StatisticsSession,
+                 observed: StatisticsSession, pairs: list):
         self.plain, self.matched, self.observed, self.pairs = plain, matched, observed, pairs
-        self.plain_moments = [ChannelMoments() for _ in plain.taps]
+        self.plain_moments = [ChannelMoments() for _ in plain.taps] if plain is not None else []
         self.matched_moments = [ChannelMoments() for _ in matched.taps]
         self.reference_moments = [ChannelMoments() for _ in observed.taps]
 
@@ -284,7 +368,8 @@ class _Sessions:
             reference_inputs[tap.reference_mean] = mean
             reference_inputs[tap.reference_var] = var
         self.matched.absorb(self.matched_moments, self.matched.runner.run({**feed, **reference_inputs}))
-        self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
+        if self.plain is not None:
+            self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
 
     def collect(self, feeds) -> None:
         """Every batch through the three sessions."""

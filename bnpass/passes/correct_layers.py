@@ -1,0 +1,210 @@
+"""Layer correction for ``--reference``: layers without BN matched to the uncompressed model too.
+
+Most exported models have no BN left (torch's default exporter and TensorFlow's converters fold it
+into the layer before it), so compression shifts each layer's output with nothing to re-estimate.
+Given the uncompressed model, each such layer output x (per channel c) is corrected to have, on the
+calibration data, the mean m_o and variance v_o the uncompressed layer's output has::
+
+    y = (x - m_c) * sqrt(v_o / v_c) + m_o
+
+with (m_c, v_c) the compressed output's moments measured with every earlier layer already corrected.
+That is a BN matched to the reference (:mod:`bnpass.matching`) whose reference BN is the identity:
+for every Conv, ConvTranspose, Gemm or MatMul output that no BN reads, both models get an inserted
+BatchNormalization with gamma 1, beta 0, mean 0, var 1 - e (y = x up to rounding), and the BN
+matching of :class:`~bnpass.passes.match_reference.MatchReferencePass` matches those BNs with the
+model's own, in the same pass over the data. The inserted BNs are then folded into their layers
+(:class:`~bnpass.passes.FoldBatchNormPass`, quantized weights as that pass folds them), so the
+output has exactly the input's nodes; only weights and biases change (a Conv or Gemm without bias
+gains one). A MatMul is corrected where a constant bias Add follows it (the BN goes after the Add);
+a layer whose BN could not fold backward is left out, with the reason.
+
+**Near-dead channels.** Compression can all but kill a channel (coarse per-tensor grids, heavy
+pruning): v_c is then tiny and the gain sqrt(v_o / v_c) amplifies what is left, mostly noise. The
+inserted BNs cap that gain at :data:`MAX_GAIN` (the BOUNDED rule of :mod:`bnpass.matching`: the
+ratio v_c / v_o is taken as at least 1 / MAX_GAIN^2); the channel's mean is still matched exactly.
+The README's "Models without BatchNormalization" section gives the measurements behind the value.
+
+**Pairing.** Layers correspond by node name when both models name every such layer, uniquely, with
+the same set of names; else by order. Paired layers must have the same operator and weight shape (a
+quantized weight: the shape of its DequantizeLinear's input), so a QDQ model pairs with its float
+original; the first difference is a ModelError naming both layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import ModelError
+from ..graph import GraphIndex, is_batchnorm, node_label
+from ..protos import DEFAULT_DOMAINS
+from ..rewrite import GraphEditor
+from .base import copy_model
+from .fold_batchnorm import LAYERS, backward_fold_refusal
+from .fold_quantized_weight import is_dequantize
+
+LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+EPSILON = 1e-5
+MAX_GAIN = 4.0  # the near-dead-channel bound (module docstring)
+PREFIX = "bnpass_correction"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer output to correct: the layer's label, its operator and weight shape, and the tensor
+    the inserted BN reads (the layer's output, or a MatMul's bias Add's)."""
+
+    label: str
+    op_type: str
+    weight_shape: Optional[tuple]
+    point: str
+    channels: Optional[int]
+    dtype: np.dtype
+
+
+def layers_without_batchnorm(model: onnx.ModelProto) -> list:
+    """Every Conv, ConvTranspose, Gemm or MatMul whose output (or bias Add's) no BN reads, in node order."""
+    index = GraphIndex(model)
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in LAYER_TYPES or node.domain not in DEFAULT_DOMAINS:
+            continue
+        point = node.output[0]
+        readers = index.consumers.get(point, [])
+        if node.op_type == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add" and (
+                any(index.constant(name) is not None for name in readers[0].input)):
+            point = readers[0].output[0]
+        if any(is_batchnorm(reader) for reader in index.consumers.get(point, [])) or any(
+                reader.op_type == "Add" and any(is_batchnorm(after) for after in index.consumers.get(
+                    reader.output[0], [])) for reader in index.consumers.get(node.output[0], [])):
+            continue
+        shape, dtype = _weight(node, index)
+        channels = None
+        if shape is not None:
+            spec = LAYERS[node.op_type]
+            axis = spec.output_axis(node)
+            channels = shape[axis] * spec.output_groups(node) if axis < len(shape) else None
+        layers.append(Layer(node_label(node), node.op_type, shape, point, channels, dtype))
+    return layers
+
+
+def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
+    """(shape, dtype) of a layer's weight, quantized or not; (None, float32) when not a constant."""
+    if len(layer.input) < 2:
+        return None, np.dtype(np.float32)
+    constant = index.constant(layer.input[1])
+    if constant is not None:
+        return tuple(constant.value.shape), constant.value.dtype
+    producer = index.producers.get(layer.input[1])
+    if is_dequantize(producer):
+        quantized = index.constant(producer.input[0])
+        scale = index.constant(producer.input[1])
+        if quantized is not None:
+            return tuple(quantized.value.shape), (scale.value.dtype if scale is not None else np.dtype(np.float32))
+    return None, np.dtype(np.float32)
+
+
+def pair_layers(mine: list, theirs: list) -> list:
+    """``[(layer of the model, layer of the reference)]`` (module docstring); a ModelError names the first
+    difference."""
+    prefix = "the reference does not correspond to the model:"
+    names, reference_names = [layer.label for layer in mine], [layer.label for layer in theirs]
+    if names and len(set(names)) == len(names) and set(names) == set(reference_names):
+        where = {layer.label: layer for layer in theirs}
+        pairs = [(layer, where[layer.label]) for layer in mine]
+    else:
+        pairs = list(zip(mine, theirs))
+    for position, (layer, other) in enumerate(pairs):
+        if layer.op_type != other.op_type or layer.weight_shape != other.weight_shape:
+            raise ModelError(f"{prefix} layer #{position + 1} without BatchNormalization is {layer.op_type} "
+                             f"'{layer.label}' with weight {_shape(layer)} in the model, {other.op_type} "
+                             f"'{other.label}' with weight {_shape(other)} in the reference")
+    if len(mine) != len(theirs):
+        longer, which = (mine, "model") if len(mine) > len(theirs) else (theirs, "reference")
+        extra = longer[min(len(mine), len(theirs))]
+        raise ModelError(f"{prefix} the model has {len(mine)} Conv/ConvTranspose/Gemm/MatMul layers without "
+                         f"BatchNormalization, the reference {len(theirs)}; the first without a partner is "
+                         f"{extra.op_type} '{extra.label}' in the {which}")
+    return pairs
+
+
+def _shape(layer: Layer) -> str:
+    return "not a constant" if layer.weight_shape is None else str(list(layer.weight_shape))
+
+
+def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> tuple:
+    """``(copy, origins)``: a copy of ``model`` with an identity BN after each of ``layers``; ``origins``
+    has one entry per BN of the copy, in node order: ``("bn", position among the model's BNs)`` or
+    ``("layer", label)``. The inserted BNs are named ``bnpass_correction/<layer>``."""
+    copy = copy_model(model)
+    editor = GraphEditor(copy)
+    by_point = {layer.point: layer for layer in layers}
+    nodes = list(copy.graph.node)
+    origins, position = [], 0
+    new_nodes = []
+    for node in nodes:
+        new_nodes.append(node)
+        if is_batchnorm(node):
+            origins.append(("bn", position))
+            position += 1
+        for slot, name in enumerate(node.output):
+            layer = by_point.get(name)
+            if layer is None:
+                continue
+            inner = editor.fresh_name(f"{name}.uncorrected")
+            node.output[slot] = inner
+            channels, dtype = layer.channels, layer.dtype
+            parameters = [np.ones(channels), np.zeros(channels), np.zeros(channels),
+                          np.full(channels, 1 - EPSILON)]
+            inputs = [inner]
+            for value, what in zip(parameters, ("scale", "B", "mean", "var")):
+                tensor_name = editor.fresh_name(f"{PREFIX}/{layer.label}.{what}")
+                copy.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), tensor_name))
+                inputs.append(tensor_name)
+            bn_name = editor.fresh_name(f"{PREFIX}/{layer.label}")
+            new_nodes.append(onnx.helper.make_node("BatchNormalization", inputs, [name], name=bn_name,
+                                                   epsilon=EPSILON))
+            origins.append(("layer", layer.label))
+    del copy.graph.node[:]
+    copy.graph.node.extend(new_nodes)
+    return copy, origins
+
+
+def inserted_names(model: onnx.ModelProto, origins: list) -> dict:
+    """``{layer label: name of its inserted BN}``."""
+    bns = [node for node in model.graph.node if is_batchnorm(node)]
+    return {origin[1]: bn.name for bn, origin in zip(bns, origins) if origin[0] == "layer"}
+
+
+def foldable_layers(model: onnx.ModelProto, layers: list) -> tuple:
+    """``(kept, refused)``: the layers whose inserted BN folds backward leaving every other node as it
+    is, and ``{label: reason}`` for the others."""
+    augmented, origins = insert_identity_batchnorms(model, layers)
+    editor = GraphEditor(augmented)
+    names = inserted_names(augmented, origins)
+    bns = {node.name: node for node in augmented.graph.node if is_batchnorm(node)}
+    kept, refused = [], {}
+    for layer in layers:
+        reason = backward_fold_refusal(bns[names[layer.label]], editor) if layer.channels else (
+            "its weight is not a constant")
+        if reason:
+            refused[layer.label] = reason
+        else:
+            kept.append(layer)
+    return kept, refused
+
+
+def logits_layer(model: onnx.ModelProto, layers: list) -> Optional[str]:
+    """The label of the last of ``layers`` when no other Conv/ConvTranspose/Gemm/MatMul or BN comes
+    after it in node order (the model's logits layer), else None."""
+    if not layers:
+        return None
+    labels = {layer.label for layer in layers}
+    for node in reversed(model.graph.node):
+        if node.op_type in LAYER_TYPES or is_batchnorm(node):
+            return node_label(node) if node_label(node) in labels and node_label(node) == layers[-1].label else None
+    return None
