@@ -196,9 +196,11 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
     return (f"'{path}' has no BatchNormalization node; writing an unchanged copy\n  {cause}\n  or, with the model "
             "from before compression, --reference ORIGINAL.onnx can repair it: every layer's output matched to it")
 
+
 def _reference_lines(result: ReferenceResult) -> list:
     scores = result.scores
-    lines = [f"kept the {spelled(result.chosen)} statistics: {result.why}"]
+    kind = "statistics" if result.stats or result.chosen == "reestimated" else "candidate"
+    lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"]
     if scores.labelled:
         accuracy = scores.accuracy
         lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(

@@ -9,6 +9,8 @@ calibration's batch moments the pooled ones, so the two agree to float32 roundin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 from bnpass import calibration_samples  # noqa: E402
+from bnpass.cli import main  # noqa: E402
 from bnpass.errors import ModelError  # noqa: E402
 from bnpass.passes.correct_layers import MAX_GAIN  # noqa: E402
 from bnpass.passes.match_reference import MatchReferencePass  # noqa: E402
@@ -170,3 +173,19 @@ def test_pairs_layers_by_name_else_by_order_and_names_the_first_difference(case)
                                          r"BatchNormalization, the reference 3; the first without a partner is "
                                          r"MatMul 'head' in the model"):
         correct(model, shorter, x)
+
+
+def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
+    """README's example: a model without BN, 50% pruned; --reference corrects its 7 layers and keeps their
+    nodes; without --reference the notice says it can."""
+    fused = Path(__file__).resolve().parents[1] / "examples" / "fused"
+    calib = fused.parent / "reference" / "in-domain" / "calib"
+    assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "plain.onnx"), "--data", str(calib)]) == 0
+    assert "--reference ORIGINAL.onnx can repair it" in capsys.readouterr().err
+    assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "out.onnx"), "--data", str(calib), "--reference",
+                 str(fused / "model.onnx"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "corrected 7 of 7 layers without BatchNormalization" in out and "kept the matched candidate" in out
+    given, repaired = onnx.load(fused / "model_pruned.onnx"), onnx.load(tmp_path / "out.onnx")
+    assert [(n.op_type, list(n.output)) for n in repaired.graph.node] == [
+        (n.op_type, list(n.output)) for n in given.graph.node]

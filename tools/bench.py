@@ -16,8 +16,12 @@ and thread count:
   (b+) pass    ReestimateBatchNormPass from the folder: calibration graph, session, prefetched
                data loading, statistics written into the model
   (g) reference  the same with ``--reference`` (MatchReferencePass), the model itself as the
-               reference (the cost does not depend on the weights): both candidates, the held-out
-               agreement check; g/(b+) is issue 10's cost budget (at most 3)
+               reference (the cost does not depend on the weights): both candidates made in one
+               pass, then every candidate scored on every sample; g/(b+) is its cost against plain
+               re-estimation
+  (h) fused    ``--reference`` on the same network with its BNs folded first (what most exports look
+               like): every Conv and Gemm output corrected, the model itself as the reference;
+               h/(b+) is the cost against plain re-estimation of the network with BN
   (c) bnpass   end to end, as the CLI does it: load + check, calibrate, fold, check, save
   (d) torch    ``torch.optim.swa_utils.update_bn`` on the same network (generated cases only),
                reading the same .npy files through a DataLoader, on the same device,
@@ -78,11 +82,12 @@ from builders import export_with_batchnorm_kept  # noqa: E402
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
 from peak_memory import status_mb as _status_mb  # noqa: E402
 
-METHODS = ("plain", "resident", "floor", "stats", "pass", "reference", "bnpass", "torch")
+METHODS = ("plain", "resident", "floor", "stats", "pass", "reference", "fused", "bnpass", "torch")
 LABELS = {"plain": "(a) plain ORT inference", "stats": "(b) bnpass statistics loop",
           "resident": "(r) plain ORT inference, batches already on the device",
           "pass": "(b+) reestimate pass from folder", "bnpass": "(c) bnpass end to end",
           "reference": "(g) --reference pass from folder (reference: the model itself)",
+          "fused": "(h) --reference on the network with its BNs folded: every layer corrected",
           "torch": "(d) torch update_bn", "floor": "(f) floor: BN fed mean/var, no statistics"}
 
 
@@ -255,6 +260,7 @@ class Case:
         self._batches = None
         self._sessions = {}
         self._net = None
+        self._fused = None
         self.built_forms = {}  # form asked for -> the form each BN got (fallbacks included)
 
     @property
@@ -373,6 +379,14 @@ class Case:
         MatchReferencePass(samples, self.model, batch_size=self.batch_size, num_samples=self.samples,
                            device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
 
+    # (h)
+    def correct_layers(self):
+        if self._fused is None:
+            self._fused = bnpass.fold_batchnorms(self.model).model
+        samples = bnpass.calibration_samples(self._fused, self.data)
+        MatchReferencePass(samples, self._fused, batch_size=self.batch_size, num_samples=self.samples,
+                           device=self.device, threads=self.threads, tf32=self.tf32).call(self._fused)
+
     # (c): what bnpass.cli.run does, with the thread count set
     def bnpass(self):
         model = load_model(self.model_path)
@@ -414,7 +428,7 @@ def run_method(case: Case, method: str) -> None:
         case.stats(form=method.split(":", 1)[1])
         return
     {"plain": case.plain, "resident": case.resident, "floor": case.floor, "stats": case.stats,
-     "pass": case.reestimate, "reference": case.match_reference, "bnpass": case.bnpass,
+     "pass": case.reestimate, "reference": case.match_reference, "fused": case.correct_layers, "bnpass": case.bnpass,
      "torch": case.torch}[method]()
 
 
@@ -769,6 +783,8 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
             parts += [f"{forms[m]}/reduce = {ratio(m, reduce)}" for m in stats_methods if m != reduce]
         if "reference" in medians and "pass" in medians:
             parts.append(f"**g/(b+) = {ratio('reference', 'pass')}**")
+        if "fused" in medians and "pass" in medians:
+            parts.append(f"**h/(b+) = {ratio('fused', 'pass')}**")
         if "torch" in medians and "bnpass" in medians:
             parts.append(f"**c/d = {ratio('bnpass', 'torch')}**")
         if "torch" in medians and "plain" in medians:

@@ -125,10 +125,10 @@ class CalibrationRun:
         """The calibration copy of ``model`` in this run's form (``options``: mode, targets)."""
         return build_calibration_model(model, self.form, **options)
 
-    def open(self, copies: list, *, batchnorms: Optional[int] = None) -> list:
+    def open(self, copies: list, *, what: Optional[str] = None) -> list:
         """Decide the batch size and what is read, say it, and open one :class:`StatisticsSession`
-        per copy (each copy's model is released to its session). ``batchnorms`` is the count said
-        (default: the first copy's)."""
+        per copy (each copy's model is released to its session). ``what`` names what is calibrated
+        (default: the first copy's BatchNormalization nodes)."""
         self.batch_size = common_batch_size([copy.fixed_batch for copy in copies], self.settings.batch_size)
         self.fixed = any(copy.fixed_batch is not None for copy in copies)
         self.limit = calibration_data.planned_sample_count(self.settings.num_samples, self.batch_size)
@@ -141,7 +141,7 @@ class CalibrationRun:
                                       release_model=True) for copy in copies]
         logger.debug("statistics form %s (%s)", self.form, ", ".join(
             f"{copies[0].forms.count(f)} BN {f}" for f in dict.fromkeys(copies[0].forms)))
-        self._announce(len(copies[0].taps) if batchnorms is None else batchnorms, sessions[0].device)
+        self._announce(what or plural(len(copies[0].taps), "BatchNormalization node"), sessions[0].device)
         return sessions
 
     def feeds(self) -> Iterator[dict]:
@@ -184,10 +184,10 @@ class CalibrationRun:
             feeds.close()
             progress.close()
 
-    def _announce(self, batchnorms: int, device: str) -> None:
+    def _announce(self, what: str, device: str) -> None:
         """The line saying what calibration is about to do, and warnings about the data."""
         available = getattr(self.samples, "sample_count", None)
-        logger.info("calibrating %s on %s (%s; %s)", plural(batchnorms, "BatchNormalization node"),
+        logger.info("calibrating %s on %s (%s; %s)", what,
                     _describe_selection(self.expected, available, self.limit),
                     _describe_request(self.settings.num_samples, self.limit, available, self.batch_size), device)
         for line in (_small_data_advice(self.expected, self.batch_size, fixed=self.fixed),

@@ -271,7 +271,10 @@ class MatchReferencePass:
         observed = run.copy(augmented_reference, mode="observe")
         plain = run.copy(model) if has_batchnorm else None
         run.require_second_reading("--reference")
-        opened = run.open([copy for copy in (matched, observed, plain) if copy is not None])
+        what = " and ".join(part for part in (
+            plural(len(pairs), "BatchNormalization node") if has_batchnorm else "",
+            plural(len(layer_pairs), "layer") + " without BatchNormalization" if layer_pairs else "") if part)
+        opened = run.open([copy for copy in (matched, observed, plain) if copy is not None], what=what)
         sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
         logger.info("matching the reference model as well: %d sessions per batch, then every candidate "
                     "compared with it on the same samples", len(opened))
