@@ -206,6 +206,9 @@ def _reference_lines(result: ReferenceResult) -> list:
         lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * accuracy[name].accuracy:.1f}%"
             for name in accuracy))
+    elif all(meter.top1 is not None for meter in scores.agreement.values()):
+        lines.append(f"top-1 agreement with the reference on all {plural(scores.samples, 'sample')}: " + ", ".join(
+            f"{spelled(name)} {100 * meter.top1:.1f}%" for name, meter in scores.agreement.items()))
     lines.append(result.agreement_line())
     if result.layers or result.refused_layers:
         total = len(result.layers) + len(result.refused_layers)

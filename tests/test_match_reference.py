@@ -215,6 +215,8 @@ def test_cli_reference_report_plot_and_provenance(tmp_path):
             "matched except the logits layer on 354; they differ on 7, 6 to 1, within chance (McNemar p = 0.12)"
             ) in done.stdout
     assert "agreement with reference (384 samples): 33.6% -> 93.5% top-1" in done.stdout
+    assert ("top-1 agreement with the reference on all 384 samples: compressed (as given) 33.6%, re-estimated 81.5%, "
+            "matched 93.5%, matched except the logits layer 92.2%") in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["reference"]["chosen"] == "matched" and report["reference"]["samples"] == 384
     assert {key: report["reference"]["differ"][key] for key in ("matched not reestimated", "reestimated not matched")
