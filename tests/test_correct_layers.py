@@ -189,3 +189,12 @@ def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
     given, repaired = onnx.load(fused / "model_pruned.onnx"), onnx.load(tmp_path / "out.onnx")
     assert [(n.op_type, list(n.output)) for n in repaired.graph.node] == [
         (n.op_type, list(n.output)) for n in given.graph.node]
+
+
+def test_a_reference_with_bn_for_a_fused_model_says_to_fold_it_the_same_way():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    fused = onnx.load(examples / "fused" / "model_pruned.onnx")
+    with pytest.raises(ModelError, match=r"it has 6 BatchNormalization nodes, the model 0; if the model's BNs were "
+                                         r"folded .* --fold-only"):
+        MatchReferencePass(calibration_samples(fused, [np.zeros((8, 1, 8, 8), np.float32)]),
+                           examples / "reference" / "model.onnx").call(fused)

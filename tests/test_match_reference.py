@@ -383,3 +383,13 @@ def test_a_reader_that_cannot_rewind_is_refused_before_anything_runs():
     with pytest.raises(bnpass.DataError, match="--reference reads the calibration data twice"):
         bnpass.reestimate_batchnorms(conv_bn_model(quantized=True), Reader(), batch_size=16,
                                      reference=conv_bn_model())
+
+
+def test_a_forced_candidate_the_model_does_not_have_is_named_up_front():
+    """Every layer of conv_bn_model has its BN: no layer is corrected, so neither the model as given nor the
+    logits variant competes."""
+    data = np.random.default_rng(3).standard_normal((16, 3, 6, 6)).astype(np.float32)
+    with pytest.raises(ModelError, match="--candidate compressed: not a candidate for this model "
+                                         r"\(its candidates: reestimated, matched\)"):
+        MatchReferencePass(bnpass.calibration_samples(conv_bn_model(quantized=True), [data]), conv_bn_model(),
+                           choose="compressed").call(conv_bn_model(quantized=True))

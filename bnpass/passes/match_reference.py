@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 
 CANDIDATES = ("reestimated", "matched")
 EXCEPT_LOGITS = "matched-except-logits"  # layers corrected, the logits layer as given
-CHOICES = ("auto",) + CANDIDATES
+CHOICES = ("auto",) + CANDIDATES + (EXCEPT_LOGITS, GIVEN)
 DOMAIN_SPREAD_LIMIT = 1.25  # the reference's first BNs: spread ratio against the stored statistics
 DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
 
@@ -143,7 +143,12 @@ def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
     mine, theirs = batchnorm_nodes(model), batchnorm_nodes(reference)
     prefix = "the reference does not correspond to the model:"
     if len(mine) != len(theirs):
-        raise ModelError(f"{prefix} it has {plural(len(theirs), 'BatchNormalization node')}, the model {len(mine)}")
+        hint = ""
+        if not mine:
+            hint = ("; if the model's BNs were folded before it was compressed, fold the reference's the same way "
+                    "(bnpass ORIGINAL.onnx ORIGINAL_folded.onnx --fold-only) and give that")
+        raise ModelError(f"{prefix} it has {plural(len(theirs), 'BatchNormalization node')}, the model "
+                         f"{len(mine)}{hint}")
     names, reference_names = [bn.name for bn in mine], [bn.name for bn in theirs]
     if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
         where = {name: position for position, name in enumerate(reference_names)}
@@ -226,7 +231,7 @@ class MatchReferencePass:
 
     def __init__(self, samples: Iterable, reference, *, choose: str = "auto", correct_layers: bool = True,
                  max_gain: Optional[float] = MAX_GAIN, **options):
-        if choose not in CHOICES + (EXCEPT_LOGITS, GIVEN):
+        if choose not in CHOICES:
             raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
         self.samples = samples
         self.settings = CalibrationSettings(**options)
@@ -251,8 +256,12 @@ class MatchReferencePass:
                 logger.info("layer '%s' is not corrected: %s", label, reason)
         if not has_batchnorm and not layer_pairs:
             return ReferenceResult(model=copy_model(model), modified=False, refused_layers=refused)
-        if self.choose == "reestimated" and not has_batchnorm:
-            raise ModelError("--candidate reestimated: the model has no BatchNormalization to re-estimate")
+        logits = logits_layer(model, [mine for mine, _ in layer_pairs])
+        possible = (["reestimated"] if has_batchnorm else []) + ["matched"] + (
+            [EXCEPT_LOGITS] if logits is not None else []) + ([GIVEN] if layer_pairs else [])
+        if self.choose != "auto" and self.choose not in possible:
+            raise ModelError(f"--candidate {self.choose}: not a candidate for this model (its candidates: "
+                             f"{', '.join(possible)})")
         batch_size_for_evaluation = input_batch_size(model, self.reference)
         augmented, origins = insert_identity_batchnorms(model, [mine for mine, _ in layer_pairs])
         augmented_reference, reference_origins = insert_identity_batchnorms(
@@ -293,7 +302,6 @@ class MatchReferencePass:
 
         preprocessing = getattr(self.samples, "preprocessing", None)
         inserted = inserted_names(augmented, origins)
-        logits = logits_layer(model, [mine for mine, _ in layer_pairs])
         candidates, written = {}, {}
         if has_batchnorm:
             candidates["reestimated"] = copy_model(model)
