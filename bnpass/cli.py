@@ -313,8 +313,9 @@ def run(args) -> int:
                                         reference_path=args.reference))
     seconds = time.perf_counter() - started
     plot = None
-    if args.plot and reestimate is not None:
-        plot = render_drift(batchnorm_drifts(model, reestimate), plot_format(args.plot), title=drift_title(reestimate))
+    drifts = batchnorm_drifts(model, reestimate) if args.plot and reestimate is not None else []
+    if drifts:
+        plot = render_drift(drifts, plot_format(args.plot), title=drift_title(reestimate))
     elif args.plot:
         logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
     # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.

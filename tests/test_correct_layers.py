@@ -183,9 +183,11 @@ def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
     assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "plain.onnx"), "--data", str(calib)]) == 0
     assert "--reference ORIGINAL.onnx can repair it" in capsys.readouterr().err
     assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "out.onnx"), "--data", str(calib), "--reference",
-                 str(fused / "model.onnx"), "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "corrected 7 of 7 layers without BatchNormalization" in out and "kept the matched candidate" in out
+                 str(fused / "model.onnx"), "--device", "cpu", "--plot", str(tmp_path / "p.png")]) == 0
+    captured = capsys.readouterr()
+    assert "corrected 7 of 7 layers without BatchNormalization" in captured.out
+    assert "kept the matched candidate" in captured.out
+    assert "no plot drawn: the model has no BatchNormalization statistics" in captured.err  # not a traceback
     given, repaired = onnx.load(fused / "model_pruned.onnx"), onnx.load(tmp_path / "out.onnx")
     assert [(n.op_type, list(n.output)) for n in repaired.graph.node] == [
         (n.op_type, list(n.output)) for n in given.graph.node]
