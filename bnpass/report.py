@@ -57,6 +57,14 @@ def reference_record(result: ReferenceResult) -> dict:
     }
     if scores.labelled:
         record["accuracy"] = {name: meter.accuracy for name, meter in scores.accuracy.items()}
+    if result.layers or result.refused_layers:
+        record["layers"] = {label: {"reference_output": {"mean": _summary(layer.reference_moments[0]),
+                                                         "var": _summary(layer.reference_moments[1])},
+                                    "compressed_output": {"mean": _summary(layer.compressed_moments[0]),
+                                                          "var": _summary(layer.compressed_moments[1])},
+                                    "rules": layer.matched.rule_counts()}
+                            for label, layer in result.layers.items()}
+        record["layers_not_corrected"] = dict(result.refused_layers)
     return record
 
 

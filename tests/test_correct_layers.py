@@ -9,6 +9,7 @@ calibration's batch moments the pooled ones, so the two agree to float32 roundin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,10 @@ def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
     assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "plain.onnx"), "--data", str(calib)]) == 0
     assert "--reference ORIGINAL.onnx can repair it" in capsys.readouterr().err
     assert main([str(fused / "model_pruned.onnx"), str(tmp_path / "out.onnx"), "--data", str(calib), "--reference",
-                 str(fused / "model.onnx"), "--device", "cpu", "--plot", str(tmp_path / "p.png")]) == 0
+                 str(fused / "model.onnx"), "--device", "cpu", "--plot", str(tmp_path / "p.png"), "--report",
+                 str(tmp_path / "r.json")]) == 0
+    layers = json.loads((tmp_path / "r.json").read_text())["reference"]["layers"]
+    assert len(layers) == 7 and all(sum(layer["rules"].values()) > 0 for layer in layers.values())
     captured = capsys.readouterr()
     assert "corrected 7 of 7 layers without BatchNormalization" in captured.out
     assert "kept the matched candidate" in captured.out
