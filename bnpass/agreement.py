@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -133,10 +133,6 @@ class AgreementMeter:
         return (f"AgreementMeter(samples={samples}, top1={_figure(self.top1)}, "
                 f"relative_error={_figure(self.relative_error)})")
 
-    def preference(self) -> tuple:
-        """Sort key, larger is better: higher top-1 agreement first, then lower output error."""
-        top1, error = self.top1, self.relative_error
-        return (-math.inf if top1 is None else top1, -math.inf if error is None else -error)
 
 
 @dataclass
@@ -174,11 +170,6 @@ class LabelAccuracy:
         self.correct += int(np.count_nonzero(hits))
         self.samples += labels.shape[0]
         return hits
-
-
-def best_candidate(meters: Mapping[str, AgreementMeter]) -> str:
-    """The name of the candidate that agrees best with the reference (ties: the first given)."""
-    return max(meters, key=lambda name: meters[name].preference())
 
 
 def format_agreement(before: AgreementMeter, after: AgreementMeter) -> str:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bnpass.agreement import AgreementMeter, OutputAgreement, best_candidate, format_agreement
+from bnpass.agreement import AgreementMeter, OutputAgreement, format_agreement
 from bnpass.passes.candidates import mcnemar_p_value
 
 
@@ -106,17 +106,6 @@ def test_format_agreement_several_outputs_names_each():
     assert line == ("agreement with reference (64 samples): logits: 50.0% -> 100.0% top-1, output error 0.50 -> "
                     "0.0e+00; boxes: output error 2.0e-03 -> 0.0e+00")
     assert "\n" not in line
-
-
-def test_best_candidate_prefers_top1_then_output_error():
-    reestimated = with_outputs(hand_made(100, 93, 0.20))
-    matched = with_outputs(hand_made(100, 87, 0.10))
-    assert best_candidate({"reestimated": reestimated, "matched": matched}) == "reestimated"
-    tied = with_outputs(hand_made(100, 93, 0.15))
-    assert best_candidate({"reestimated": reestimated, "matched": tied}) == "matched"
-    for meter in (reestimated, tied):
-        meter.outputs["logits"].top1_samples = 0   # no classifier output: the error alone decides
-    assert best_candidate({"reestimated": reestimated, "matched": tied}) == "matched"
 
 
 def test_mismatched_outputs_are_errors():

@@ -26,16 +26,16 @@ but the first and the last (BN untouched), 70% for the shipped ``model_compresse
 pruning and 4-bit per-tensor weights are measured too.
 
 Per deployment and compression the script measures test accuracy of the uncompressed, compressed,
-re-estimated (bnpass itself, pooled statistics) and matched models, and each candidate's top-1
-agreement with the uncompressed model on calibration images held out from the statistics. The
-matched model comes from the independent level-by-level PyTorch reference in
-``tests/matching_reference.py``, standing in for the product until ``--reference`` exists.
+re-estimated (bnpass itself, pooled statistics) and matched models, each candidate's top-1
+agreement with the uncompressed model on the calibration images, and what ``--reference`` keeps
+(bnpass's own choice, on every calibration image; the README's tables measure the candidates
+bnpass writes). The matched model's accuracy comes from the independent level-by-level PyTorch
+reference in ``tests/matching_reference.py``.
 
 Files written (``--output-dir``, default ``examples/reference``), about 0.8 MB::
 
     model.onnx, model_compressed.onnx
-    <deployment>/calib/calib_000.npy ...   384 unlabelled images, batches of 64: the first 256 for
-                                           the statistics, the last 128 held out for agreement
+    <deployment>/calib/calib_000.npy ...   384 unlabelled calibration images, batches of 64
     <deployment>/test.npz                  labelled test images (images, labels)
 
 Usage (from the repository root; needs PyTorch and scikit-learn)::
@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPOSITORY_ROOT / "tests"))
 sys.path.insert(0, str(REPOSITORY_ROOT))
 
 import bnpass  # noqa: E402
-from bnpass.agreement import AgreementMeter, best_candidate  # noqa: E402
+from bnpass.agreement import AgreementMeter  # noqa: E402
 from builders import export_with_batchnorm_kept, run_onnxruntime  # noqa: E402
 from make_example import write_calibration_batches  # noqa: E402
 from matching_reference import batchnorms, fake_quantize, magnitude_prune, match_level_by_level  # noqa: E402
@@ -70,7 +70,6 @@ from matching_reference import batchnorms, fake_quantize, magnitude_prune, match
 DEFAULT_OUTPUT_DIR = REPOSITORY_ROOT / "examples" / "reference"
 TEST_SIZE = 500
 CALIBRATION_SIZE = 384
-STATISTICS_SIZE = 256        # the rest of the calibration images is held out for agreement
 BATCH_SIZE = 64
 SHIPPED_COMPRESSION = "prune70"
 COMPRESSIONS = {
@@ -164,28 +163,29 @@ def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
 
 def measure(model: DeeperDigitsNet, compressed: DeeperDigitsNet, calibration: np.ndarray,
             test_images: np.ndarray, test_labels: np.ndarray) -> dict:
-    """Accuracies and held-out agreements of the compressed, re-estimated and matched models."""
-    statistics_images, held_out = calibration[:STATISTICS_SIZE], calibration[STATISTICS_SIZE:]
-    sample = torch.from_numpy(statistics_images[:2])
+    """Accuracies and agreements of the compressed, re-estimated and matched models, and what --reference keeps."""
+    sample = torch.from_numpy(calibration[:2])
     uncompressed_onnx = export_with_batchnorm_kept(model, sample)
     compressed_onnx = export_with_batchnorm_kept(compressed, sample)
-    reestimated_onnx = bnpass.reestimate_batchnorms(
-        compressed_onnx, [statistics_images[i:i + BATCH_SIZE] for i in range(0, STATISTICS_SIZE, BATCH_SIZE)],
-        batch_size=BATCH_SIZE, num_samples=STATISTICS_SIZE, device="cpu").model
+    batches = [calibration[i:i + BATCH_SIZE] for i in range(0, len(calibration), BATCH_SIZE)]
+    reestimated_onnx = bnpass.reestimate_batchnorms(compressed_onnx, batches, batch_size=BATCH_SIZE,
+                                                    num_samples=len(calibration), device="cpu").model
     levels = [[name] for name in batchnorms(model)]   # one BN per level: graph order is topological
-    matched, _ = match_level_by_level(model, compressed, torch.from_numpy(statistics_images), levels)
+    matched, _ = match_level_by_level(model, compressed, torch.from_numpy(calibration), levels)
     matched_onnx = export_with_batchnorm_kept(matched, sample)
-    reference_held_out = logits(uncompressed_onnx, held_out)
-    row, meters = {"uncompressed": _accuracy(uncompressed_onnx, test_images, test_labels)}, {}
+    reference_logits = logits(uncompressed_onnx, calibration)
+    row = {"uncompressed": _accuracy(uncompressed_onnx, test_images, test_labels)}
     for name, candidate in (("compressed", compressed_onnx), ("reestimated", reestimated_onnx),
                             ("matched", matched_onnx)):
         row[name] = _accuracy(candidate, test_images, test_labels)
-        meters[name] = AgreementMeter(["logits"])
-        meters[name].add([reference_held_out], [logits(candidate, held_out)])
-        row[f"{name} agreement"] = meters[name].top1
-        row[f"{name} error"] = meters[name].relative_error
-    # What --reference will do: keep the candidate that agrees best (top-1, then output error).
-    row["pick"] = best_candidate({name: meters[name] for name in ("reestimated", "matched")})
+        meter = AgreementMeter(["logits"])
+        meter.add([reference_logits], [logits(candidate, calibration)])
+        row[f"{name} agreement"] = meter.top1
+        row[f"{name} error"] = meter.relative_error
+    kept = bnpass.reestimate_batchnorms(compressed_onnx, batches, batch_size=BATCH_SIZE, num_samples=len(calibration),
+                                        device="cpu", reference=uncompressed_onnx)
+    row["pick"] = "reestimated" if kept.chosen == "reestimated" else "matched"  # matched BNs, with or without logits
+    row["kept"] = kept.chosen
     return row
 
 
@@ -201,18 +201,18 @@ COLUMNS = {"uncompressed": "unc", "compressed": "comp", "reestimated": "re-est",
 def print_table(rows: dict, title: str) -> None:
     print(title)
     print(f"{'deployment':<12} {'compression':<11} " + " ".join(f"{short:>11}" for short in COLUMNS.values())
-          + "  agreement picks")
+          + "  --reference keeps")
     for (deployment, compression), row in rows.items():
         difference = row["matched"] - row["reestimated"]
         better = "tie" if abs(difference) < 0.01 else "matched" if difference > 0 else "reestimated"
         verdict = "right" if better in (row["pick"], "tie") else "WRONG"
         print(f"{deployment:<12} {compression:<11} "
               + " ".join(f"{row[c]:>11.1%}" if "error" not in c else f"{row[c]:>11.3f}" for c in COLUMNS)
-              + f"  {row['pick']} ({verdict})")
+              + f"  {row.get('kept', row['pick'])} ({verdict})")
     print("(unc/comp/re-est/matched: test accuracy; agr: top-1 agreement with the uncompressed model and err: "
-          "its relative output error, on the held-out calibration images; picks: the better agreement, "
-          "top-1 first, as --reference will choose: right when it is the more accurate candidate or their "
-          "accuracies differ by less than 1 point)")
+          "its relative output error, on the calibration images; kept: what --reference keeps, without labels: "
+          "right when it is the more accurate of re-estimated and matched or their accuracies differ by less "
+          "than 1 point)")
 
 
 def run_seed(seed: int, epochs: int):
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         return 0
     model, compressed, scenes, rows = run_seed(arguments.seed, arguments.epochs)
     print_table(rows, f"seed {arguments.seed}: test accuracy, then top-1 agreement with the uncompressed model on "
-                      f"{CALIBRATION_SIZE - STATISTICS_SIZE} held-out calibration images")
+                      f"{CALIBRATION_SIZE} calibration images")
     write_example(arguments.output_dir, model, compressed, scenes)
     print(f"wrote {arguments.output_dir} (model_compressed.onnx: {SHIPPED_COMPRESSION})")
     return 0
