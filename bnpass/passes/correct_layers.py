@@ -203,8 +203,7 @@ def logits_layer(model: onnx.ModelProto, layers: list) -> Optional[str]:
     after it in node order (the model's logits layer), else None."""
     if not layers:
         return None
-    labels = {layer.label for layer in layers}
     for node in reversed(model.graph.node):
         if node.op_type in LAYER_TYPES or is_batchnorm(node):
-            return node_label(node) if node_label(node) in labels and node_label(node) == layers[-1].label else None
+            return node_label(node) if node_label(node) == layers[-1].label else None
     return None

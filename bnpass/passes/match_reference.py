@@ -59,7 +59,6 @@ from ..errors import ModelError
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
-from ..stats import ChannelMoments
 from .base import copy_model
 from .calibration_run import (
     CalibrationRun,
@@ -365,12 +364,12 @@ class _Sessions:
     def __init__(self, plain: Optional[StatisticsSession], matched: StatisticsSession,
                  observed: StatisticsSession, pairs: list):
         self.plain, self.matched, self.observed, self.pairs = plain, matched, observed, pairs
-        self.plain_moments = [ChannelMoments() for _ in plain.taps] if plain is not None else []
-        self.matched_moments = [ChannelMoments() for _ in matched.taps]
-        self.reference_moments = [ChannelMoments() for _ in observed.taps]
+        self.plain_moments = plain.new_moments() if plain is not None else []
+        self.matched_moments = matched.new_moments()
+        self.reference_moments = observed.new_moments()
 
     def absorb(self, feed: dict) -> None:
-        """One batch through all three sessions: the reference's moments feed the matched copy."""
+        """One batch through every session: the reference's moments feed the matched copy."""
         observed = self.observed.runner.run(feed)
         self.observed.absorb(self.reference_moments, observed)
         reference_inputs = {}
@@ -383,7 +382,7 @@ class _Sessions:
             self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
 
     def collect(self, feeds) -> None:
-        """Every batch through the three sessions."""
+        """Every batch through every session."""
         for feed in feeds:
             self.absorb(feed)
 
