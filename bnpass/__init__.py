@@ -88,7 +88,12 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
                             tf32=tf32).call(model)
 
 
-def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike]) -> FoldResult:
+def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], *, keep_per_tensor: bool = False) -> FoldResult:
     """Fold every BN that folds exactly into a neighbouring layer; ``model`` (a ModelProto or the
-    path of an ``.onnx`` file) is left unchanged."""
-    return FoldBatchNormPass().call(as_model(model))
+    path of an ``.onnx`` file) is left unchanged.
+
+    A quantized weight with one scale per tensor takes the fold exactly in one scale per output
+    channel (:attr:`FoldResult.per_channel` lists those layers); ``keep_per_tensor=True`` keeps one
+    scale instead, re-rounding the folded weight on it, for targets that need per-tensor weights.
+    """
+    return FoldBatchNormPass(keep_per_tensor=keep_per_tensor).call(as_model(model))
