@@ -402,8 +402,11 @@ def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
         overflowing = np.flatnonzero(np.moveaxis(~fits, out_axis, 0).reshape(scale.size, -1).any(axis=1))
         raise _mirror_overflow(label, scale < 0, weight.storage, overflowing)
     scale_full = layout.expand(quantize_scale, shape)
-    differs = qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage) != expected
-    if differs.any():  # a rounding tie moved by the scaling: put those values on their exact grid point
+    computed = qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage)
+    if np.any(np.abs(computed - expected) > 1):
+        raise CannotFold(f"{label} would compute other integers from the folded weight")
+    differs = computed != expected
+    if differs.any():  # a rounding tie moved by one by the scaling: put those values on their exact grid point
         grid = ((expected - zero_wide) * scale_full.astype(np.float32).astype(np.float64)).astype(folded.dtype)
         folded = np.where(differs, grid, folded)
         if np.any(qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage) != expected):
