@@ -253,3 +253,19 @@ def test_pairs_layers_by_the_dequantized_weight_shape(form):
         node_by_name(model, "add").output[0] = "y"
         expected = [(8, 6)]
     assert [layer.weight_shape for layer in layers_without_batchnorm(model)] == expected
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["per_channel", "keep_per_tensor"])
+def test_command_line_says_when_a_scale_became_per_channel(tmp_path, capsys, keep):
+    """``--fold-only``: the summary says in one line which per-tensor weights became per-channel, and
+    ``--keep-per-tensor`` keeps the scale's shape (no such line)."""
+    from bnpass.cli import main
+    model = with_batchnorm_after(quantized_by_onnxruntime("conv", per_channel=False))
+    onnx.save(model, tmp_path / "in.onnx")
+    arguments = [str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--fold-only"]
+    assert main(arguments + (["--keep-per-tensor"] if keep else [])) == 0
+    out = capsys.readouterr().out
+    line = "1 quantized weight went from one scale per tensor to one per output channel (last)"
+    assert (line in out) is not keep, out
+    scale = _value(onnx.load(tmp_path / "out.onnx"), "w2_scale")
+    assert scale.shape == (() if keep else (6,))
