@@ -269,3 +269,11 @@ def test_command_line_says_when_a_scale_became_per_channel(tmp_path, capsys, kee
     assert (line in out) is not keep, out
     scale = _value(onnx.load(tmp_path / "out.onnx"), "w2_scale")
     assert scale.shape == (() if keep else (6,))
+
+
+def test_keeps_bn_whose_run_time_quantized_weight_feeds_another_layer():
+    """Folding into W would change the other layer reading the same DequantizeLinear: the BN stays."""
+    model = hand_quantized_model("quantize_per_channel")
+    model.graph.node.append(onnx.helper.make_node("MatMul", ["x", "w"], ["other_out"], name="other"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("other_out", onnx.TensorProto.FLOAT, [4, 6]))
+    assert_stays(model, "quantized at run time", "also read by other nodes")

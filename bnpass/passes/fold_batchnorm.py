@@ -13,8 +13,9 @@ Match, check, rewrite. For each BatchNormalization node:
   ((C,1,1) or (1,C,1,1) after a 2-D Conv, (C,) or (1,C) after a rank-2 MatMul/Gemm, or one number):
   the constant joins the bias before folding, b' = (b + a) * scale + shift. Conv/ConvTranspose/Gemm
   absorb the Add into their bias; after a MatMul the Add stays, with the folded bias as its constant;
-* a weight that is ``DequantizeLinear`` of constants (:mod:`bnpass.passes.fold_quantized_weight`): the
-  fold is exact in the scale alone, along the weight's output-channel axis.
+* a quantized weight, ``DequantizeLinear`` in any form the quantizers write
+  (:mod:`bnpass.passes.fold_quantized_weight`): the fold is exact in the scale alone, along the
+  weight's output-channel axis, and an int32 bias ``DequantizeLinear`` stays one.
 
 **Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
 
@@ -566,7 +567,11 @@ def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | Q
     dequantize = index.producers.get(name)
     if not is_dequantize(dequantize):
         raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
-    return read_quantized(dequantize, index, reader=f"the weight of {op} '{label}'")
+    weight = read_quantized(dequantize, index, reader=f"the weight of {op} '{label}'")
+    if weight.quantize is not None and not index.is_private_to(dequantize.output[0], layer):
+        raise CannotFold(f"the weight of {op} '{label}' is quantized at run time by QuantizeLinear "
+                         f"'{node_label(weight.quantize)}', whose DequantizeLinear is also read by other nodes")
+    return weight
 
 
 def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
