@@ -108,9 +108,9 @@ class FoldBatchNormPass:
                     continue
                 folded.append((node_label(bn), node_label(plan.layer)))
                 patterns[node_label(bn)] = plan.pattern
-                if getattr(plan, "per_channel", False):
+                if plan.per_channel:
                     per_channel.append(node_label(plan.layer))
-                if getattr(plan, "bias_plan", None) is not None and plan.bias_plan.why_float:
+                if plan.bias_plan.why_float:
                     float_biases[node_label(plan.layer)] = plan.bias_plan.why_float
                 plan.apply(editor)
             if len(remaining) == len(pending):
@@ -213,6 +213,8 @@ class _ForwardFold:
     layer: onnx.NodeProto
     weight: np.ndarray
     bias: np.ndarray
+    per_channel = False  # a float weight: no quantization scheme to change
+    bias_plan = BiasPlan()
 
     @property
     def pattern(self) -> str:
