@@ -236,6 +236,10 @@ def test_int32_bias_without_an_input_scale_is_written_in_float_and_says_why():
     result, _ = fold_and_verify(build_quantized_weight_bn_model("conv", quantized_bias=True))
     assert list(result.float_biases) == ["conv"]
     assert "does not come from a DequantizeLinear" in result.float_biases["conv"]
+    from bnpass.report import summary_lines
+    lines = summary_lines([BN_NODE_NAME], None, result, "pooled")
+    assert any(line.startswith("  1 int32 bias DequantizeLinear written in float (conv): its input does not")
+               for line in lines), lines
 
 
 @pytest.mark.parametrize("form", ["int4_microsoft", "quantize_per_channel"])

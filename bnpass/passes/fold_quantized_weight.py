@@ -464,8 +464,10 @@ def plan_quantized_bias(layer, index: GraphIndex, bias: np.ndarray, weight: Opti
         return BiasPlan()
     label = _label(layer)
     source = read_quantized(dequantize, index, reader=f"the bias of {label}")
-    if source.quantize is not None or source.storage is not STORAGE_TYPES[np.dtype(np.int32)]:
-        return BiasPlan(why_float=f"its bias is not an int32 DequantizeLinear but {source.storage.name}")
+    if source.quantize is not None:
+        return BiasPlan(why_float=f"its bias is quantized at run time by {_label(source.quantize)}")
+    if source.storage is not STORAGE_TYPES[np.dtype(np.int32)]:
+        return BiasPlan(why_float=f"its bias is stored as {source.storage.name}, not int32")
     if source.stored.shape != (channels,):
         return BiasPlan(why_float=f"its int32 bias has shape {list(source.stored.shape)}, not [{channels}]")
     input_scale = _input_scale(layer, index)

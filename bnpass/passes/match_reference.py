@@ -126,6 +126,7 @@ class ReferenceResult(ReestimateResult):
     refused_layers: dict[str, str] = field(default_factory=dict)  # layer label -> why it is not corrected
     logits: Optional[str] = None  # the logits layer, when corrected (EXCEPT_LOGITS leaves it as given)
     per_channel: list[str] = field(default_factory=list)  # corrected layers whose weight scale became per-channel
+    float_biases: dict[str, str] = field(default_factory=dict)  # corrected layer -> why its int32 bias became float
 
     @property
     def agreement(self) -> dict:
@@ -305,7 +306,7 @@ class MatchReferencePass:
 
         preprocessing = getattr(self.samples, "preprocessing", None)
         inserted = inserted_names(augmented, origins)
-        candidates, written, per_channel = {}, {}, {}
+        candidates, written, folds = {}, {}, {}
         if has_batchnorm:
             candidates["reestimated"] = copy_model(model)
             written["reestimated"] = write_statistics(candidates["reestimated"], plain.taps, reestimated,
@@ -323,7 +324,7 @@ class MatchReferencePass:
             if inserted:
                 fold = FoldBatchNormPass(only=set(inserted.values()), keep_per_tensor=self.keep_per_tensor).call(
                     candidate)
-                candidate, per_channel[name] = fold.model, fold.per_channel
+                candidate, folds[name] = fold.model, fold
                 written[name].modified = True
             candidates[name] = candidate
         names = list(candidates) + ([GIVEN] if layer_pairs else [])
@@ -341,7 +342,8 @@ class MatchReferencePass:
             warnings=written["reestimated"].warnings if has_batchnorm else [], samples=run.samples_read,
             batches=run.batches_read, batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why,
             choice=choice, scores=scores, refused_layers=refused, logits=logits,
-            per_channel=per_channel.get(chosen, []))
+            per_channel=folds[chosen].per_channel if chosen in folds else [],
+            float_biases=folds[chosen].float_biases if chosen in folds else {})
         label_of = {name: label for label, name in inserted.items()}
         for tap, reference, own, match in zip(taps, references, compressed, matches):
             if tap.bn in label_of:
