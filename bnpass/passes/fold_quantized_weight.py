@@ -107,13 +107,13 @@ class QuantizedWeight:
         if self.quantize is None:
             return self.stored
         return qmath.quantize_like_runtime(self.stored, self.layout.expand(self.quantize_scale, self.shape),
-                                           self._zero_point_full(self.zero_point), self.storage)
+                                           self.zero_point_full(self.zero_point), self.storage)
 
     def dequantized(self) -> np.ndarray:
         """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
         return qmath.dequantize(self.integers(), self.q_scale, self.zero_point, self.layout).astype(self.dtype)
 
-    def _zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
+    def zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
         return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
 
 
@@ -360,7 +360,7 @@ def fold_quantized_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
     mirror = scale < 0
     stored = None
     if mirror.any():
-        stored, overflowing = qmath.mirror_channels(weight.stored, weight._zero_point_full(zero_point, new_layout),
+        stored, overflowing = qmath.mirror_channels(weight.stored, weight.zero_point_full(zero_point, new_layout),
                                                     mirror, axis=out_axis, storage=weight.storage)
         if stored is None:
             raise _mirror_overflow(label, mirror, weight.storage, overflowing)
@@ -392,7 +392,7 @@ def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
     along[out_axis] = -1
     folded = cast_finite(weight.stored.astype(np.float64) * scale.reshape(along), weight.stored.dtype,
                          f"the folded input of {label}")
-    zero_full = weight._zero_point_full(zero_point, layout)
+    zero_full = weight.zero_point_full(zero_point, layout)
     zero_wide = np.zeros(shape, np.int64) if zero_full is None else zero_full.astype(np.int64)
     mirror = np.broadcast_to((scale < 0).reshape(along), shape)
     original = weight.integers()
