@@ -60,7 +60,7 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
                           image_options: Optional[ImageOptions] = None, shuffle: bool = False, seed: int = 0,
                           threads: Optional[int] = None, tf32: bool = False,
                           reference: Union[None, onnx.ModelProto, str, os.PathLike] = None,
-                          candidate: str = "auto") -> ReestimateResult:
+                          candidate: str = "auto", keep_per_tensor: bool = False) -> ReestimateResult:
     """Recompute every BN's mean and variance from ``data``; ``model`` is left unchanged.
 
     ``model``: an ``onnx.ModelProto`` or the path of an ``.onnx`` file. ``data``: a folder, an
@@ -76,19 +76,26 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
     ("auto": by top-1 accuracy where ``data`` carry labels, else by agreement with the reference,
     on every sample; "reestimated"; "matched") says which are kept; the result is a
     :class:`~bnpass.passes.match_reference.ReferenceResult`. A reference with the model's own
-    weights and statistics is a ModelError.
+    weights and statistics is a ModelError. ``keep_per_tensor``: the layer corrections fold into
+    per-tensor quantized weights keeping one scale (:func:`fold_batchnorms`).
     """
     model = as_model(model)
     if reference is not None:
         reference = as_model(reference)
         check_reference_differs(model, reference)
     samples = calibration_samples(model, data, image_options, shuffle=shuffle, seed=seed)
-    return calibrating_pass(samples, reference=reference, candidate=candidate, stats=stats, batch_size=batch_size,
+    return calibrating_pass(samples, reference=reference, candidate=candidate, keep_per_tensor=keep_per_tensor,
+                            stats=stats, batch_size=batch_size,
                             num_samples=num_samples, device=device, progress=progress, threads=threads,
                             tf32=tf32).call(model)
 
 
-def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike]) -> FoldResult:
+def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], *, keep_per_tensor: bool = False) -> FoldResult:
     """Fold every BN that folds exactly into a neighbouring layer; ``model`` (a ModelProto or the
-    path of an ``.onnx`` file) is left unchanged."""
-    return FoldBatchNormPass().call(as_model(model))
+    path of an ``.onnx`` file) is left unchanged.
+
+    A quantized weight with one scale per tensor takes the fold exactly in one scale per output
+    channel (:attr:`FoldResult.per_channel` lists those layers); ``keep_per_tensor=True`` keeps one
+    scale instead, re-rounding the folded weight on it, for targets that need per-tensor weights.
+    """
+    return FoldBatchNormPass(keep_per_tensor=keep_per_tensor).call(as_model(model))

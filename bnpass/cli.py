@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     folding = parser.add_argument_group("Folding")
     mode = folding.add_mutually_exclusive_group()
     mode.add_argument("--no-fold", action="store_true", help="re-estimate only; keep the BN nodes")
+    folding.add_argument("--keep-per-tensor", action="store_true",
+                         help="a quantized weight with one scale per tensor keeps one scale, the folded weight "
+                              "re-rounded on it (default: the fold goes exactly into one scale per output channel)")
     mode.add_argument("--fold-only", action="store_true",
                       help="fold without re-estimating (no data needed, except for --verify)")
 
@@ -286,7 +289,8 @@ def run(args) -> int:
     reestimate = None
     unfolded = model
     if (bn_names or reference is not None) and reestimating:
-        reestimate = calibrating_pass(samples, reference=reference, candidate=args.candidate, stats=args.stats,
+        reestimate = calibrating_pass(samples, reference=reference, candidate=args.candidate,
+                                      keep_per_tensor=args.keep_per_tensor, stats=args.stats,
                                       batch_size=args.batch_size, num_samples=num_samples, device=args.device,
                                       progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)
         unfolded = reestimate.model
@@ -294,7 +298,7 @@ def run(args) -> int:
     fold = None
     result = unfolded
     if bn_names and not args.no_fold:
-        fold = FoldBatchNormPass().call(unfolded)
+        fold = FoldBatchNormPass(keep_per_tensor=args.keep_per_tensor).call(unfolded)
         result = fold.model
 
     difference = None

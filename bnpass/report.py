@@ -184,9 +184,24 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
         if not verbose:
             for reason, names in group_reasons(fold.skipped):
                 lines.append(f"  {len(names)} left ({_names(names)}): {reason}")
+        if fold.per_channel:
+            lines.append(per_channel_line(fold.per_channel))
+        lines.extend(float_bias_lines(fold.float_biases))
     if verbose:
         lines.extend(_per_batchnorm_lines(bn_names, reestimate, fold))
     return lines
+
+
+def per_channel_line(layers: list) -> str:
+    """One line: the quantized weights whose single scale the fold made one scale per output channel."""
+    return (f"  {plural(len(layers), 'quantized weight')} went from one scale per tensor to one per output channel "
+            f"({_names(layers)}) to take the fold exactly; --keep-per-tensor keeps one scale, re-rounding the weight")
+
+
+def float_bias_lines(float_biases: dict) -> list:
+    """One line per reason: the layers whose int32 bias DequantizeLinear the fold wrote in float."""
+    return [f"  {len(names)} int32 bias DequantizeLinear written in float ({_names(names)}): {reason}"
+            for reason, names in group_reasons(float_biases)]
 
 
 def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
@@ -225,6 +240,9 @@ def _reference_lines(result: ReferenceResult) -> list:
                      + ("; not kept" if result.chosen in (GIVEN, "reestimated") else ""))
         for label, reason in result.refused_layers.items():
             lines.append(f"  not corrected: {label}: {reason}")
+        if result.per_channel:
+            lines.append(per_channel_line(result.per_channel))
+        lines.extend(float_bias_lines(result.float_biases))
     changed = Counter()
     for matched in [*result.matched.values(), *(layer.matched for layer in result.layers.values())]:
         changed.update({rule: count for rule, count in matched.rule_counts().items() if rule != "matched"})

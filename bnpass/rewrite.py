@@ -194,7 +194,7 @@ class GraphEditor:
     def add_initializer(self, value: np.ndarray, name_hint: str) -> str:
         """Store ``value`` as a new initializer with a fresh name (IR < 4: also a graph input)."""
         name = self.fresh_name(name_hint)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.graph.initializer.append(numpy_helper.from_array(_contiguous(value), name))
         tensor = self.graph.initializer[-1]  # the stored copy, which later edits must change
         self.index.register_initializer(tensor)
         self._values.added(name, tensor)
@@ -206,7 +206,7 @@ class GraphEditor:
 
     def _overwrite_source(self, source: str, value: np.ndarray) -> None:
         index = self.index
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), source)
+        tensor = numpy_helper.from_array(_contiguous(value), source)
         if source in index.initializers:
             self._values.overwrite(index, source, tensor)
         else:  # a Constant or ConstantOfShape node: it becomes a Constant of the new value
@@ -327,3 +327,9 @@ class GraphEditor:
             if value.name not in produced:
                 self.graph.value_info.remove(value)
         self._value_info = None
+
+
+def _contiguous(value: np.ndarray) -> np.ndarray:
+    """``value`` C-contiguous, its shape kept: ``np.ascontiguousarray`` makes a scalar ``[1]``, and a
+    quantizer's scalar scale or zero point must stay a scalar."""
+    return np.require(value, requirements="C")

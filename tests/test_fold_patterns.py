@@ -238,13 +238,14 @@ def test_folds_dequantized_int32_bias_as_float(producer):
 @pytest.mark.parametrize("axis,scales", [(3, 6), (0, 4)], ids=["axis_out_of_range", "scale_count"])
 def test_skips_dequantized_bias_whose_per_axis_scale_does_not_fit(axis, scales):
     """Regression (the bias reader crashed with IndexError / a numpy broadcast error): a per-axis
-    bias scale along an axis the int32 bias lacks, or with the wrong count, is no constant bias."""
+    bias scale along an axis the int32 bias lacks, or with the wrong count, cannot be read, and the
+    reason says so (issue 21: it used to say, falsely, that the bias is not a constant)."""
     model = build_quantized_weight_bn_model("conv", quantized_bias=True)
     for tensor in model.graph.initializer:
         if tensor.name == "b_scale":
             tensor.CopyFrom(onnx.numpy_helper.from_array(np.full(scales, 1e-4, np.float32), "b_scale"))
     node_by_name(model, "bias_dequantize").attribute.append(onnx.helper.make_attribute("axis", axis))
-    assert_stays(model, "the bias 'b' of 'conv' is not a constant")
+    assert_stays(model, "the bias of 'conv' cannot be read", f"{scales} scales along axis {axis}")
 
 
 @pytest.mark.parametrize("shared", ["dequantize_output", "quantized", "scale"])

@@ -7,12 +7,13 @@ from .match_reference import MatchReferencePass, ReferenceResult
 from .reestimate_batchnorm import ReestimateBatchNormPass
 
 
-def calibrating_pass(samples, *, reference=None, candidate: str = "auto", **settings):
+def calibrating_pass(samples, *, reference=None, candidate: str = "auto", keep_per_tensor: bool = False, **settings):
     """The pass that re-estimates from ``samples`` (``settings``: those of
     :class:`~bnpass.passes.calibration_run.CalibrationSettings`): with a ``reference``, the one that
-    also matches it and keeps the better ``candidate``."""
+    also matches it and keeps the better ``candidate`` (``keep_per_tensor``: how its corrections fold into
+    per-tensor quantized weights, as :class:`FoldBatchNormPass` takes it)."""
     if reference is not None:
-        return MatchReferencePass(samples, reference, choose=candidate, **settings)
+        return MatchReferencePass(samples, reference, choose=candidate, keep_per_tensor=keep_per_tensor, **settings)
     return ReestimateBatchNormPass(samples, **settings)
 
 

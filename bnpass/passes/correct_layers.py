@@ -45,7 +45,7 @@ from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
 from .base import copy_model
 from .fold_batchnorm import LAYERS, backward_fold_refusal
-from .fold_quantized_weight import is_dequantize
+from .fold_quantized_weight import is_dequantize, is_quantize
 
 LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 EPSILON = 1e-5
@@ -93,7 +93,12 @@ def layers_without_batchnorm(model: onnx.ModelProto) -> list:
 
 
 def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
-    """(shape, dtype) of a layer's weight, quantized or not; (None, float32) when not a constant."""
+    """(shape, dtype) of a layer's weight, quantized or not; (None, float32) when not a constant.
+
+    A quantized weight has the shape of what its DequantizeLinear reads, whatever the storage (int8,
+    int4, float8, either domain), or, quantized at run time, of the float constant its QuantizeLinear
+    reads; its dtype is the scale's.
+    """
     if len(layer.input) < 2:
         return None, np.dtype(np.float32)
     constant = index.constant(layer.input[1])
@@ -101,10 +106,13 @@ def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
         return tuple(constant.value.shape), constant.value.dtype
     producer = index.producers.get(layer.input[1])
     if is_dequantize(producer):
-        quantized = index.constant(producer.input[0])
-        scale = index.constant(producer.input[1])
-        if quantized is not None:
-            return tuple(quantized.value.shape), (scale.value.dtype if scale is not None else np.dtype(np.float32))
+        stored = index.constant(producer.input[0])
+        quantize = index.producers.get(producer.input[0])
+        if stored is None and is_quantize(quantize):
+            stored = index.constant(quantize.input[0])
+        scale = index.constant(producer.input[1]) if len(producer.input) > 1 else None
+        if stored is not None:
+            return tuple(stored.value.shape), (scale.value.dtype if scale is not None else np.dtype(np.float32))
     return None, np.dtype(np.float32)
 
 

@@ -13,8 +13,9 @@ Match, check, rewrite. For each BatchNormalization node:
   ((C,1,1) or (1,C,1,1) after a 2-D Conv, (C,) or (1,C) after a rank-2 MatMul/Gemm, or one number):
   the constant joins the bias before folding, b' = (b + a) * scale + shift. Conv/ConvTranspose/Gemm
   absorb the Add into their bias; after a MatMul the Add stays, with the folded bias as its constant;
-* a weight that is ``DequantizeLinear`` of constants (:mod:`bnpass.passes.fold_quantized_weight`): the
-  fold is exact in the scale alone, along the weight's output-channel axis.
+* a quantized weight, ``DequantizeLinear`` in any form the quantizers write
+  (:mod:`bnpass.passes.fold_quantized_weight`): the fold is exact in the scale alone, along the
+  weight's output-channel axis, and an int32 bias ``DequantizeLinear`` stays one.
 
 **Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
 
@@ -53,12 +54,14 @@ from ..protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_i
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
 from .fold_quantized_weight import (
-    PER_AXIS_DEQUANTIZE_OPSET,
+    BiasPlan,
     QuantizedUpdate,
     QuantizedWeight,
     fold_quantized_weight,
     is_dequantize,
-    read_dequantize,
+    plan_quantized_bias,
+    read_quantized,
+    write_quantized_bias,
     write_quantized_weight,
 )
 from .fold_reasons import CannotFold, cast_finite, few
@@ -71,21 +74,27 @@ class FoldResult(PassResult):
     folded: list[tuple[str, str]] = field(default_factory=list)  # (bn name, layer name) per folded BN
     skipped: dict[str, str] = field(default_factory=dict)  # bn name -> reason it stayed
     patterns: dict[str, str] = field(default_factory=dict)  # bn name -> what it folded as: "Conv->Add->BN", "BN->Gemm"
+    per_channel: list[str] = field(default_factory=list)  # layers whose per-tensor weight scale became per-channel
+    float_biases: dict[str, str] = field(default_factory=dict)  # layer -> why its int32 bias was written in float
 
 
 class FoldBatchNormPass:
     """Fold every BatchNormalization that can be folded exactly (``only``: those of these node
-    names); report the others."""
+    names); report the others. ``keep_per_tensor``: a per-tensor quantized weight stays per-tensor,
+    its folded values re-rounded on one scale (:mod:`~bnpass.passes.fold_quantized_weight`), instead
+    of taking the fold exactly in a per-channel scale."""
 
-    def __init__(self, only: Optional[set] = None):
+    def __init__(self, only: Optional[set] = None, *, keep_per_tensor: bool = False):
         self.only = only
+        self.keep_per_tensor = keep_per_tensor
 
     def call(self, model: onnx.ModelProto) -> FoldResult:
         # A weightless copy is edited, reading values from ``model``; each payload is copied into
         # it once (GraphEditor.on_copy_of, build). Copy-then-overwrite would hold both weights (upb).
         editor = GraphEditor.on_copy_of(model)
-        context = _Context(editor)
+        context = _Context(editor, keep_per_tensor=self.keep_per_tensor)
         folded, reasons, patterns = [], {}, {}
+        per_channel, float_biases = [], {}
         pending = [node for node in editor.graph.node
                    if is_batchnorm(node) and (self.only is None or node.name in self.only)]
         while pending:  # a fold can make another possible (BN -> BN -> Conv): repeat until none does
@@ -99,6 +108,10 @@ class FoldBatchNormPass:
                     continue
                 folded.append((node_label(bn), node_label(plan.layer)))
                 patterns[node_label(bn)] = plan.pattern
+                if plan.per_channel:
+                    per_channel.append(node_label(plan.layer))
+                if plan.bias_plan.why_float:
+                    float_biases[node_label(plan.layer)] = plan.bias_plan.why_float
                 plan.apply(editor)
             if len(remaining) == len(pending):
                 break
@@ -109,16 +122,18 @@ class FoldBatchNormPass:
             output = editor.build()
         else:
             output = copy_model(model)  # byte for byte the input
-        return FoldResult(model=output, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns)
+        return FoldResult(model=output, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns,
+                          per_channel=per_channel, float_biases=float_biases)
 
 
 class _Context:
-    """Model-wide facts the checks need: the opset, and tensor ranks from shape inference (lazily:
-    only MatMul folds need them)."""
+    """Model-wide facts the checks need: the opset, tensor ranks from shape inference (lazily:
+    only MatMul folds need them), and whether per-tensor quantized weights stay per-tensor."""
 
-    def __init__(self, editor: GraphEditor):
+    def __init__(self, editor: GraphEditor, *, keep_per_tensor: bool = False):
         self.editor = editor
         self.opset = default_opset(editor.model)
+        self.keep_per_tensor = keep_per_tensor
         self._value_infos: Optional[dict] = None
 
     def rank(self, name: str) -> Optional[int]:
@@ -141,14 +156,20 @@ class _BackwardFold:
     bn: onnx.NodeProto
     layer: onnx.NodeProto
     weight: np.ndarray | QuantizedUpdate
-    dequantize: Optional[onnx.NodeProto]
+    quantized_weight: Optional[QuantizedWeight]
     bias: np.ndarray
     add: Optional[onnx.NodeProto] = None
     add_constant_position: int = 1
+    bias_plan: BiasPlan = field(default_factory=BiasPlan)
+
+    @property
+    def per_channel(self) -> bool:
+        """A per-tensor weight scale became per-channel."""
+        return isinstance(self.weight, QuantizedUpdate) and self.weight.per_channel
 
     @property
     def pattern(self) -> str:
-        weight = "DequantizeLinear->" if self.dequantize is not None else ""
+        weight = "DequantizeLinear->" if self.quantized_weight is not None else ""
         add = "->Add" if self.add is not None else ""
         return f"{weight}{self.layer.op_type}{add}->BN"
 
@@ -157,7 +178,7 @@ class _BackwardFold:
         output = bn.output[0]
         base = layer.name or output
         if isinstance(self.weight, QuantizedUpdate):
-            write_quantized_weight(editor, layer, self.dequantize, self.weight, base)
+            write_quantized_weight(editor, layer, self.quantized_weight, self.weight, base)
         else:
             editor.set_constant_input(layer, 1, self.weight, f"{base}.weight_folded")
         spec = LAYERS[layer.op_type]
@@ -172,7 +193,10 @@ class _BackwardFold:
             editor.remove_node(bn)
             editor.set_output(self.add, 0, output)
             return
-        editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
+        if self.bias_plan.quantized is not None:
+            write_quantized_bias(editor, layer, self.bias_plan.quantized, base)
+        else:
+            editor.set_constant_input(layer, 2, self.bias, f"{base}.bias_folded")
         if spec.bias_scale:
             editor.remove_attribute(layer, spec.bias_scale)  # the folded C already carries beta: beta = 1
         if self.add is not None:
@@ -189,6 +213,8 @@ class _ForwardFold:
     layer: onnx.NodeProto
     weight: np.ndarray
     bias: np.ndarray
+    per_channel = False  # a float weight: no quantization scheme to change
+    bias_plan = BiasPlan()
 
     @property
     def pattern(self) -> str:
@@ -284,19 +310,23 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
     bias = _layer_bias(layer, index)
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
     total_bias = _bias_before_batchnorm(layer, weight, bias, add, add_position, add_value, scale.size)
-    new_weight = _fold_backward_weight(layer, weight, scale)
+    new_weight = _fold_backward_weight(layer, weight, scale, keep_per_tensor=context.keep_per_tensor)
     op, label, spec = layer.op_type, node_label(layer), LAYERS[layer.op_type]
     if not spec.bias_slot:  # its Add (the one there, or the one the fold writes) carries the bias
         bias_dtype = add_value.dtype if add is not None else weight.dtype
     else:
         bias_dtype = bias.dtype if bias is not None else add_value.dtype if add is not None else weight.dtype
-    new_bias = cast_finite(folding.fold_bias(total_bias, scale, shift), bias_dtype,
-                           f"the folded bias of {op} '{label}'")
+    exact_bias = folding.fold_bias(total_bias, scale, shift)
+    new_bias = cast_finite(exact_bias, bias_dtype, f"the folded bias of {op} '{label}'")
     if not spec.bias_slot and add is not None and add_value.size == scale.size:
         new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
+    bias_plan = BiasPlan()
+    if spec.bias_slot:  # an int32 bias DequantizeLinear stays one, re-quantized
+        bias_plan = plan_quantized_bias(layer, index, exact_bias,
+                                        new_weight if isinstance(new_weight, QuantizedUpdate) else None, scale.size)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
-                         dequantize=weight.dequantize if isinstance(weight, QuantizedWeight) else None,
-                         bias=new_bias, add=add, add_constant_position=add_position)
+                         quantized_weight=weight if isinstance(weight, QuantizedWeight) else None,
+                         bias=new_bias, add=add, add_constant_position=add_position, bias_plan=bias_plan)
 
 
 def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onnx.NodeProto], int,
@@ -383,8 +413,8 @@ def _bias_before_batchnorm(layer, weight, bias: Optional[np.ndarray], add, add_p
     return per_channel if total_bias is None else total_bias + per_channel
 
 
-def _fold_backward_weight(layer, weight: np.ndarray | QuantizedWeight,
-                          scale: np.ndarray) -> np.ndarray | QuantizedUpdate:
+def _fold_backward_weight(layer, weight: np.ndarray | QuantizedWeight, scale: np.ndarray, *,
+                          keep_per_tensor: bool = False) -> np.ndarray | QuantizedUpdate:
     """The layer's weight with output channel c scaled by ``scale[c]``, in its own dtype (a
     quantized weight: new DequantizeLinear inputs)."""
     op, label, spec = layer.op_type, node_label(layer), LAYERS[layer.op_type]
@@ -394,7 +424,7 @@ def _fold_backward_weight(layer, weight: np.ndarray | QuantizedWeight,
         if group != 1:
             raise CannotFold(f"the weight of {op} '{label}' (group {group}) is quantized: its output "
                              "channels do not lie along one weight axis, so no per-axis scale can express the fold")
-        return fold_quantized_weight(weight, scale, out_axis, layer)
+        return fold_quantized_weight(weight, scale, out_axis, layer, keep_per_tensor=keep_per_tensor)
     return cast_finite(folding.scale_output_channels(weight, scale, axis=out_axis, group=group),
                        weight.dtype, f"the folded weight of {op} '{label}'")
 
@@ -530,7 +560,8 @@ def _float_constant(name: str, what: str, index: GraphIndex) -> Optional[np.ndar
 
 
 def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | QuantizedWeight:
-    """The weight of a layer a BN folds backward into: a float constant, or a DequantizeLinear of constants."""
+    """The weight of a layer a BN folds backward into: a float constant, or a quantized tensor
+    (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`)."""
     op, label, name = layer.op_type, node_label(layer), layer.input[1]
     value = _float_constant(name, f"the weight of {op} '{label}'", index)
     if value is not None:
@@ -538,18 +569,19 @@ def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | Q
     dequantize = index.producers.get(name)
     if not is_dequantize(dequantize):
         raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
-    if context.opset < PER_AXIS_DEQUANTIZE_OPSET:
-        raise CannotFold(f"the weight of {op} '{label}' comes from DequantizeLinear '{node_label(dequantize)}', "
-                         f"and a per-channel scale needs opset {PER_AXIS_DEQUANTIZE_OPSET} (the model imports "
-                         f"opset {context.opset})")
-    return read_dequantize(dequantize, index, reader=f"the weight of {op} '{label}'")
+    weight = read_quantized(dequantize, index, reader=f"the weight of {op} '{label}'")
+    if weight.quantize is not None and not index.is_private_to(dequantize.output[0], layer):
+        raise CannotFold(f"the weight of {op} '{label}' is quantized at run time by QuantizeLinear "
+                         f"'{node_label(weight.quantize)}', whose DequantizeLinear is also read by other nodes")
+    return weight
 
 
 def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
     """The layer's bias (Conv/ConvTranspose B, Gemm C) as a float constant, None when absent.
 
-    A bias made by DequantizeLinear of constants is dequantized (exactly, in float64) and returned
-    in the DequantizeLinear's output type: the folded bias is written in float.
+    A quantized bias (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`) is dequantized
+    (exactly, in float64) and returned in the DequantizeLinear's output type; one that cannot be
+    read raises the reason it cannot.
     """
     if len(layer.input) < 3 or not layer.input[2]:
         return None
@@ -559,10 +591,7 @@ def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
         return value
     dequantize = index.producers.get(name)
     if is_dequantize(dequantize):
-        try:
-            return read_dequantize(dequantize, index, reader=f"the bias of '{label}'").dequantized()
-        except CannotFold:
-            pass  # whatever keeps it from being a constant, the user needs to know only that
+        return read_quantized(dequantize, index, reader=f"the bias of '{label}'").dequantized()
     raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
 
 

@@ -125,6 +125,8 @@ class ReferenceResult(ReestimateResult):
     layers: dict[str, LayerCorrection] = field(default_factory=dict)  # per corrected layer (label)
     refused_layers: dict[str, str] = field(default_factory=dict)  # layer label -> why it is not corrected
     logits: Optional[str] = None  # the logits layer, when corrected (EXCEPT_LOGITS leaves it as given)
+    per_channel: list[str] = field(default_factory=list)  # corrected layers whose weight scale became per-channel
+    float_biases: dict[str, str] = field(default_factory=dict)  # corrected layer -> why its int32 bias became float
 
     @property
     def agreement(self) -> dict:
@@ -225,11 +227,13 @@ class MatchReferencePass:
     Takes :class:`~bnpass.passes.ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by
     accuracy on labels where the data carry them, else agreement with the reference, on every
     calibration sample), "reestimated" or "matched"; ``correct_layers``: correct the layers without
-    BN too (:mod:`bnpass.passes.correct_layers`), with their gain capped at ``max_gain`` (None: no cap).
+    BN too (:mod:`bnpass.passes.correct_layers`), with their gain capped at ``max_gain`` (None: no cap);
+    ``keep_per_tensor``: corrections fold into per-tensor quantized weights keeping one scale
+    (:class:`~bnpass.passes.FoldBatchNormPass`).
     """
 
     def __init__(self, samples: Iterable, reference, *, choose: str = "auto", correct_layers: bool = True,
-                 max_gain: Optional[float] = MAX_GAIN, **options):
+                 max_gain: Optional[float] = MAX_GAIN, keep_per_tensor: bool = False, **options):
         if choose not in CHOICES:
             raise ValueError(f"choose must be one of {CHOICES}, not {choose!r}")
         self.samples = samples
@@ -238,6 +242,7 @@ class MatchReferencePass:
         self.choose = choose
         self.correct_layers = correct_layers
         self.max_gain = max_gain
+        self.keep_per_tensor = keep_per_tensor
 
     def call(self, model: onnx.ModelProto) -> ReferenceResult:
         started = time.perf_counter()
@@ -301,7 +306,7 @@ class MatchReferencePass:
 
         preprocessing = getattr(self.samples, "preprocessing", None)
         inserted = inserted_names(augmented, origins)
-        candidates, written = {}, {}
+        candidates, written, folds = {}, {}, {}
         if has_batchnorm:
             candidates["reestimated"] = copy_model(model)
             written["reestimated"] = write_statistics(candidates["reestimated"], plain.taps, reestimated,
@@ -317,7 +322,9 @@ class MatchReferencePass:
             written[name].stats = {label: entry for label, entry in written[name].stats.items()
                                    if label not in inserted.values()}
             if inserted:
-                candidate = FoldBatchNormPass(only=set(inserted.values())).call(candidate).model
+                fold = FoldBatchNormPass(only=set(inserted.values()), keep_per_tensor=self.keep_per_tensor).call(
+                    candidate)
+                candidate, folds[name] = fold.model, fold
                 written[name].modified = True
             candidates[name] = candidate
         names = list(candidates) + ([GIVEN] if layer_pairs else [])
@@ -334,7 +341,9 @@ class MatchReferencePass:
             model=candidates[chosen], modified=kept.modified, stats=kept.stats,
             warnings=written["reestimated"].warnings if has_batchnorm else [], samples=run.samples_read,
             batches=run.batches_read, batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why,
-            choice=choice, scores=scores, refused_layers=refused, logits=logits)
+            choice=choice, scores=scores, refused_layers=refused, logits=logits,
+            per_channel=folds[chosen].per_channel if chosen in folds else [],
+            float_biases=folds[chosen].float_biases if chosen in folds else {})
         label_of = {name: label for label, name in inserted.items()}
         for tap, reference, own, match in zip(taps, references, compressed, matches):
             if tap.bn in label_of:
