@@ -251,7 +251,8 @@ def test_a_model_protobuf_cannot_count_is_over_the_limit(monkeypatch):
         def ByteSize(self):
             raise google.protobuf.message.EncodeError("Failed to serialize proto")
 
-    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100)
+    payload = sum(t.ByteSize() for t in TooLarge.graph.initializer)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", payload + 10)  # near the limit: ByteSize() is asked
     assert model_io.exceeds_protobuf_limit(TooLarge())
 
 
