@@ -243,6 +243,7 @@ def test_a_model_protobuf_cannot_count_is_over_the_limit(monkeypatch):
     """Regression: past 2 GiB, upb's ByteSize() raises EncodeError instead of counting, so saving a
     folded >2 GiB model failed (measured with tools/measure_onnx_ir.py on a 2.3 GiB model)."""
     import google.protobuf.message
+
     from bnpass import model_io
 
     class TooLarge:  # a ModelProto as upb shows one over 2 GiB: payloads known, ByteSize() raising
