@@ -74,13 +74,20 @@ def read_model(path) -> tuple:
 def exceeds_protobuf_limit(model: onnx.ModelProto) -> bool:
     """True when ``model`` cannot be serialized as one protobuf (2 GiB).
 
-    Sums the initializer payloads first: ``ByteSize()`` serializes the whole model to count it,
-    so it is only asked when the payloads alone come near the limit.
+    Sums the initializer payloads first: ``ByteSize()`` serializes the whole model to count it
+    (upb: a transient copy of the whole model), so it is only asked when the payloads alone come
+    near the limit without passing it. Past the limit upb cannot count at all and raises
+    ``EncodeError``: that too means over the limit.
     """
     payload = sum(_payload_bytes(tensor) for tensor in model.graph.initializer)
     if payload < PROTOBUF_LIMIT - 2**26:
         return False
-    return model.ByteSize() > PROTOBUF_LIMIT
+    if payload > PROTOBUF_LIMIT:
+        return True
+    try:
+        return model.ByteSize() > PROTOBUF_LIMIT
+    except google.protobuf.message.EncodeError:
+        return True
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:

@@ -71,3 +71,13 @@ def test_measure_forms_reports_each_forms_error_against_numpy_and_the_cpu():
     assert rows[0][4] == "1.00"
     network = run("--network", "resnet", "--size", "16", "--batch-size", "4", "--forms", "pooling")
     assert re.search(r"^\| pooling \| CPU \| off \| 20 pooling \| [\d.e+-]+ \| [\d.e+-]+ \|$", network, flags=re.M)
+
+
+def test_measure_onnx_ir_runs_every_small_trap_on_both():
+    """tools/measure_onnx_ir.py (the README's onnx-ir figures) runs; the >2 GiB trap is skipped here."""
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "measure_onnx_ir.py"), "--skip-large"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\S.* (onnx-ir|bnpass) +(pass|FAIL) ", line)]
+    assert len(rows) == 10, done.stdout
+    assert not [row for row in rows if " FAIL " in row], done.stdout
