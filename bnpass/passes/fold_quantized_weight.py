@@ -96,7 +96,7 @@ def read_dequantize(dequantize, index: GraphIndex, *, reader: str) -> QuantizedW
         axis = axis + quantized.ndim if axis < 0 else axis
     else:
         raise CannotFold(f"the scale of {dq_label} has shape {list(q_scale.shape)}")
-    if zero_point is not None and zero_point.shape != q_scale.shape:
+    if zero_point is not None and zero_point.shape != q_scale.shape and not zero_point.size == q_scale.size == 1:
         raise CannotFold(f"the zero point and scale of {dq_label} have different shapes")
     output_type = attribute(dequantize, "output_dtype", 0)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(output_type) if output_type else q_scale.dtype
