@@ -444,8 +444,6 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
     if producer.domain not in DEFAULT_DOMAINS:
         raise CannotFold(f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'")
     path = _BackwardPath(layer=producer)
-    if index.use_count(x) != 1:
-        _raise_shared(x, producer, index)
     if is_dequantize(producer):
         path.pair_before_batchnorm = activation_pair(x, index)
         if path.pair_before_batchnorm is None:
@@ -456,18 +454,18 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
         if producer is None or producer.domain not in DEFAULT_DOMAINS:
             raise CannotFold(f"its input is quantized by {path.pair_before_batchnorm.label} from '{x}', which is "
                              "not the output of a layer")
-        if index.use_count(x) != 1:
-            _raise_shared(x, producer, index)
         path.layer = producer
     if producer.op_type == "Add":
         path.add = producer
         path.layer, path.add_position, path.add_value, path.pair_after_layer = _match_bias_add(producer, index)
-        layer_output = path.layer.output[0]
-        if index.use_count(layer_output) != 1:
-            _raise_shared(layer_output, path.layer, index)
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
+    for name in (bn.input[0], x):  # each intermediate read once (x: the pair's input, when there is one)
+        if index.use_count(name) != 1:
+            _raise_shared(name, index.producers[name], index)
+    if path.add is not None and index.use_count(path.layer.output[0]) != 1:
+        _raise_shared(path.layer.output[0], path.layer, index)
     _check_activation_pairs(bn, path, index, context)
     return path
 
