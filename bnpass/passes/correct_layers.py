@@ -53,7 +53,13 @@ from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
 from .base import copy_model
-from .fold_batchnorm import LAYERS, activation_pair_after, backward_fold_refusal, layer_weight_refusal
+from .fold_batchnorm import (
+    LAYERS,
+    activation_pair_after,
+    add_constant,
+    backward_fold_refusal,
+    layer_weight_refusal,
+)
 from .fold_quantized_weight import is_dequantize
 
 LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -86,7 +92,7 @@ def layers_without_batchnorm(model: onnx.ModelProto) -> list:
         point = node.output[0]
         readers = _readers(point, index)
         if node.op_type == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add" and (
-                any(index.constant(name) is not None for name in readers[0].input)):
+                any(add_constant(name, index) is not None for name in readers[0].input)):
             point = readers[0].output[0]  # MatMul [-> Q -> DQ] -> Add(bias): the BN goes after the Add
         if any(is_batchnorm(reader) for reader in _readers(point, index)) or any(
                 reader.op_type == "Add" and any(is_batchnorm(after) for after in _readers(reader.output[0], index))

@@ -241,6 +241,7 @@ class _BackwardFold:
     bias: np.ndarray
     add: Optional[onnx.NodeProto] = None
     add_constant_position: int = 1
+    add_dequantize: Optional[QuantizedWeight] = None  # the Add's constant is DequantizeLinear of constants
     pair_after_layer: Optional[ActivationPair] = None  # layer -> Q -> DQ -> Add
     pair_before_batchnorm: Optional[ActivationPair] = None  # ... -> Q -> DQ -> BN
     remove_pairs: bool = False  # False: the pairs stay (activation_pairs="keep")
@@ -277,7 +278,13 @@ class _BackwardFold:
                 add = editor.replace_node(bn, add)
                 editor.set_constant_input(add, 1, self.bias, f"{base}.bias_folded")
                 return
-            editor.set_constant_input(self.add, self.add_constant_position, self.bias, f"{base}.bias_folded")
+            if self.add_dequantize is not None:  # re-quantized in the quantizer's own format
+                integers, scale = requantized_constant(self.add_dequantize, self.bias, "the folded bias")
+                dequantize = self.add_dequantize.dequantize
+                editor.set_constant_input(dequantize, 0, integers, f"{base}.bias_quantized_folded")
+                editor.set_constant_input(dequantize, 1, scale, f"{base}.bias_scale_folded")
+            else:
+                editor.set_constant_input(self.add, self.add_constant_position, self.bias, f"{base}.bias_folded")
             editor.remove_node(bn)
             editor.set_output(self.add, 0, output)
             return
@@ -426,7 +433,7 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
         new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
                          dequantize=weight.dequantize if isinstance(weight, QuantizedWeight) else None,
-                         bias=new_bias, add=add, add_constant_position=add_position,
+                         bias=new_bias, add=add, add_constant_position=add_position, add_dequantize=path.add_dequantize,
                          pair_after_layer=path.pair_after_layer, pair_before_batchnorm=path.pair_before_batchnorm,
                          remove_pairs=context.activation_pairs == "remove")
 
@@ -457,7 +464,8 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
         path.layer = producer
     if producer.op_type == "Add":
         path.add = producer
-        path.layer, path.add_position, path.add_value, path.pair_after_layer = _match_bias_add(producer, index)
+        path.layer, path.add_position, constant, path.pair_after_layer = _match_bias_add(producer, index)
+        path.add_value, path.add_dequantize = constant.value, constant.dequantize
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
@@ -478,6 +486,7 @@ class _BackwardPath:
     add: Optional[onnx.NodeProto] = None
     add_position: int = 1
     add_value: Optional[np.ndarray] = None
+    add_dequantize: Optional[QuantizedWeight] = None  # the Add's constant is DequantizeLinear of these
     pair_after_layer: Optional[ActivationPair] = None
     pair_before_batchnorm: Optional[ActivationPair] = None
 
@@ -505,14 +514,14 @@ def _raise_shared(name: str, producer, index: GraphIndex) -> None:
     raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
 
 
-def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, np.ndarray,
+def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, _AddConstant,
                                                                      Optional[ActivationPair]]:
-    """``(layer, constant position, constant value, activation pair)`` of an ``add`` that adds a float
-    constant to the output of a foldable layer, directly or through an activation Q/DQ pair
+    """``(layer, constant position, constant, activation pair)`` of an ``add`` that adds a float
+    constant (or a dequantized one) to the output of a foldable layer, directly or through an activation Q/DQ pair
     (``MatMul -> Q -> DQ -> Add``, as onnxruntime's quantizer writes a MatMul and its bias)."""
     if len(add.input) == 2:
         for position in (1, 0):
-            constant = index.constant(add.input[position])
+            constant = add_constant(add.input[position], index)
             other = add.input[1 - position]
             pair = activation_pair(other, index)
             if pair is not None:
@@ -522,9 +531,53 @@ def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodePr
             layer = index.producers.get(other)
             if (constant is not None and layer is not None and layer.op_type in FOLDABLE_PRODUCERS
                     and layer.domain in DEFAULT_DOMAINS and np.issubdtype(constant.value.dtype, np.floating)):
-                return layer, position, constant.value, pair
+                return layer, position, constant, pair
     raise CannotFold(f"its input comes from Add '{node_label(add)}', which does not add a constant to the output "
                      "of a Conv, ConvTranspose, Gemm or MatMul")
+
+
+@dataclass(frozen=True)
+class _AddConstant:
+    """The constant an Add adds: a float constant, or ``DequantizeLinear`` of constants with a per-tensor
+    scale (as onnxruntime's quantizer writes a MatMul's bias: int8, like a weight), dequantized."""
+
+    value: np.ndarray
+    dequantize: Optional[QuantizedWeight] = None
+
+
+def add_constant(name: str, index: GraphIndex) -> Optional[_AddConstant]:
+    """What ``name`` holds as an Add's constant operand, None when it is neither form."""
+    constant = index.constant(name)
+    if constant is not None:
+        return _AddConstant(constant.value)
+    dequantize = index.producers.get(name)
+    if not is_dequantize(dequantize) or activation_pair(name, index) is not None:
+        return None
+    try:
+        quantized = read_dequantize(dequantize, index, reader=f"the constant '{name}'")
+        if quantized.axis is not None or index.use_count(name) != 1:
+            return None
+        return _AddConstant(quantized.dequantized(), quantized)
+    except CannotFold:
+        return None
+
+
+def requantized_constant(quantized: QuantizedWeight, value: np.ndarray, what: str) -> tuple:
+    """``(integers, scale)`` for ``value`` in the per-tensor format of ``quantized`` (its integer type
+    and zero point kept): the smallest scale whose grid holds every value, as a quantizer's min/max
+    calibration gives it; each value then moves by at most half that scale."""
+    info = np.iinfo(quantized.quantized.dtype)
+    zero_point = 0 if quantized.zero_point is None else int(np.asarray(quantized.zero_point).reshape(-1)[0])
+    value = np.asarray(value, dtype=np.float64)
+    high, low = float(value.max(initial=0.0)), float(value.min(initial=0.0))
+    bounds = [high / (info.max - zero_point) if info.max > zero_point else 0.0,
+              low / (info.min - zero_point) if info.min < zero_point else 0.0]
+    scale = max(bounds)
+    if scale == 0:
+        scale = float(np.asarray(quantized.q_scale).reshape(-1)[0])
+    scale = cast_finite(np.asarray(scale).reshape(quantized.q_scale.shape), quantized.q_scale.dtype, what)
+    integers = np.clip(np.round(value / np.float64(scale.reshape(-1)[0])) + zero_point, info.min, info.max)
+    return integers.astype(quantized.quantized.dtype).reshape(quantized.quantized.shape), scale
 
 
 def _check_output_channels(layer, weight_shape, bias: Optional[np.ndarray], channels: int,
