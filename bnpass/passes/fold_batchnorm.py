@@ -16,6 +16,17 @@ Match, check, rewrite. For each BatchNormalization node:
 * a weight that is ``DequantizeLinear`` of constants (:mod:`bnpass.passes.fold_quantized_weight`): the
   fold is exact in the scale alone, along the weight's output-channel axis.
 
+**Activation quantization** (QDQ quantizers: ``Conv -> Q -> DQ -> BN -> Q -> DQ`` when BN was not
+folded first, ``MatMul -> Q -> DQ -> Add``): an activation QuantizeLinear -> DequantizeLinear pair
+before the BN, or between the layer and its bias Add, is looked through. By default the BN then
+folds only when its own output is quantized again (``BN -> Q``, or ``BN -> Relu -> Q``), and the
+pair is removed: the fold is exact in float, and what remains is the quantizer's layout for the
+folded model (its pair after the BN rounds the folded layer). Elsewhere a per-channel factor cannot
+pass the pair's per-tensor rounding exactly, and the BN stays. ``activation_pairs="keep"`` (the layer
+correction of ``--reference``) keeps a pair between a MatMul and its Add, the factor going into the
+weight before it and the shift into the Add's constant (a DequantizeLinear constant re-quantized in
+its own per-tensor format). BN parameters behind DequantizeLinear of constants are read dequantized.
+
 **Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
 
 * Conv without padding (pads all 0, auto_pad NOTSET/VALID, or SAME with a 1x1 kernel), any group:
