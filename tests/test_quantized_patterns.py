@@ -117,13 +117,32 @@ def test_relu_between_the_bn_and_its_quantize_still_folds():
     assert np.max(np.abs(got - want)) <= 0.03 * 1.001 and np.mean(got != want) < 0.01
 
 
+def _with_quantized_running_mean(model: onnx.ModelProto, bn_name: str) -> tuple:
+    """``(copy of model, stored mean)``: the BN's running mean made ``DequantizeLinear(int8, scale)`` by
+    hand (onnxruntime leaves statistics float; another tool may not)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    bn = next(node for node in copy.graph.node if node.name == bn_name)
+    mean = _initializer(copy, bn.input[3]).astype(np.float64)
+    scale = np.float32(np.abs(mean).max() / 127)
+    copy.graph.initializer.extend([numpy_helper.from_array(np.round(mean / scale).astype(np.int8), "mean_q"),
+                                   numpy_helper.from_array(scale, "mean_scale")])
+    copy.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", ["mean_q", "mean_scale"], ["mean_dq"],
+                                                    name="dequantize_mean"))
+    bn.input[3] = "mean_dq"
+    stored = (np.round(mean / scale) * np.float64(scale)).astype(np.float32)
+    return copy, stored
+
+
 def test_reestimation_reads_and_writes_statistics_behind_the_pairs():
     """Plain re-estimation of the quantized BN model: the first BN's statistics are numpy's moments of its
-    input (the pair's output, tapped in onnxruntime), written where they live, and then every BN folds."""
+    input (the pair's output, tapped in onnxruntime), written where they live (a running mean behind
+    DequantizeLinear: read dequantized, replaced by a float tensor), and then every BN folds."""
     batches = calibration_batches(seed=2)
-    quantized = quantize(conv_bn_model(seed=2), batches)
+    quantized, stored_mean = _with_quantized_running_mean(quantize(conv_bn_model(seed=2), batches), "bn0")
     data = np.concatenate(batches)
     result = bnpass.reestimate_batchnorms(quantized, [data], batch_size=len(data))
+    np.testing.assert_array_equal(result.stats["bn0"].old_mean, stored_mean)
     tapped = onnx.ModelProto()
     tapped.CopyFrom(quantized)
     tapped.graph.output.append(onnx.ValueInfoProto(name="conv0_DequantizeLinear_Output"))
@@ -131,8 +150,9 @@ def test_reestimation_reads_and_writes_statistics_behind_the_pairs():
     stats = result.stats["bn0"]
     np.testing.assert_allclose(stats.mean, bn_input.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats.var, bn_input.var(axis=(0, 2, 3)), rtol=1e-4)
-    np.testing.assert_allclose(_initializer(result.model, "bn0_mean"), stats.mean, rtol=1e-6)
-    assert op_counts(result.model) == op_counts(quantized)
+    bn = next(node for node in result.model.graph.node if node.name == "bn0")
+    np.testing.assert_allclose(_initializer(result.model, bn.input[3]), stats.mean, rtol=1e-6)
+    assert op_counts(quantized) - op_counts(result.model) == {"DequantizeLinear(constant)": 1}
     folded = bnpass.fold_batchnorms(result.model)
     assert len(folded.folded) == 2 and len(folded.removed_pairs) == 2, folded.skipped
     onnx.checker.check_model(folded.model, full_check=True)
