@@ -209,6 +209,9 @@ def closing_note(bn_names: list, reestimate: Optional[ReestimateResult], fold: O
         left.append(f"{len(fold.skipped)} of {plural(len(bn_names), 'BatchNormalization node')} not folded "
                     f"({_short(group_reasons(fold.skipped)[0][0])})")
     if isinstance(reestimate, ReferenceResult):
+        if bn_names and reestimate.chosen == GIVEN:
+            left.append(f"{plural(len(bn_names), 'BatchNormalization node')}' statistics as stored (the "
+                        f"{spelled(GIVEN)} candidate was kept)")
         total = len(reestimate.layers) + len(reestimate.refused_layers)
         if reestimate.layers and reestimate.chosen in (GIVEN, "reestimated"):
             left.append(f"{total} of {plural(total, 'layer')} without BatchNormalization not corrected (the "

@@ -20,6 +20,8 @@ from onnx import numpy_helper
 
 import bnpass
 from bnpass.cli import main
+from bnpass.passes.match_reference import ReferenceResult
+from bnpass.report import closing_note
 from builders import GraphBuilder, add_batchnorm, random_bias, random_bn_params, random_weight, run_onnxruntime
 from quantized_patterns_builders import (
     INPUT,
@@ -236,6 +238,11 @@ def test_closing_line_and_report_say_what_was_left_and_which_pairs_went(tmp_path
     assert "; left as given: 1 of 2 BatchNormalization nodes not folded (its input passes through the " \
            "activation quantization" in last, last
     assert list(json.loads((tmp_path / "r2.json").read_text())["batchnorms_not_folded"]) == ["bn1"]
+
+    # --reference kept the model as given: its BNs keep their stored statistics, and the line says so.
+    kept_as_given = ReferenceResult(model=quantized, modified=False, chosen="compressed")
+    assert "2 BatchNormalization nodes' statistics as stored (the compressed (as given) candidate was kept)" in (
+        closing_note(["bn0", "bn1"], kept_as_given, bnpass.fold_batchnorms(quantized)))
 
     # Nothing to do: an unchanged copy, said on the closing line.
     model = conv_matmul_model()
