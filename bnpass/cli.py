@@ -29,7 +29,15 @@ from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
 from .progress import progress_bar
-from .report import batchnorm_drifts, drift_title, no_batchnorm_notice, provenance, run_report, summary_lines
+from .report import (
+    batchnorm_drifts,
+    closing_note,
+    drift_title,
+    no_batchnorm_notice,
+    provenance,
+    run_report,
+    summary_lines,
+)
 from .runtime import DEVICES, select_providers
 from .sources import open_source
 from .stats import STATS_MODES
@@ -343,7 +351,8 @@ def run(args) -> int:
             print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
                   f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
         external = writes_external and os.path.exists(args.output + ".data")
-        print(f"wrote {_written(args, external, plot is not None)} in {seconds:.1f} s")
+        print(f"wrote {_written(args, external, plot is not None)} in {seconds:.1f} s"
+              + closing_note(bn_names, reestimate, fold))
     return 0
 
 

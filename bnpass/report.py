@@ -136,6 +136,8 @@ def batchnorm_records(model: onnx.ModelProto, reestimate: Optional[ReestimateRes
             record.update(_matching_record(reestimate, name, epsilons[name], stats))
         if name in folded_into:
             record["folded_into"] = folded_into[name]
+            if name in fold.removed_pairs:
+                record["activation_pair_removed"] = list(fold.removed_pairs[name])
         elif fold is not None:
             record["left_because"] = fold.skipped.get(name, "folding was not requested")
         records.append(record)
@@ -179,8 +181,12 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
+        pairs = len(fold.removed_pairs)
+        removed = (f"; removed {plural(pairs, 'activation QuantizeLinear/DequantizeLinear pair')} between a layer and "
+                   "its BN (the pair after the BN quantizes the folded layer)" if pairs else "")
         lines.append(f"folded {len(fold.folded)} of {plural(len(bn_names), 'BatchNormalization node')}"
-                     + (f" ({kinds})" if kinds else "") + (f"; {len(fold.skipped)} left:" if fold.skipped else ""))
+                     + (f" ({kinds})" if kinds else "") + removed
+                     + (f"; {len(fold.skipped)} left:" if fold.skipped else ""))
         if not verbose:
             for reason, names in group_reasons(fold.skipped):
                 lines.append(f"  {len(names)} left ({_names(names)}): {reason}")
@@ -202,6 +208,42 @@ def float_bias_lines(float_biases: dict) -> list:
     """One line per reason: the layers whose int32 bias DequantizeLinear the fold wrote in float."""
     return [f"  {len(names)} int32 bias DequantizeLinear written in float ({_names(names)}): {reason}"
             for reason, names in group_reasons(float_biases)]
+
+
+def closing_note(bn_names: list, reestimate: Optional[ReestimateResult], fold: Optional[FoldResult]) -> str:
+    """What the closing line adds when the run left something as it was: ``"; left as given: 2 of 6
+    BatchNormalization nodes not folded (its input comes from Relu '…'), 1 of 7 layers not corrected (…)"``,
+    or that the output is an unchanged copy; "" when everything was done."""
+    left = []
+    if reestimate is not None and bn_names:
+        not_written = {name: stats.reason for name, stats in reestimate.stats.items() if not stats.written}
+        if not_written:
+            left.append(f"{len(not_written)} of {plural(len(bn_names), 'BatchNormalization node')} not re-estimated "
+                        f"({_short(group_reasons(not_written)[0][0])})")
+    if fold is not None and fold.skipped:
+        left.append(f"{len(fold.skipped)} of {plural(len(bn_names), 'BatchNormalization node')} not folded "
+                    f"({_short(group_reasons(fold.skipped)[0][0])})")
+    if isinstance(reestimate, ReferenceResult):
+        if bn_names and reestimate.chosen == GIVEN:
+            left.append(f"{plural(len(bn_names), 'BatchNormalization node')}' statistics as stored (the "
+                        f"{spelled(GIVEN)} candidate was kept)")
+        total = len(reestimate.layers) + len(reestimate.refused_layers)
+        if reestimate.layers and reestimate.chosen in (GIVEN, "reestimated"):
+            left.append(f"{total} of {plural(total, 'layer')} without BatchNormalization not corrected (the "
+                        f"{spelled(reestimate.chosen)} candidate was kept)")
+        elif reestimate.refused_layers:
+            left.append(f"{len(reestimate.refused_layers)} of {plural(total, 'layer')} without BatchNormalization "
+                        f"not corrected ({_short(group_reasons(reestimate.refused_layers)[0][0])})")
+    changed = (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified)
+    if not changed:
+        return ": an unchanged copy" + (f" ({'; '.join(left)})" if left else "")
+    return "; left as given: " + ", ".join(left) if left else ""
+
+
+def _short(reason: str, limit: int = 120) -> str:
+    """The first clause of a reason, for one line ("its input comes from Relu '…'")."""
+    clause = re.split(r"[;:(]| \(|, (?=and|so|which)", reason, maxsplit=1)[0].strip()
+    return clause if len(clause) <= limit else clause[:limit - 3].rstrip() + "..."
 
 
 def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
@@ -304,6 +346,8 @@ def run_report(model: onnx.ModelProto, reestimate: Optional[ReestimateResult], f
         "device": reestimate.device if reestimate else None,
         "warnings": reestimate.warnings if reestimate else [],
         "batchnorms": batchnorm_records(model, reestimate, fold),
+        "batchnorms_not_folded": dict(fold.skipped) if fold is not None else {},
+        "activation_pairs_removed": len(fold.removed_pairs) if fold is not None else 0,
     }
     if isinstance(reestimate, ReferenceResult):
         report["reference"] = {"model": reference_path, **reference_record(reestimate)}

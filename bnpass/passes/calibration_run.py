@@ -49,6 +49,8 @@ from ..runtime import BatchRunner, create_session, select_providers, session_dev
 from ..statistics_forms import form_for_providers
 from ..stats import STATS_MODES, ChannelMoments
 from .base import PassResult
+from .fold_batchnorm import batchnorm_parameter
+from .fold_reasons import CannotFold
 
 logger = logging.getLogger(__name__)
 
@@ -274,10 +276,10 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
     shifts = []
     for tap, (mean, var, count) in zip(taps, results):
         bn = bns[tap.position]
-        old_mean, old_var = (editor.index.constant(name) for name in bn.input[3:5])
+        old_mean, old_var = (_stored_statistic(bn, position, editor) for position in (3, 4))
         entry = BatchNormStatistics(
-            old_mean=None if old_mean is None else old_mean.value.astype(np.float64).reshape(-1),
-            old_var=None if old_var is None else old_var.value.astype(np.float64).reshape(-1),
+            old_mean=None if old_mean is None else old_mean.astype(np.float64).reshape(-1),
+            old_var=None if old_var is None else old_var.astype(np.float64).reshape(-1),
             mean=mean, var=var, count=count)
         if old_mean is None or old_var is None:
             entry.written = False
@@ -286,9 +288,9 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
                 logger.warning("BatchNormalization '%s': %s; left as it was", tap.bn, entry.reason)
         else:
             label = bn.name or tap.bn
-            editor.set_constant_input(bn, 3, mean.reshape(old_mean.value.shape).astype(old_mean.value.dtype),
+            editor.set_constant_input(bn, 3, mean.reshape(old_mean.shape).astype(old_mean.dtype),
                                       f"{label}.running_mean")
-            editor.set_constant_input(bn, 4, var.reshape(old_var.value.shape).astype(old_var.value.dtype),
+            editor.set_constant_input(bn, 4, var.reshape(old_var.shape).astype(old_var.dtype),
                                       f"{label}.running_var")
         written.stats[node_label(bn)] = entry
         if diagnose and any(bn is node for node in first) and entry.written:
@@ -300,6 +302,23 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
     editor.remove_dead()
     written.modified = any(entry.written for entry in written.stats.values())
     return written
+
+
+def _stored_statistic(bn, position: int, editor: GraphEditor) -> Optional[np.ndarray]:
+    """The stored running mean (``position`` 3) or variance (4) of ``bn``, None when fed at run time.
+
+    A statistic behind ``DequantizeLinear`` of constants (onnxruntime's quantizer leaves them float;
+    others may not) is read dequantized, in the DequantizeLinear's output type; the new one is
+    written as a float initializer of that type in its place (the DequantizeLinear, then unread,
+    goes): a re-estimated statistic re-rounded to the old grid would no longer be the estimate.
+    """
+    constant = editor.index.constant(bn.input[position])
+    if constant is not None:
+        return constant.value
+    try:
+        return batchnorm_parameter(bn, position, editor.index)
+    except CannotFold:
+        return None
 
 
 def _expected_samples(limit: int, available: Optional[int], batch_size: int, *, fixed: bool) -> Optional[int]:

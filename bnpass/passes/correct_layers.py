@@ -27,7 +27,16 @@ The README's "Models without BatchNormalization" section gives the measurements 
 **Pairing.** Layers correspond by node name when both models name every such layer, uniquely, with
 the same set of names; else by order. Paired layers must have the same operator and weight shape (a
 quantized weight: the shape of its DequantizeLinear's input), so a QDQ model pairs with its float
-original; the first difference is a ModelError naming both layers.
+original; the first difference is a ModelError naming both layers. A layer whose weight cannot be read
+(on either side) pairs by operator alone and is left uncorrected with the reason: only a difference
+of architecture (operator, readable weight shape, count) stops the run.
+
+**Activation quantization.** QDQ quantizers write ``layer -> Q -> DQ -> next`` and, for a MatMul,
+``MatMul -> Q -> DQ -> Add(bias)``. The correction point is the layer's output before its Q (the
+inserted BN then sits between the layer and the Q), or the bias Add's output; the correction folds
+into the layer's weight (before the Q) and its bias or the Add's constant, and the pair stays
+(:class:`~bnpass.passes.FoldBatchNormPass` with ``activation_pairs="keep"``), with the range the
+quantizer calibrated on the uncompressed model, whose output moments the correction restores.
 """
 
 from __future__ import annotations
@@ -44,7 +53,13 @@ from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
 from .base import copy_model
-from .fold_batchnorm import LAYERS, backward_fold_refusal
+from .fold_batchnorm import (
+    LAYERS,
+    activation_pair_after,
+    add_constant,
+    backward_fold_refusal,
+    layer_weight_refusal,
+)
 from .fold_quantized_weight import is_dequantize, is_quantize
 
 LAYER_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -64,6 +79,7 @@ class Layer:
     point: str
     channels: Optional[int]
     dtype: np.dtype
+    unreadable: str = ""  # why its weight cannot be read, when it cannot ("" when it can)
 
 
 def layers_without_batchnorm(model: onnx.ModelProto) -> list:
@@ -74,13 +90,13 @@ def layers_without_batchnorm(model: onnx.ModelProto) -> list:
         if node.op_type not in LAYER_TYPES or node.domain not in DEFAULT_DOMAINS:
             continue
         point = node.output[0]
-        readers = index.consumers.get(point, [])
+        readers = _readers(point, index)
         if node.op_type == "MatMul" and len(readers) == 1 and readers[0].op_type == "Add" and (
-                any(index.constant(name) is not None for name in readers[0].input)):
-            point = readers[0].output[0]
-        if any(is_batchnorm(reader) for reader in index.consumers.get(point, [])) or any(
-                reader.op_type == "Add" and any(is_batchnorm(after) for after in index.consumers.get(
-                    reader.output[0], [])) for reader in index.consumers.get(node.output[0], [])):
+                any(add_constant(name, index) is not None for name in readers[0].input)):
+            point = readers[0].output[0]  # MatMul [-> Q -> DQ] -> Add(bias): the BN goes after the Add
+        if any(is_batchnorm(reader) for reader in _readers(point, index)) or any(
+                reader.op_type == "Add" and any(is_batchnorm(after) for after in _readers(reader.output[0], index))
+                for reader in readers):
             continue
         shape, dtype = _weight(node, index)
         channels = None
@@ -88,8 +104,16 @@ def layers_without_batchnorm(model: onnx.ModelProto) -> list:
             spec = LAYERS[node.op_type]
             axis = spec.output_axis(node)
             channels = shape[axis] * spec.output_groups(node) if axis < len(shape) else None
-        layers.append(Layer(node_label(node), node.op_type, shape, point, channels, dtype))
+        unreadable = "" if channels else (layer_weight_refusal(node, index) or "its weight is not a constant")
+        layers.append(Layer(node_label(node), node.op_type, shape, point, channels, dtype, unreadable))
     return layers
+
+
+def _readers(name: str, index: GraphIndex) -> list:
+    """The nodes reading ``name``, or, where an activation Q/DQ pair is its one reader (as QDQ
+    quantizers write after a layer), the nodes reading the pair's output."""
+    pair = activation_pair_after(name, index)
+    return index.consumers.get(pair.output if pair is not None else name, [])
 
 
 def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
@@ -127,7 +151,8 @@ def pair_layers(mine: list, theirs: list) -> list:
     else:
         pairs = list(zip(mine, theirs))
     for position, (layer, other) in enumerate(pairs):
-        if layer.op_type != other.op_type or layer.weight_shape != other.weight_shape:
+        readable = layer.weight_shape is not None and other.weight_shape is not None
+        if layer.op_type != other.op_type or (readable and layer.weight_shape != other.weight_shape):
             raise ModelError(f"{prefix} layer #{position + 1} without BatchNormalization is {layer.op_type} "
                              f"'{layer.label}' with weight {_shape(layer)} in the model, {other.op_type} "
                              f"'{other.label}' with weight {_shape(other)} in the reference")
@@ -190,15 +215,15 @@ def inserted_names(model: onnx.ModelProto, origins: list) -> dict:
 
 def foldable_layers(model: onnx.ModelProto, layers: list) -> tuple:
     """``(kept, refused)``: the layers whose inserted BN folds backward leaving every other node as it
-    is, and ``{label: reason}`` for the others."""
-    augmented, origins = insert_identity_batchnorms(model, layers)
+    is, and ``{label: reason}`` for the others (a layer whose weight cannot be read: why)."""
+    readable = [layer for layer in layers if layer.channels]
+    augmented, origins = insert_identity_batchnorms(model, readable)
     editor = GraphEditor(augmented)
     names = inserted_names(augmented, origins)
     bns = {node.name: node for node in augmented.graph.node if is_batchnorm(node)}
     kept, refused = [], {}
     for layer in layers:
-        reason = backward_fold_refusal(bns[names[layer.label]], editor) if layer.channels else (
-            "its weight is not a constant")
+        reason = backward_fold_refusal(bns[names[layer.label]], editor) if layer.channels else layer.unreadable
         if reason:
             refused[layer.label] = reason
         else:

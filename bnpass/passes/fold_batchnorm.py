@@ -17,6 +17,17 @@ Match, check, rewrite. For each BatchNormalization node:
   (:mod:`bnpass.passes.fold_quantized_weight`): the fold is exact in the scale alone, along the
   weight's output-channel axis, and an int32 bias ``DequantizeLinear`` stays one.
 
+**Activation quantization** (QDQ quantizers: ``Conv -> Q -> DQ -> BN -> Q -> DQ`` when BN was not
+folded first, ``MatMul -> Q -> DQ -> Add``): an activation QuantizeLinear -> DequantizeLinear pair
+before the BN, or between the layer and its bias Add, is looked through. By default the BN then
+folds only when its own output is quantized again (``BN -> Q``, or ``BN -> Relu -> Q``), and the
+pair is removed: the fold is exact in float, and what remains is the quantizer's layout for the
+folded model (its pair after the BN rounds the folded layer). Elsewhere a per-channel factor cannot
+pass the pair's per-tensor rounding exactly, and the BN stays. ``activation_pairs="keep"`` (the layer
+correction of ``--reference``) keeps a pair between a MatMul and its Add, the factor going into the
+weight before it and the shift into the Add's constant (a DequantizeLinear constant re-quantized in
+its own per-tensor format). BN parameters behind DequantizeLinear of constants are read dequantized.
+
 **Forward**, when it cannot fold backward, into the one layer reading its output (as data input):
 
 * Conv without padding (pads all 0, auto_pad NOTSET/VALID, or SAME with a 1x1 kernel), any group:
@@ -51,6 +62,7 @@ import onnx
 from .. import folding
 from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_infos, rank_of
+from ..quantized import PER_TENSOR
 from ..rewrite import GraphEditor
 from .base import PassResult, copy_model
 from .fold_quantized_weight import (
@@ -76,24 +88,39 @@ class FoldResult(PassResult):
     patterns: dict[str, str] = field(default_factory=dict)  # bn name -> what it folded as: "Conv->Add->BN", "BN->Gemm"
     per_channel: list[str] = field(default_factory=list)  # layers whose per-tensor weight scale became per-channel
     float_biases: dict[str, str] = field(default_factory=dict)  # layer -> why its int32 bias was written in float
+    # bn name -> the activation QuantizeLinear and DequantizeLinear removed with it (module docstring)
+    removed_pairs: dict[str, tuple] = field(default_factory=dict)
 
 
 class FoldBatchNormPass:
     """Fold every BatchNormalization that can be folded exactly (``only``: those of these node
-    names); report the others. ``keep_per_tensor``: a per-tensor quantized weight stays per-tensor,
-    its folded values re-rounded on one scale (:mod:`~bnpass.passes.fold_quantized_weight`), instead
-    of taking the fold exactly in a per-channel scale."""
+    names); report the others.
 
-    def __init__(self, only: Optional[set] = None, *, keep_per_tensor: bool = False):
+    ``activation_pairs`` says what happens to an activation QuantizeLinear -> DequantizeLinear pair
+    on the way from the layer to the BN (module docstring): ``"remove"`` (the default: the BN folds
+    only when its own output is quantized again, and the pair goes) or ``"keep"`` (the pair stays,
+    for a pair between a MatMul and its bias Add: the layer correction of ``--reference``, whose
+    factor then reaches the pair's per-tensor rounding).
+
+    ``keep_per_tensor``: a per-tensor quantized weight stays per-tensor, its folded values re-rounded
+    on one scale (:mod:`~bnpass.passes.fold_quantized_weight`), instead of taking the fold exactly in
+    a per-channel scale.
+    """
+
+    def __init__(self, only: Optional[set] = None, *, activation_pairs: str = "remove",
+                 keep_per_tensor: bool = False):
+        if activation_pairs not in ACTIVATION_PAIR_MODES:
+            raise ValueError(f"activation_pairs must be one of {ACTIVATION_PAIR_MODES}, not {activation_pairs!r}")
         self.only = only
+        self.activation_pairs = activation_pairs
         self.keep_per_tensor = keep_per_tensor
 
     def call(self, model: onnx.ModelProto) -> FoldResult:
         # A weightless copy is edited, reading values from ``model``; each payload is copied into
         # it once (GraphEditor.on_copy_of, build). Copy-then-overwrite would hold both weights (upb).
         editor = GraphEditor.on_copy_of(model)
-        context = _Context(editor, keep_per_tensor=self.keep_per_tensor)
-        folded, reasons, patterns = [], {}, {}
+        context = _Context(editor, self.activation_pairs, keep_per_tensor=self.keep_per_tensor)
+        folded, reasons, patterns, removed_pairs = [], {}, {}, {}
         per_channel, float_biases = [], {}
         pending = [node for node in editor.graph.node
                    if is_batchnorm(node) and (self.only is None or node.name in self.only)]
@@ -108,6 +135,9 @@ class FoldBatchNormPass:
                     continue
                 folded.append((node_label(bn), node_label(plan.layer)))
                 patterns[node_label(bn)] = plan.pattern
+                if plan.removed_pairs:
+                    removed_pairs[node_label(bn)] = tuple(node_label(node) for pair in plan.removed_pairs
+                                                          for node in (pair.quantize, pair.dequantize))
                 if plan.per_channel:
                     per_channel.append(node_label(plan.layer))
                 if plan.bias_plan.why_float:
@@ -123,17 +153,19 @@ class FoldBatchNormPass:
         else:
             output = copy_model(model)  # byte for byte the input
         return FoldResult(model=output, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns,
-                          per_channel=per_channel, float_biases=float_biases)
+                          per_channel=per_channel, float_biases=float_biases, removed_pairs=removed_pairs)
 
 
 class _Context:
     """Model-wide facts the checks need: the opset, tensor ranks from shape inference (lazily:
-    only MatMul folds need them), and whether per-tensor quantized weights stay per-tensor."""
+    only MatMul folds need them), what happens to activation Q/DQ pairs, and whether per-tensor
+    quantized weights stay per-tensor."""
 
-    def __init__(self, editor: GraphEditor, *, keep_per_tensor: bool = False):
+    def __init__(self, editor: GraphEditor, activation_pairs: str = "remove", *, keep_per_tensor: bool = False):
         self.editor = editor
-        self.opset = default_opset(editor.model)
+        self.activation_pairs = activation_pairs
         self.keep_per_tensor = keep_per_tensor
+        self.opset = default_opset(editor.model)
         self._value_infos: Optional[dict] = None
 
     def rank(self, name: str) -> Optional[int]:
@@ -142,6 +174,85 @@ class _Context:
             self.editor.flush()  # shape inference reads the protobuf graph
             self._value_infos = inferred_value_infos(self.editor.model)
         return rank_of(self._value_infos, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation quantization: the QuantizeLinear -> DequantizeLinear pairs quantizers put after layers
+# ------------------------------------------------------------------------------------------------
+
+ACTIVATION_PAIR_MODES = ("remove", "keep")
+
+
+@dataclass(frozen=True)
+class ActivationPair:
+    """``QuantizeLinear -> DequantizeLinear`` of an activation, as a QDQ quantizer writes it after a
+    layer (``Conv -> Q -> DQ -> next``); the QuantizeLinear's output is read by its DequantizeLinear only."""
+
+    quantize: onnx.NodeProto
+    dequantize: onnx.NodeProto
+
+    @property
+    def input(self) -> str:
+        return self.quantize.input[0]
+
+    @property
+    def output(self) -> str:
+        return self.dequantize.output[0]
+
+    @property
+    def label(self) -> str:
+        return f"QuantizeLinear '{node_label(self.quantize)}' -> DequantizeLinear '{node_label(self.dequantize)}'"
+
+    def bypass(self, editor: GraphEditor) -> None:
+        """Remove the pair: the one node reading its output reads its input instead."""
+        index = editor.index
+        reader, = index.consumers[self.output]
+        editor.set_input(reader, list(reader.input).index(self.output), self.input)
+        editor.remove_node(self.dequantize)
+        editor.remove_node(self.quantize)
+
+
+def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
+    """The activation pair whose DequantizeLinear makes ``name``, None when ``name`` is not made so
+    (a DequantizeLinear of a constant is a quantized weight, not an activation)."""
+    dequantize = index.producers.get(name)
+    if not is_dequantize(dequantize) or not dequantize.input:
+        return None
+    quantize = index.producers.get(dequantize.input[0])
+    if (quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain not in DEFAULT_DOMAINS
+            or index.use_count(quantize.output[0]) != 1 or index.constant(quantize.output[0]) is not None):
+        return None
+    return ActivationPair(quantize, dequantize)
+
+
+def activation_pair_after(name: str, index: GraphIndex) -> Optional[ActivationPair]:
+    """The activation pair that is the one reader of ``name`` (``layer -> Q -> DQ``), else None."""
+    readers = index.consumers.get(name, [])
+    if len(readers) != 1 or index.use_count(name) != 1 or readers[0].op_type != "QuantizeLinear":
+        return None
+    pair_readers = index.consumers.get(readers[0].output[0], [])
+    if len(pair_readers) != 1:
+        return None
+    pair = activation_pair(pair_readers[0].output[0], index)
+    return pair if pair is not None and pair.quantize is readers[0] else None
+
+
+def _quantized_again(bn, pair: ActivationPair, layer, index: GraphIndex) -> None:
+    """Removing ``pair`` is right only where the BN's output is quantized again (``BN -> Q`` or
+    ``BN -> Relu -> Q``, as a quantizer writes for a model whose BN was folded first): the folded
+    layer's output is then rounded by the quantizer's own pair for the folded model."""
+    y = bn.output[0]
+    readers = index.consumers.get(y, [])
+    after = readers[0] if len(readers) == 1 and index.use_count(y) == 1 else None
+    if after is not None and after.op_type == "Relu" and after.domain in DEFAULT_DOMAINS:
+        relu_readers = index.consumers.get(after.output[0], [])
+        after = relu_readers[0] if len(relu_readers) == 1 and index.use_count(after.output[0]) == 1 else None
+    if after is not None and after.op_type == "QuantizeLinear" and after.domain in DEFAULT_DOMAINS:
+        return
+    raise CannotFold(f"its input passes through the activation quantization {pair.label} after "
+                     f"{layer.op_type} '{node_label(layer)}', and its own output is not quantized again: a per-channel "
+                     "factor cannot pass that per-tensor rounding exactly, and removing it would leave the layer's "
+                     "output unquantized")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +272,16 @@ class _BackwardFold:
     add: Optional[onnx.NodeProto] = None
     add_constant_position: int = 1
     bias_plan: BiasPlan = field(default_factory=BiasPlan)
+    add_dequantize: Optional[QuantizedWeight] = None  # the Add's constant is DequantizeLinear of constants
+    pair_after_layer: Optional[ActivationPair] = None  # layer -> Q -> DQ -> Add
+    pair_before_batchnorm: Optional[ActivationPair] = None  # ... -> Q -> DQ -> BN
+    remove_pairs: bool = False  # False: the pairs stay (activation_pairs="keep")
+
+    @property
+    def removed_pairs(self) -> tuple:
+        if not self.remove_pairs:
+            return ()
+        return tuple(pair for pair in (self.pair_after_layer, self.pair_before_batchnorm) if pair is not None)
 
     @property
     def per_channel(self) -> bool:
@@ -170,10 +291,14 @@ class _BackwardFold:
     @property
     def pattern(self) -> str:
         weight = "DequantizeLinear->" if self.quantized_weight is not None else ""
+        after_layer = "->Q/DQ" if self.pair_after_layer is not None else ""
         add = "->Add" if self.add is not None else ""
-        return f"{weight}{self.layer.op_type}{add}->BN"
+        before = "->Q/DQ" if self.pair_before_batchnorm is not None else ""
+        return f"{weight}{self.layer.op_type}{after_layer}{add}{before}->BN"
 
     def apply(self, editor: GraphEditor) -> None:
+        for pair in self.removed_pairs:  # first: the rest then reads as a fold without them
+            pair.bypass(editor)
         bn, layer = self.bn, self.layer
         output = bn.output[0]
         base = layer.name or output
@@ -189,7 +314,13 @@ class _BackwardFold:
                 add = editor.replace_node(bn, add)
                 editor.set_constant_input(add, 1, self.bias, f"{base}.bias_folded")
                 return
-            editor.set_constant_input(self.add, self.add_constant_position, self.bias, f"{base}.bias_folded")
+            if self.add_dequantize is not None:  # re-quantized in the quantizer's own format
+                integers, scale = requantized_constant(self.add_dequantize, self.bias, "the folded bias")
+                dequantize = self.add_dequantize.dequantize
+                editor.set_constant_input(dequantize, 0, integers, f"{base}.bias_quantized_folded")
+                editor.set_constant_input(dequantize, 1, scale, f"{base}.bias_scale_folded")
+            else:
+                editor.set_constant_input(self.add, self.add_constant_position, self.bias, f"{base}.bias_folded")
             editor.remove_node(bn)
             editor.set_output(self.add, 0, output)
             return
@@ -215,6 +346,7 @@ class _ForwardFold:
     bias: np.ndarray
     per_channel = False  # a float weight: no quantization scheme to change
     bias_plan = BiasPlan()
+    removed_pairs = ()
 
     @property
     def pattern(self) -> str:
@@ -261,13 +393,22 @@ def plan_fold(bn: onnx.NodeProto, index: GraphIndex, context: _Context) -> _Back
 def backward_fold_refusal(bn: onnx.NodeProto, editor: GraphEditor) -> str:
     """Why ``bn`` cannot fold backward into the layer before it leaving every node but the BN as
     it is (a bias-less MatMul would need a new Add), or "" when it can."""
-    context = _Context(editor)
+    context = _Context(editor, "keep")
     try:
         plan = check_backward_fold(bn, check_batchnorm(bn, editor.index, context.opset), editor.index, context)
     except CannotFold as reason:
         return str(reason)
     if not LAYERS[plan.layer.op_type].bias_slot and plan.add is None:
         return f"{plan.layer.op_type} '{node_label(plan.layer)}' has no bias Add to take the correction's bias"
+    return ""
+
+
+def layer_weight_refusal(layer: onnx.NodeProto, index: GraphIndex) -> str:
+    """Why the weight of ``layer`` cannot be read for a fold, "" when it can."""
+    try:
+        _layer_weight(layer, index, _Context(GraphEditor(index.model)))
+    except CannotFold as reason:
+        return str(reason)
     return ""
 
 
@@ -281,12 +422,7 @@ def check_batchnorm(bn: onnx.NodeProto, index: GraphIndex, opset: int) -> tuple[
         raise CannotFold("training_mode=1: it normalizes with batch statistics at inference")
     if attribute(bn, "spatial", 1) == 0:
         raise CannotFold("spatial=0: per-activation statistics cannot fold into per-channel weights")
-    params = []
-    for position, label in enumerate(PARAM_NAMES, start=1):
-        value = _float_constant(bn.input[position], f"its {label} '{bn.input[position]}'", index)
-        if value is None:
-            raise CannotFold(f"its {label} '{bn.input[position]}' is not a constant")
-        params.append(value)
+    params = [batchnorm_parameter(bn, position, index) for position in range(1, 5)]
     channels = params[2].size
     if any(p.size != channels for p in params):
         raise CannotFold("its parameters have different sizes " + str([p.size for p in params]))
@@ -299,13 +435,30 @@ def check_batchnorm(bn: onnx.NodeProto, index: GraphIndex, opset: int) -> tuple[
     return scale, shift
 
 
+def batchnorm_parameter(bn: onnx.NodeProto, position: int, index: GraphIndex) -> np.ndarray:
+    """The value of BN parameter ``position`` (1 scale, 2 B, 3 mean, 4 var): a float constant, or
+    ``DequantizeLinear`` of constants (as quantizers write a BN's scale and B) dequantized exactly in
+    float64 and rounded once to the DequantizeLinear's output type, the value the BN reads. Raises
+    :class:`CannotFold` with the reason when it is neither."""
+    name = bn.input[position]
+    what = f"its {PARAM_NAMES[position - 1]} '{name}'"
+    value = _float_constant(name, what, index)
+    if value is not None:
+        return value
+    dequantize = index.producers.get(name)
+    if is_dequantize(dequantize) and activation_pair(name, index) is None:
+        return read_quantized(dequantize, index, reader=what).dequantized()
+    raise CannotFold(f"{what} is not a constant")
+
+
 # --- backward: into the layer producing the BN's input --------------------------------------------
 
 
 def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _BackwardFold:
     """A plan to fold ``bn`` into the layer producing its input (maybe through a bias Add)."""
     scale, shift = affine
-    layer, add, add_position, add_value = _backward_layer(bn, index)
+    path = _backward_layer(bn, index, context)
+    layer, add, add_position, add_value = path.layer, path.add, path.add_position, path.add_value
     weight = _layer_weight(layer, index, context)
     bias = _layer_bias(layer, index)
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
@@ -326,13 +479,16 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
                                         new_weight if isinstance(new_weight, QuantizedUpdate) else None, scale.size)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
                          quantized_weight=weight if isinstance(weight, QuantizedWeight) else None,
-                         bias=new_bias, add=add, add_constant_position=add_position, bias_plan=bias_plan)
+                         bias=new_bias, add=add, add_constant_position=add_position, bias_plan=bias_plan,
+                         add_dequantize=path.add_dequantize,
+                         pair_after_layer=path.pair_after_layer, pair_before_batchnorm=path.pair_before_batchnorm,
+                         remove_pairs=context.activation_pairs == "remove")
 
 
-def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onnx.NodeProto], int,
-                                                    Optional[np.ndarray]]:
-    """``(layer, add, add constant position, add constant)``: the foldable layer producing the BN's
-    input, directly (``add`` None) or through an Add of a constant, each intermediate read only once."""
+def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
+    """The foldable layer producing the BN's input, directly or through an Add of a constant, each
+    intermediate read only once; an activation Q/DQ pair may sit before the BN or between the layer
+    and its Add (``context.activation_pairs`` says what the fold does with it)."""
     x = bn.input[0]
     producer = index.producers.get(x)
     if producer is None:
@@ -341,23 +497,62 @@ def _backward_layer(bn, index: GraphIndex) -> tuple[onnx.NodeProto, Optional[onn
         raise CannotFold(f"its input '{x}' is a graph input, not the output of a layer")
     if producer.domain not in DEFAULT_DOMAINS:
         raise CannotFold(f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'")
-    add, add_position, add_value = None, 1, None
-    layer = producer
+    path = _BackwardPath(layer=producer)
+    if is_dequantize(producer):
+        path.pair_before_batchnorm = activation_pair(x, index)
+        if path.pair_before_batchnorm is None:
+            raise CannotFold(f"its input comes from DequantizeLinear '{node_label(producer)}', which does not "
+                             "dequantize the output of a QuantizeLinear read by it alone")
+        x = path.pair_before_batchnorm.input
+        producer = index.producers.get(x)
+        if producer is None or producer.domain not in DEFAULT_DOMAINS:
+            raise CannotFold(f"its input is quantized by {path.pair_before_batchnorm.label} from '{x}', which is "
+                             "not the output of a layer")
+        path.layer = producer
     if producer.op_type == "Add":
-        add = producer
-        layer, add_position, add_value = _match_bias_add(add, index)
-    elif is_dequantize(producer):
-        raise CannotFold(f"its input comes from DequantizeLinear '{node_label(producer)}': an activation quantized "
-                         "after its layer cannot take a per-channel factor exactly; re-estimate and fold with "
-                         "bnpass before quantizing activations")
+        path.add = producer
+        path.layer, path.add_position, constant, path.pair_after_layer = _match_bias_add(producer, index)
+        path.add_value, path.add_dequantize = constant.value, constant.dequantize
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
-    if index.use_count(x) != 1:
-        _raise_shared(x, producer, index)
-    if add is not None and index.use_count(layer.output[0]) != 1:
-        _raise_shared(layer.output[0], layer, index)
-    return layer, add, add_position, add_value
+    for name in (bn.input[0], x):  # each intermediate read once (x: the pair's input, when there is one)
+        if index.use_count(name) != 1:
+            _raise_shared(name, index.producers[name], index)
+    if path.add is not None and index.use_count(path.layer.output[0]) != 1:
+        _raise_shared(path.layer.output[0], path.layer, index)
+    _check_activation_pairs(bn, path, index, context)
+    return path
+
+
+@dataclass
+class _BackwardPath:
+    """How a BN's input comes from its layer: ``layer [-> Q -> DQ] [-> Add(constant)] [-> Q -> DQ] -> BN``."""
+
+    layer: onnx.NodeProto
+    add: Optional[onnx.NodeProto] = None
+    add_position: int = 1
+    add_value: Optional[np.ndarray] = None
+    add_dequantize: Optional[QuantizedWeight] = None  # the Add's constant is DequantizeLinear of these
+    pair_after_layer: Optional[ActivationPair] = None
+    pair_before_batchnorm: Optional[ActivationPair] = None
+
+
+def _check_activation_pairs(bn, path: _BackwardPath, index: GraphIndex, context: _Context) -> None:
+    """Whether the fold can deal with the activation pairs on ``path`` in ``context``'s mode."""
+    pairs = [pair for pair in (path.pair_after_layer, path.pair_before_batchnorm) if pair is not None]
+    if not pairs:
+        return
+    if context.activation_pairs == "remove":
+        _quantized_again(bn, pairs[-1], path.layer, index)
+        return
+    layer = path.layer
+    if path.pair_before_batchnorm is not None:
+        raise CannotFold(f"its input passes through the activation quantization {path.pair_before_batchnorm.label}: "
+                         "a per-channel factor cannot pass that per-tensor rounding exactly")
+    if LAYERS[layer.op_type].bias_slot and len(layer.input) > 2 and layer.input[2]:
+        raise CannotFold(f"{layer.op_type} '{node_label(layer)}' has a bias before the activation quantization "
+                         f"{path.pair_after_layer.label} and another in Add '{node_label(path.add)}' after it")
 
 
 def _raise_shared(name: str, producer, index: GraphIndex) -> None:
@@ -366,18 +561,71 @@ def _raise_shared(name: str, producer, index: GraphIndex) -> None:
     raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
 
 
-def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, np.ndarray]:
-    """``(layer, constant position, constant value)`` of an ``add`` that adds a float constant to
-    the output of a foldable layer."""
+def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, _AddConstant,
+                                                                     Optional[ActivationPair]]:
+    """``(layer, constant position, constant, activation pair)`` of an ``add`` that adds a float
+    constant (or a dequantized one) to the output of a foldable layer, directly or through an activation Q/DQ pair
+    (``MatMul -> Q -> DQ -> Add``, as onnxruntime's quantizer writes a MatMul and its bias)."""
     if len(add.input) == 2:
         for position in (1, 0):
-            constant = index.constant(add.input[position])
-            layer = index.producers.get(add.input[1 - position])
+            constant = add_constant(add.input[position], index)
+            other = add.input[1 - position]
+            pair = activation_pair(other, index)
+            if pair is not None:
+                if index.use_count(other) != 1:
+                    continue
+                other = pair.input
+            layer = index.producers.get(other)
             if (constant is not None and layer is not None and layer.op_type in FOLDABLE_PRODUCERS
                     and layer.domain in DEFAULT_DOMAINS and np.issubdtype(constant.value.dtype, np.floating)):
-                return layer, position, constant.value
+                return layer, position, constant, pair
     raise CannotFold(f"its input comes from Add '{node_label(add)}', which does not add a constant to the output "
                      "of a Conv, ConvTranspose, Gemm or MatMul")
+
+
+@dataclass(frozen=True)
+class _AddConstant:
+    """The constant an Add adds: a float constant, or ``DequantizeLinear`` of constants with a per-tensor
+    scale (as onnxruntime's quantizer writes a MatMul's bias: int8, like a weight), dequantized."""
+
+    value: np.ndarray
+    dequantize: Optional[QuantizedWeight] = None
+
+
+def add_constant(name: str, index: GraphIndex) -> Optional[_AddConstant]:
+    """What ``name`` holds as an Add's constant operand, None when it is neither form."""
+    constant = index.constant(name)
+    if constant is not None:
+        return _AddConstant(constant.value)
+    dequantize = index.producers.get(name)
+    if not is_dequantize(dequantize) or activation_pair(name, index) is not None:
+        return None
+    try:
+        quantized = read_quantized(dequantize, index, reader=f"the constant '{name}'")
+        if (quantized.layout.kind != PER_TENSOR or quantized.quantize is not None or not quantized.storage.integer
+                or index.use_count(name) != 1):
+            return None
+        return _AddConstant(quantized.dequantized(), quantized)
+    except CannotFold:
+        return None
+
+
+def requantized_constant(quantized: QuantizedWeight, value: np.ndarray, what: str) -> tuple:
+    """``(integers, scale)`` for ``value`` in the per-tensor format of ``quantized`` (its integer type
+    and zero point kept): the smallest scale whose grid holds every value, as a quantizer's min/max
+    calibration gives it; each value then moves by at most half that scale."""
+    low, high = int(quantized.storage.low), int(quantized.storage.high)
+    zero_point = 0 if quantized.zero_point is None else int(np.asarray(quantized.zero_point).reshape(-1)[0])
+    value = np.asarray(value, dtype=np.float64)
+    largest, smallest = float(value.max(initial=0.0)), float(value.min(initial=0.0))
+    bounds = [largest / (high - zero_point) if high > zero_point else 0.0,
+              smallest / (low - zero_point) if low < zero_point else 0.0]
+    scale = max(bounds)
+    if scale == 0:
+        scale = float(np.asarray(quantized.q_scale).reshape(-1)[0])
+    scale = cast_finite(np.asarray(scale).reshape(quantized.q_scale.shape), quantized.q_scale.dtype, what)
+    integers = np.clip(np.round(value / np.float64(scale.reshape(-1)[0])) + zero_point, low, high)
+    return integers.astype(quantized.stored.dtype).reshape(quantized.stored.shape), scale
 
 
 def _check_output_channels(layer, weight_shape, bias: Optional[np.ndarray], channels: int,

@@ -254,7 +254,10 @@ class MatchReferencePass:
         if self.correct_layers:
             layer_pairs = pair_layers(layers_without_batchnorm(model), layers_without_batchnorm(self.reference))
             kept, refused = foldable_layers(model, [mine for mine, _ in layer_pairs])
-            kept_labels = {layer.label for layer in kept}
+            for mine, theirs in layer_pairs:  # an unreadable reference layer: that one layer is left
+                if theirs.unreadable and mine.label not in refused:
+                    refused[mine.label] = f"its partner in the reference, '{theirs.label}': {theirs.unreadable}"
+            kept_labels = {layer.label for layer in kept if layer.label not in refused}
             layer_pairs = [(mine, theirs) for mine, theirs in layer_pairs if mine.label in kept_labels]
             for label, reason in refused.items():
                 logger.info("layer '%s' is not corrected: %s", label, reason)
@@ -322,8 +325,8 @@ class MatchReferencePass:
             written[name].stats = {label: entry for label, entry in written[name].stats.items()
                                    if label not in inserted.values()}
             if inserted:
-                fold = FoldBatchNormPass(only=set(inserted.values()), keep_per_tensor=self.keep_per_tensor).call(
-                    candidate)
+                fold = FoldBatchNormPass(only=set(inserted.values()), activation_pairs="keep",
+                                         keep_per_tensor=self.keep_per_tensor).call(candidate)
                 candidate, folds[name] = fold.model, fold
                 written[name].modified = True
             candidates[name] = candidate
