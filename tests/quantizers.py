@@ -44,8 +44,8 @@ CALIBRATION_BATCH = 32
 IR_VERSION = 10
 
 
-def calibration_images(count: int = CALIBRATION_SAMPLES) -> np.ndarray:
-    """The first ``count`` calibration images, (N, 1, 8, 8) float32, in file order."""
+def calibration_images(count: int | None = CALIBRATION_SAMPLES) -> np.ndarray:
+    """The first ``count`` calibration images (all 384 for None), (N, 1, 8, 8) float32, in file order."""
     files = sorted(CALIBRATION_FOLDER.glob("*.npy"))
     return np.concatenate([np.load(path) for path in files])[:count].astype(np.float32)
 
@@ -125,15 +125,18 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     onnx.save(model, path)
 
 
-def quantize_with_onnxruntime(source: onnx.ModelProto, output: Path, **options) -> None:
-    """``quantize_static`` in QDQ format, as onnxruntime's documentation shows it, on the calibration images."""
+def quantize_with_onnxruntime(source: onnx.ModelProto, output: Path, images: np.ndarray | None = None,
+                              **options) -> None:
+    """``quantize_static`` in QDQ format, as onnxruntime's documentation shows it, on ``images``
+    (default: :func:`calibration_images`)."""
     staged = output.with_name(output.stem + "_source.onnx")
     _save(source, staged)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # "please consider pre-processing" and the int4 domain notice, every call
     try:
-        quantize_static(str(staged), str(output), ImageReader(calibration_images()),
+        images = calibration_images() if images is None else images
+        quantize_static(str(staged), str(output), ImageReader(images),
                         quant_format=QuantFormat.QDQ, **options)
     finally:
         root.setLevel(level)
@@ -141,12 +144,12 @@ def quantize_with_onnxruntime(source: onnx.ModelProto, output: Path, **options) 
     _save(onnx.load(output), output)
 
 
-def quantize_with_nncf(source: onnx.ModelProto, output: Path, **options) -> None:
-    """``nncf.quantize`` with its defaults (8-bit, fast bias correction), one image per sample as NNCF's
-    ONNX examples feed it."""
+def quantize_with_nncf(source: onnx.ModelProto, output: Path, images: np.ndarray | None = None, **options) -> None:
+    """``nncf.quantize`` on ``images`` (default: :func:`calibration_images`), one image per sample as
+    NNCF's ONNX examples feed it; without ``options``, its defaults (8-bit, fast bias correction)."""
     import nncf  # optional: the row is skipped where NNCF is not installed
 
-    images = calibration_images()
+    images = calibration_images() if images is None else images
     dataset = nncf.Dataset([{INPUT_NAME: images[index:index + 1]} for index in range(len(images))])
     _save(nncf.quantize(source, dataset, subset_size=len(images), **options), output)
 
