@@ -31,6 +31,9 @@ import pytest
 from bnpass.cli import main
 from builders import run_onnxruntime
 from quantizers import (
+    CALIBRATION_FOLDER,
+    FLOAT_FOLDED,
+    FLOAT_WITH_BN,
     INPUT_NAME,
     QUANTIZER_ROWS,
     QuantizedModels,
@@ -167,3 +170,29 @@ def test_every_quantizer_output_is_repaired_in_its_own_format(row, quantized_mod
         assert accuracy(after, labels) >= accuracy(as_written, labels)
     else:
         assert accuracy(after, labels) >= accuracy(float_logits, labels) - ACCURACY_POINTS
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "examples" / "quantized").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=[path.stem for path in SHIPPED])
+def test_the_shipped_quantized_examples_are_repaired_as_the_readme_says(model, tmp_path, capsys):
+    """The README's "Models from the quantizers" commands on examples/quantized/ (written by
+    tools/make_quantized_example.py): exit 0, every layer corrected and every BN folded, closer to
+    the float model and not less accurate than as written on the held-out test images."""
+    float_model = FLOAT_WITH_BN if model.stem.startswith("with_batchnorm") else FLOAT_FOLDED
+    output, report = tmp_path / "repaired.onnx", tmp_path / "report.json"
+    code = main([str(model), str(output), "--data", str(CALIBRATION_FOLDER), "--reference", str(float_model),
+                 "--report", str(report), "--device", "cpu", "-q"])
+    said = capsys.readouterr().err
+    assert code == 0, said
+    records = json.loads(report.read_text())
+    assert records["reference"]["layers_not_corrected"] == {}, said
+    assert all(bn["folded_into"] for bn in records["batchnorms"]), said
+    repaired = onnx.load(output)
+    onnx.checker.check_model(repaired, full_check=True)
+    images, labels = labelled_test_images()
+    float_logits = classify(onnx.load(float_model), images)
+    as_written, after = classify(onnx.load(model), images), classify(repaired, images)
+    assert relative_error(after, float_logits) < relative_error(as_written, float_logits)
+    assert accuracy(after, labels) >= accuracy(as_written, labels)
