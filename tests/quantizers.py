@@ -167,6 +167,7 @@ class QuantizerRow:
     quantize: Callable[[onnx.ModelProto, Path], None]
     prepare: Callable[[onnx.ModelProto], onnx.ModelProto] = lambda model: model
     needs: str = ""  # an optional module the row needs ("nncf")
+    issue: str = ""  # what stood in the way when the row was written (issue 21's E1-E6)
 
 
 def _onnxruntime(**options) -> Callable[[onnx.ModelProto, Path], None]:
@@ -176,24 +177,31 @@ def _onnxruntime(**options) -> Callable[[onnx.ModelProto, Path], None]:
 QUANTIZER_ROWS = {row.name: row for row in [
     QuantizerRow("per_tensor", "quantize_static QDQ, per-tensor int8 weights, uint8 activations, int32 biases",
                  FLOAT_FOLDED, _onnxruntime(per_channel=False, weight_type=QuantType.QInt8,
-                                            activation_type=QuantType.QUInt8)),
+                                            activation_type=QuantType.QUInt8),
+                 issue='E1: the int32 bias DequantizeLinear (scale [1], scalar zero point) reads as "not a constant"'),
     QuantizerRow("per_channel", "quantize_static QDQ, per-channel int8 weights, int32 biases",
-                 FLOAT_FOLDED, _onnxruntime(per_channel=True)),
+                 FLOAT_FOLDED, _onnxruntime(per_channel=True),
+                 issue='the int32 bias DequantizeLinear nodes are replaced by float biases (49 -> 42 nodes)'),
     QuantizerRow("float_bias", "quantize_static QDQ, per-tensor int8 weights, QuantizeBias False (float biases)",
                  FLOAT_FOLDED, _onnxruntime(per_channel=False, extra_options={"QuantizeBias": False})),
     QuantizerRow("matmul_bias_add", "quantize_static QDQ, per-channel int8 weights, on the model whose fully "
                  "connected layers are MatMul -> Add: MatMul -> Q -> DQ -> Add", FLOAT_FOLDED,
-                 _onnxruntime(per_channel=True), prepare=with_gemm_as_matmul_add),
+                 _onnxruntime(per_channel=True), prepare=with_gemm_as_matmul_add,
+                 issue='E2: MatMul -> Q -> DQ -> Add "has no bias Add"'),
     QuantizerRow("int4_microsoft", "quantize_static, int4 per-channel weights at opset 13 (com.microsoft Q/DQ)",
-                 FLOAT_FOLDED, _onnxruntime(per_channel=True, weight_type=QuantType.QInt4)),
+                 FLOAT_FOLDED, _onnxruntime(per_channel=True, weight_type=QuantType.QInt4),
+                 issue='E3: com.microsoft int4 weight "not a constant", and the run stops'),
     QuantizerRow("int4_opset21", "quantize_static, int4 per-channel weights at opset 21 (native INT4)",
                  FLOAT_FOLDED, _onnxruntime(per_channel=True, weight_type=QuantType.QInt4),
-                 prepare=lambda model: with_opset(model, 21)),
+                 prepare=lambda model: with_opset(model, 21),
+                 issue='E4: every layer skipped ("dequantizes int4"), exit 0, file unchanged'),
     QuantizerRow("constant_weights", "quantize_static on weights held by Constant nodes: "
                  "QuantizeLinear(Constant) -> DequantizeLinear at run time, float biases",
-                 FLOAT_FOLDED, _onnxruntime(per_channel=False), prepare=with_weights_as_constant_nodes),
+                 FLOAT_FOLDED, _onnxruntime(per_channel=False), prepare=with_weights_as_constant_nodes,
+                 issue='E5: QuantizeLinear(Constant) -> DequantizeLinear not read, and the run stops'),
     QuantizerRow("with_batchnorm", "quantize_static QDQ per-tensor on the model that still has BN (no pre-processing)",
-                 FLOAT_WITH_BN, _onnxruntime(per_channel=False)),
+                 FLOAT_WITH_BN, _onnxruntime(per_channel=False),
+                 issue='E6: BN scale and bias behind DequantizeLinear; the run stops on the pairing'),
     QuantizerRow("nncf", "nncf.quantize, defaults (fast bias correction)",
                  FLOAT_FOLDED, quantize_with_nncf, needs="nncf"),
 ]}

@@ -141,10 +141,11 @@ def test_every_quantizer_output_is_repaired_in_its_own_format(row, quantized_mod
     if QUANTIZER_ROWS[row].needs:
         pytest.importorskip(QUANTIZER_ROWS[row].needs)
     pair = quantized_models.pair(row)
+    blocked_by = QUANTIZER_ROWS[row].issue
     written = pair.quantized.read_bytes()
     code, output, records, said = repair(pair, calibration_file, tmp_path, capsys)
     assert pair.quantized.read_bytes() == written, "the input model was modified"
-    assert code == 0, said
+    assert code == 0, f"({blocked_by}) {said}"
 
     repaired, quantized, float_model = onnx.load(output), onnx.load(pair.quantized), onnx.load(pair.float_model)
     onnx.checker.check_model(repaired, full_check=True)
@@ -153,13 +154,14 @@ def test_every_quantizer_output_is_repaired_in_its_own_format(row, quantized_mod
     float_bns = sum(node.op_type == "BatchNormalization" for node in float_model.graph.node)
     float_layers = [node.name for node in float_model.graph.node if node.op_type in LAYER_OP_TYPES]
     reference = records["reference"]
-    assert reference["layers_not_corrected"] == {}, said
-    assert len(reference["layers"]) == len(float_layers) - float_bns, said
+    assert reference["layers_not_corrected"] == {}, f"({blocked_by}) {said}"
+    assert len(reference["layers"]) == len(float_layers) - float_bns, f"({blocked_by}) {said}"
     assert len(records["batchnorms"]) == float_bns
     assert all(bn["reestimated"] and bn["folded_into"] for bn in records["batchnorms"]), records["batchnorms"]
 
     # The quantizer's own format: its nodes, op types and integer types, less what a BN fold removes.
-    assert node_signatures(repaired) == node_signatures(quantized, nodes_a_batchnorm_fold_removes(quantized))
+    expected = node_signatures(quantized, nodes_a_batchnorm_fold_removes(quantized))
+    assert node_signatures(repaired) == expected, blocked_by
 
     # Closer to the float model, and as accurate, on held-out images.
     images, labels = labelled_test_images()
@@ -184,7 +186,8 @@ def test_the_shipped_quantized_examples_are_repaired_as_the_readme_says(model, t
     output, report = tmp_path / "repaired.onnx", tmp_path / "report.json"
     code = main([str(model), str(output), "--data", str(CALIBRATION_FOLDER), "--reference", str(float_model),
                  "--report", str(report), "--device", "cpu", "-q"])
-    said = capsys.readouterr().err
+    captured = capsys.readouterr()
+    said = captured.out + captured.err
     assert code == 0, said
     records = json.loads(report.read_text())
     assert records["reference"]["layers_not_corrected"] == {}, said

@@ -21,7 +21,7 @@ on the 384 images of ``examples/reference/in-domain/calib``:
 
 Each pairs with its float model, the ``--reference``: ``examples/fused/model.onnx``, or
 ``examples/reference/model.onnx`` for the BN model. The quantizers are tests/quantizers.py's (the
-same calls the tests make). About 250 KB in all.
+same calls the tests make). About 320 KB in all.
 
 ``--measure`` then repairs every model with ``python -m bnpass MODEL out.onnx --data CALIB --reference
 FLOAT`` and prints the README's table: accuracy on the test images as written and after bnpass (with
