@@ -71,6 +71,7 @@ from .fold_quantized_weight import (
     QuantizedWeight,
     fold_quantized_weight,
     is_dequantize,
+    is_quantize,
     plan_quantized_bias,
     read_quantized,
     write_quantized_bias,
@@ -219,8 +220,8 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     if not is_dequantize(dequantize) or not dequantize.input:
         return None
     quantize = index.producers.get(dequantize.input[0])
-    if (quantize is None or quantize.op_type != "QuantizeLinear" or quantize.domain not in DEFAULT_DOMAINS
-            or index.use_count(quantize.output[0]) != 1 or index.constant(quantize.output[0]) is not None):
+    if (not is_quantize(quantize) or index.use_count(quantize.output[0]) != 1
+            or index.constant(quantize.output[0]) is not None):
         return None
     return ActivationPair(quantize, dequantize)
 
@@ -228,7 +229,7 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
 def activation_pair_after(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     """The activation pair that is the one reader of ``name`` (``layer -> Q -> DQ``), else None."""
     readers = index.consumers.get(name, [])
-    if len(readers) != 1 or index.use_count(name) != 1 or readers[0].op_type != "QuantizeLinear":
+    if len(readers) != 1 or index.use_count(name) != 1 or not is_quantize(readers[0]):
         return None
     pair_readers = index.consumers.get(readers[0].output[0], [])
     if len(pair_readers) != 1:
@@ -247,7 +248,7 @@ def _quantized_again(bn, pair: ActivationPair, layer, index: GraphIndex) -> None
     if after is not None and after.op_type == "Relu" and after.domain in DEFAULT_DOMAINS:
         relu_readers = index.consumers.get(after.output[0], [])
         after = relu_readers[0] if len(relu_readers) == 1 and index.use_count(after.output[0]) == 1 else None
-    if after is not None and after.op_type == "QuantizeLinear" and after.domain in DEFAULT_DOMAINS:
+    if is_quantize(after):
         return
     raise CannotFold(f"its input passes through the activation quantization {pair.label} after "
                      f"{layer.op_type} '{node_label(layer)}', and its own output is not quantized again: a per-channel "
@@ -495,7 +496,7 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
         if x in index.initializers and not index.is_overridable_input(x):
             raise CannotFold(f"its input '{x}' is a constant, not the output of a layer")
         raise CannotFold(f"its input '{x}' is a graph input, not the output of a layer")
-    if producer.domain not in DEFAULT_DOMAINS:
+    if producer.domain not in DEFAULT_DOMAINS and not is_dequantize(producer):  # onnxruntime's Q/DQ domain too
         raise CannotFold(f"its input comes from {producer.domain}.{producer.op_type} '{node_label(producer)}'")
     path = _BackwardPath(layer=producer)
     if is_dequantize(producer):
