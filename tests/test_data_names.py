@@ -15,12 +15,14 @@ import pytest
 import bnpass
 from bnpass.arrays import ArrayFolder
 from bnpass.cli import main
-from bnpass.data import INPUT_NAMES, LABEL_NAMES, LABELS, model_input_specs
+from bnpass.data import LABELS, model_input_specs
 from bnpass.loaders import IterableSource
 from bnpass.sources import open_folder
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits"
+INPUT_NAMES = ("x", "images", "inputs", "input", "data")  # what issue 22 asked for, beside the input's own name
+LABEL_NAMES = ("labels", "y", "targets", "label", "target")
 SPECS = model_input_specs(onnx.load(EXAMPLE / "model_compressed.onnx"))  # one input, 'input' float32[?, 1, 8, 8]
 
 
