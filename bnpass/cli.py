@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--plot", metavar="FILE.png",
                         help="draw, per BN in graph order, how far the new statistics drifted from the stored "
                              "ones (and, with --reference, from the original model's), as PNG, SVG or PDF by the "
-                             "name's suffix; needs bnpass[plot]")
+                             "name's suffix; needs matplotlib (the [plot] extra)")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
                              "batches (no more than calibration used), both without onnxruntime's graph "
