@@ -75,7 +75,7 @@ RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml
                          "onnxruntime-qnn")
 NEEDED_ATTRIBUTES = ("InferenceSession", "SessionOptions", "GraphOptimizationLevel", "OrtValue",
                      "get_available_providers", "set_default_logger_severity")
-INSTALL_HINT = "pip install onnxruntime-gpu (CUDA and CPU; what bnpass's [gpu] extra installs) or onnxruntime (CPU only)"
+INSTALL_HINT = "pip install onnxruntime-gpu (CUDA and CPU; bnpass's [gpu] extra) or onnxruntime (CPU only)"
 
 
 def _onnxruntime():
