@@ -1,5 +1,5 @@
-"""``python -m bnpass``: the command line of :mod:`bnpass.cli`."""
+"""``python -m bnpass``: the ``bnpass`` command (:mod:`bnpass.entry`, which handles Ctrl-C from the start)."""
 
-from .cli import main
+from .entry import main
 
 raise SystemExit(main())

@@ -6,9 +6,13 @@ in sorted order of their relative paths, hidden files and folders skipped:
 * ``.npy``: one sample (the model input's rank minus one) or a batch of samples (the input's
   rank, samples along axis 0). Only for single-input models.
 * ``.npz``: one array per model input, named like the input; each a sample or a batch, the same
-  number of samples for every input. A single-input model also takes ``arr_0`` (``np.savez(f, x)``).
-  An array named ``labels`` beside them (one class index per sample; in every file or in none)
-  gives the samples' labels, which ``--reference`` chooses by (:data:`bnpass.data.LABELS` carries them).
+  number of samples for every input. A single-input model also takes one array named ``arr_0``
+  (``np.savez(f, x)``) or one of :data:`bnpass.data.INPUT_NAMES` (``x``, ``images``, ``inputs``,
+  ``input``, ``data``). An array named ``labels`` beside them (one class index per sample; in every
+  file or in none) gives the samples' labels, which ``--reference`` chooses by
+  (:data:`bnpass.data.LABELS` carries them); so does one named ``y``, ``targets``, ``label`` or
+  ``target`` (:data:`bnpass.data.LABEL_NAMES`), which is used only where it holds one class index per
+  sample (targets of another kind, such as masks, are left out, with a note).
 
 Every file's shape and dtype is checked against the model inputs before any compute (headers
 only for ``.npy``).
@@ -22,12 +26,15 @@ samples within each.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import numpy as np
 
-from .data import LABELS, finite, fit_array
+from .data import LABELS, class_indices, finite, fit_array, input_keys, label_key
 from .errors import DataError
+
+logger = logging.getLogger(__name__)
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 READ_CHUNK = 256  # samples read from a batch file at a time
@@ -44,6 +51,8 @@ class ArrayFolder:
         self.files = files
         self.shuffle = shuffle
         self.seed = seed
+        self.label_names = {}  # file -> the name its labels came under
+        self.not_labels = set()  # files whose array under a label name other than 'labels' holds no class indices
         if any(f.lower().endswith(".npy") for f in self.files) and len(specs) != 1:
             names = ", ".join(s.name for s in specs)
             raise DataError(f"the model has {len(specs)} inputs ({names}): give .npz files with one array "
@@ -53,8 +62,8 @@ class ArrayFolder:
         labelled = [path for path, (_, has_labels) in zip(self.files, checked) if has_labels]
         if labelled and len(labelled) != len(self.files):
             unlabelled = next(path for path, (_, has_labels) in zip(self.files, checked) if not has_labels)
-            raise DataError(f"{labelled[0]} has a '{LABELS_ARRAY}' array and {unlabelled} has none: give labels "
-                            "in every file or in none")
+            raise DataError(f"{labelled[0]} has a '{self.label_names[labelled[0]]}' array and {unlabelled} has "
+                            "none: give labels in every file or in none")
 
     @property
     def sample_count(self) -> int:
@@ -67,17 +76,12 @@ class ArrayFolder:
                 _refuse_objects(path)
                 return {self.specs[0].name: np.load(path, mmap_mode="r", allow_pickle=False)}
             with np.load(path, allow_pickle=False) as archive:
-                names = {s.name: s.name for s in self.specs}
-                if len(self.specs) == 1 and self.specs[0].name not in archive.files and (
-                        [name for name in archive.files if name != LABELS_ARRAY] == [SAVEZ_DEFAULT_NAME]):
-                    names[self.specs[0].name] = SAVEZ_DEFAULT_NAME
-                missing = [s.name for s in self.specs if names[s.name] not in archive.files]
-                if missing:
-                    raise DataError(f"{path}: no array named '{missing[0]}' for model input '{missing[0]}' "
-                                    f"(the file has: {', '.join(archive.files) or 'nothing'})")
+                names = input_keys(archive.files, self.specs, path, "the file", more=(SAVEZ_DEFAULT_NAME,))
                 arrays = {s.name: _read_archive_array(archive, names[s.name], path) for s in self.specs}
-                if LABELS_ARRAY in archive.files and LABELS_ARRAY not in names:
-                    arrays[LABELS] = _read_archive_array(archive, LABELS_ARRAY, path)
+                labels = label_key(archive.files, {*names.values(), *(s.name for s in self.specs)})
+                if labels is not None and path not in self.not_labels:
+                    arrays[LABELS] = _read_archive_array(archive, labels, path)
+                    self.label_names[path] = labels
                 return arrays
         except DataError:
             raise
@@ -96,12 +100,16 @@ class ArrayFolder:
             raise DataError(f"{path}: arrays hold different numbers of samples {sorted(counts)}")
         count = counts.pop()
         labelled = LABELS in arrays
-        if labelled:
-            labels = arrays[LABELS]
-            if labels.size != count or not (np.issubdtype(labels.dtype, np.integer) or (
-                    np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
+        if labelled and not class_indices(arrays[LABELS], count):
+            name, labels = self.label_names[path], arrays[LABELS]
+            if name == LABELS_ARRAY:
                 raise DataError(f"{path}: '{LABELS_ARRAY}' must hold one class index per sample ({count}), "
                                 f"not {labels.dtype} of shape {list(labels.shape)}")
+            if not self.not_labels:
+                logger.info("%s: '%s' (%s of shape %s) is not one class index per sample: not used as labels",
+                            path, name, labels.dtype, list(labels.shape))
+            self.not_labels.add(path)
+            labelled = False
         return count, labelled
 
     def _batch_arrays(self, path: str) -> dict:

@@ -1,8 +1,10 @@
 """Command line: ``bnpass IN.onnx OUT.onnx --data DIR`` (also ``python -m bnpass``).
 
 Exit codes: 0 done; 1 bad input or environment (one line ``error: ...`` on stderr; no file written:
-neither the model, its external data, the report nor the plot); 2 bad command line (argparse);
-130 interrupted (nothing written).
+neither the model, its external data, the report nor the plot); 2 bad command line: an argument
+argparse refuses, or options that do not go together (``error: ...``, then one line pointing to
+``--help``); 130 interrupted (nothing written; the entry point, :mod:`bnpass.entry`, says so from the
+first instant, imports included).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import time
 
 from .calibration import batchnorm_nodes
 from .config import check_sample_sizes, read_nncf_config
-from .data import batched, model_input_specs
-from .errors import BnpassError, RuntimeUnavailableError
+from .data import batched, model_input_specs, plural
+from .errors import INTERRUPTED, BnpassError, RuntimeUnavailableError, UsageError
 from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
@@ -28,7 +30,7 @@ from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, bat
 from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
 from .plot import plot_format, render_drift, require_matplotlib
-from .progress import progress_bar
+from .progress import close_progress_bars, progress_bar
 from .report import (
     batchnorm_drifts,
     closing_note,
@@ -39,7 +41,7 @@ from .report import (
     summary_lines,
 )
 from .runtime import DEVICES, select_providers
-from .sources import open_source
+from .sources import ImageOptionsNotApplicable, open_source
 from .stats import STATS_MODES
 from .verify import compare_models
 from .version import __version__
@@ -86,8 +88,27 @@ def _floats(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _positive_floats(text: str) -> tuple:
+    values = _floats(text)
+    if not all(value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def usage_error_text(prog: str, message: str) -> str:
+    """What a bad command line prints (exit 2): the one useful line, then where to read more."""
+    return f"error: {message}\nsee '{prog} --help' for the options\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors said in two lines (:func:`usage_error_text`) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, usage_error_text(self.prog, message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bnpass",
         description="Re-estimate the BatchNormalization statistics of an ONNX model from calibration "
                     "data (train-mode semantics), then fold every BN it can into the preceding layer.",
@@ -128,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep pixel values in 0..255 (default: scale to 0..1)")
     images.add_argument("--mean", type=_floats, metavar="M[,M,M]",
                         help="per-channel mean subtracted after scaling (default: 0)")
-    images.add_argument("--std", type=_floats, metavar="S[,S,S]",
+    images.add_argument("--std", type=_positive_floats, metavar="S[,S,S]",
                         help="per-channel std divided by after the mean (default: 1)")
     images.add_argument("--layout", choices=LAYOUTS, help="default: from the model input's shape")
 
@@ -170,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--plot", metavar="FILE.png",
                         help="draw, per BN in graph order, how far the new statistics drifted from the stored "
                              "ones (and, with --reference, from the original model's), as PNG, SVG or PDF by the "
-                             "name's suffix; needs bnpass[plot]")
+                             "name's suffix; needs matplotlib (the [plot] extra)")
     output.add_argument("--verify", action="store_true",
                         help=f"run the unfolded and the folded model on up to {VERIFY_BATCHES} calibration "
                              "batches (no more than calibration used), both without onnxruntime's graph "
@@ -233,32 +254,38 @@ def _reestimating(args, num_samples: int) -> bool:
 
 
 def _check_request(args, num_samples: int) -> None:
-    """The options must make sense together."""
+    """The options must make sense together: a UsageError (exit 2) where they do not."""
     has_data = bool(args.data or args.loader)
     if not args.fold_only and num_samples > 0 and not has_data:
-        raise BnpassError("--data DIR (or --loader) is required to re-estimate statistics (or use --fold-only)")
+        raise UsageError("--data DIR (or --loader) is required to re-estimate statistics (or use --fold-only)")
     if args.verify and not has_data:
-        raise BnpassError("--verify needs --data or --loader: it compares the models on calibration batches")
+        raise UsageError("--verify needs --data or --loader: it compares the models on calibration batches")
     if args.verify and args.no_fold:
-        raise BnpassError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
-    if args.loader and (args.shuffle or args.seed is not None):
-        raise BnpassError("--shuffle and --seed apply to --data folders; a --loader decides its own order")
-    if args.loader and _image_options(args).given():
-        raise BnpassError(f"{', '.join(_image_options(args).given())} apply to image files; a --loader prepares "
-                          "its own samples")
+        raise UsageError("--verify compares the unfolded and folded models; it needs folding (drop --no-fold)")
+    shuffling = [flag for flag, given in (("--shuffle", args.shuffle), ("--seed", args.seed is not None)) if given]
+    if args.loader and shuffling:
+        raise UsageError(f"{' and '.join(shuffling)} {plural(len(shuffling), 'applies', 'apply', counted=False)} "
+                         "to --data folders; a --loader decides its own order")
+    image_flags = _image_options(args).given()
+    if args.loader and image_flags:
+        raise UsageError(f"{', '.join(image_flags)} {plural(len(image_flags), 'applies', 'apply', counted=False)} "
+                         "to image files; a --loader prepares its own samples")
     reestimating = _reestimating(args, num_samples)
     if args.reference and args.fold_only:
-        raise BnpassError("--reference works on re-estimated statistics: it needs re-estimation: drop --fold-only")
+        raise UsageError("--reference needs re-estimated statistics: drop --fold-only")
     if args.reference and not reestimating:
-        raise BnpassError(f"--reference works on re-estimated statistics, and '{args.config}' sets "
-                          "num_bn_adaptation_samples to 0: give --num-samples N to re-estimate")
+        raise UsageError(f"--reference needs re-estimated statistics, and '{args.config}' sets "
+                         "num_bn_adaptation_samples to 0: give --num-samples N to re-estimate")
     if args.candidate != "auto" and not args.reference:
-        raise BnpassError(f"--candidate {args.candidate} chooses between the candidates of --reference; give "
-                          "--reference ORIGINAL.onnx")
+        raise UsageError(f"--candidate {args.candidate} chooses between the candidates of --reference; give "
+                         "--reference ORIGINAL.onnx")
     if args.plot:
         if not reestimating:
-            raise BnpassError("--plot draws re-estimated statistics: it needs --data or --loader, without --fold-only")
-        plot_format(args.plot)
+            raise UsageError("--plot draws re-estimated statistics: it needs --data or --loader, without --fold-only")
+        try:
+            plot_format(args.plot)
+        except BnpassError as error:  # a name the plot cannot take is a bad command line
+            raise UsageError(str(error)) from None
         require_matplotlib()
 
 
@@ -410,8 +437,11 @@ def _samples(args, specs: list):
         return LoaderSource(args.loader, specs)
     if not args.data:
         return None
-    samples = open_source(args.data, specs, _image_options(args), shuffle=args.shuffle or args.seed is not None,
-                          seed=args.seed or 0)
+    try:
+        samples = open_source(args.data, specs, _image_options(args), shuffle=args.shuffle or args.seed is not None,
+                              seed=args.seed or 0)
+    except ImageOptionsNotApplicable as error:  # flags that do not go with these data: a bad command line
+        raise UsageError(str(error)) from None
     if isinstance(samples, ImageFolder):
         logger.info("%s", describe_images(samples.preprocessing))
     return samples
@@ -443,13 +473,22 @@ def _pillow_warnings_silenced():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line (the ``bnpass`` command runs it through :func:`bnpass.entry.main`). Every error
+    closes the progress bars first, so that its line starts a line of its own."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         with _logging_to_stderr(args), _pillow_warnings_silenced():
             return run(args)
+    except UsageError as error:
+        close_progress_bars()
+        print(usage_error_text(parser.prog, str(error)), end="", file=sys.stderr)
+        return 2
     except BnpassError as error:
+        close_progress_bars()
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; no output written", file=sys.stderr)
+        close_progress_bars()
+        print(INTERRUPTED, file=sys.stderr)
         return 130

@@ -55,16 +55,71 @@ def model_input_specs(model: onnx.ModelProto) -> list:
     return specs
 
 
+# The names under which a file or a dict batch may hold a single-input model's input, beside the input's
+# own name, and the names of its labels: what users' files are likely to have (np.savez(f, x=..., y=...),
+# an "images"/"labels" test set, a dataset's "inputs"/"targets").
+INPUT_NAMES = ("x", "images", "inputs", "input", "data")
+LABEL_NAMES = ("labels", "y", "targets", "label", "target")
+
+
+def input_keys(keys, specs: list, where: str, holder: str, *, more: tuple = ()) -> dict:
+    """``{input name: key}``: which of ``keys`` (the arrays of a file, the keys of a dict batch) holds
+    each model input. Each input's own name first; a single-input model also takes one of ``more``
+    (``arr_0`` for ``.npz``) or :data:`INPUT_NAMES`. Else a DataError naming what ``holder`` ("the
+    file", "the batch") has and what to rename."""
+    keys = list(keys)
+    found = {spec.name: spec.name for spec in specs if spec.name in keys}
+    missing = [spec.name for spec in specs if spec.name not in found]
+    if not missing:
+        return found
+    if len(specs) == 1:
+        accepted = [name for name in (*more, *INPUT_NAMES) if name not in LABEL_NAMES]
+        present = [key for key in keys if key in accepted]
+        if len(present) == 1:
+            return {specs[0].name: present[0]}
+        if len(present) > 1:
+            raise DataError(f"{where}: arrays {' and '.join(repr(k) for k in present)} could each be model input "
+                            f"'{specs[0].name}': rename the one to use to '{specs[0].name}'")
+        others = [key for key in keys if key not in LABEL_NAMES]
+        hint = f"rename '{others[0]}' to '{specs[0].name}'" if len(others) == 1 else f"name it '{specs[0].name}'"
+        raise DataError(f"{where}: no array for model input '{specs[0].name}' ({holder} has: "
+                        f"{', '.join(map(str, keys)) or 'nothing'}); {hint} (accepted: '{specs[0].name}', "
+                        f"{', '.join(accepted)}; labels: {', '.join(LABEL_NAMES)})")
+    raise DataError(f"{where}: no array for model input '{missing[0]}' ({holder} has: "
+                    f"{', '.join(map(str, keys)) or 'nothing'}); name each array after its model input "
+                    f"({', '.join(spec.name for spec in specs)})")
+
+
+def label_key(keys, taken) -> Optional[str]:
+    """The first of :data:`LABEL_NAMES` among ``keys`` that is not an input (``taken``), or None."""
+    return next((name for name in LABEL_NAMES if name in keys and name not in taken), None)
+
+
+def class_indices(labels: np.ndarray, count: int) -> bool:
+    """Whether ``labels`` hold one class index per sample (integers, or floats with integer values)."""
+    return labels.size == count and (np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and bool(np.all(labels == np.round(labels)))))
+
+
 def planned_sample_count(num_samples: int, batch_size: int) -> int:
     """NNCF's rule: ``ceil(num_samples / batch_size)`` whole batches."""
     return math.ceil(num_samples / batch_size) * batch_size
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 sample``, ``2 samples``; ``1 batch``, ``2 batches``."""
+def plural(count: int, noun: str, many: Optional[str] = None, *, counted: bool = True) -> str:
+    """``1 sample``, ``2 samples``; ``1 batch``, ``2 batches``: every count bnpass writes goes through here.
+
+    ``many`` is the plural where adding -s or -es is wrong (``plural(n, "file that is", "files that
+    are")``); ``counted=False`` leaves the number out, for a verb that agrees with a count
+    (``plural(len(flags), "applies", "apply", counted=False)``).
+    """
     if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {noun}es" if noun.endswith(("ch", "sh", "s", "x")) else f"{count} {noun}s"
+        word = noun
+    elif many is not None:
+        word = many
+    else:
+        word = f"{noun}es" if noun.endswith(("ch", "sh", "s", "x")) else f"{noun}s"
+    return f"{count} {word}" if counted else word
 
 
 def fit_array(array: np.ndarray, spec: InputSpec, where: str) -> tuple:

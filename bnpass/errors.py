@@ -6,6 +6,9 @@ traceback.
 """
 
 
+INTERRUPTED = "error: interrupted; no output written"  # what Ctrl-C prints, at any moment (exit 130)
+
+
 class BnpassError(Exception):
     """A problem with the user's input or environment, described in one line."""
 
@@ -16,6 +19,20 @@ class ModelError(BnpassError):
 
 class DataError(BnpassError):
     """Calibration data is missing, unreadable, or does not fit the model."""
+
+
+class SessionError(ModelError):
+    """onnxruntime refused to load or to run a model: ``node`` names the node where its message names
+    one (else None), ``detail`` is what onnxruntime said, cleaned to one line."""
+
+    def __init__(self, message: str, node=None, detail: str = ""):
+        super().__init__(message)
+        self.node = node
+        self.detail = detail
+
+
+class UsageError(BnpassError):
+    """The command line asks for options that do not go together (the CLI exits 2, as argparse does)."""
 
 
 class RuntimeUnavailableError(BnpassError):

@@ -33,6 +33,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .data import plural
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -94,7 +95,8 @@ def resolve(options: ImageOptions, spec) -> Preprocessing:
     channels, height, width = (spec.shape[1], spec.shape[2], spec.shape[3]) if layout == "nchw" else (
         spec.shape[3], spec.shape[1], spec.shape[2])
     if channels not in (1, 3):
-        raise DataError(f"input {spec.describe()} has {channels} channels in {layout} layout; images give 1 or 3")
+        raise DataError(f"input {spec.describe()} has {plural(channels, 'channel')} in {layout} layout; images give "
+                        "1 or 3")
     crop = options.crop
     if crop is None:
         if height is None or width is None:
@@ -104,7 +106,7 @@ def resolve(options: ImageOptions, spec) -> Preprocessing:
         raise DataError(f"--crop {crop[0]}x{crop[1]} does not fit input {spec.describe()}")
     color = options.color or ("gray" if channels == 1 else "rgb")
     if (color == "gray") != (channels == 1):
-        raise DataError(f"--color {color} gives {1 if color == 'gray' else 3} channels; "
+        raise DataError(f"--color {color} gives {plural(1 if color == 'gray' else 3, 'channel')}; "
                         f"input {spec.describe()} takes {channels}")
     resize = options.resize or math.ceil(max(crop) / 0.875)
     if resize < min(crop):
@@ -113,7 +115,7 @@ def resolve(options: ImageOptions, spec) -> Preprocessing:
     std = np.asarray(options.std if options.std is not None else [1.0] * channels, dtype=np.float64)
     for name, values in (("--mean", mean), ("--std", std)):
         if values.size not in (1, channels):
-            raise DataError(f"{name} has {values.size} values; the model takes {channels} channels")
+            raise DataError(f"{name} has {plural(values.size, 'value')}; the model takes {plural(channels, 'channel')}")
     if not np.all(std > 0):
         raise DataError(f"--std values must be positive, got {_numbers(std)}")
     return Preprocessing(resize=resize, crop=tuple(crop), color=color, scale=options.scale,

@@ -1,11 +1,13 @@
 """Samples from Python: ``--loader FILE.py:FUNCTION``, and the API's iterables.
 
 Loaders and iterables yield samples or batches: arrays (single-input models), dicts ``{input name:
-array}``, or ``(inputs, labels...)`` tuples and lists whose first element is one of those (what
-PyTorch datasets and DataLoaders yield, as ``torch.optim.swa_utils.update_bn`` takes them); the
-second element, when it holds one number per sample, gives their labels (:data:`bnpass.data.LABELS`),
-anything else there is ignored. An onnxruntime ``CalibrationDataReader`` (anything with
-``get_next()`` returning a dict, then None) works too.
+array}`` (a single-input model's array may also come under one of :data:`bnpass.data.INPUT_NAMES`,
+its labels under one of :data:`bnpass.data.LABEL_NAMES`), or ``(inputs, labels...)`` tuples and
+lists whose first element is one of those (what PyTorch datasets and DataLoaders yield, as
+``torch.optim.swa_utils.update_bn`` takes them); the second element, when it holds one number per
+sample, gives their labels (:data:`bnpass.data.LABELS`), anything else there is ignored. An
+onnxruntime ``CalibrationDataReader`` (anything with ``get_next()`` returning a dict, then None)
+works too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .data import LABELS, finite, fit_array
+from .data import LABELS, class_indices, finite, fit_array, input_keys, label_key
 from .errors import DataError
 
 
@@ -48,20 +50,22 @@ class IterableSource:
         return feeds_from_batches(self.batches, self.specs)
 
 
-def _labels_of(item, count: int) -> Optional[np.ndarray]:
-    """The labels of an ``(inputs, labels...)`` item: one class index (an integer, or a float with an
-    integer value) per sample, or None where the item carries none (targets of another kind, such as
-    one-hot rows, masks or real-valued targets, are ignored)."""
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
+def _labels_of(item, count: int, dict_labels: Optional[str]) -> Optional[np.ndarray]:
+    """The labels of an ``(inputs, labels...)`` item, or of a dict batch under ``dict_labels`` (one of
+    :data:`bnpass.data.LABEL_NAMES`): one class index (an integer, or a float with an integer value) per
+    sample, or None where the item carries none (targets of another kind, such as one-hot rows, masks
+    or real-valued targets, are ignored)."""
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        value = item[1]
+    elif dict_labels is not None:
+        value = _inputs_of(item)[dict_labels]
+    else:
         return None
     try:
-        labels = _as_array(item[1], "labels")
+        labels = _as_array(value, "labels")
     except DataError:
         return None
-    if labels.size != count or not (np.issubdtype(labels.dtype, np.integer) or (
-            np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)))):
-        return None
-    return labels.reshape(count)
+    return labels.reshape(count) if class_indices(labels, count) else None
 
 
 def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
@@ -73,16 +77,16 @@ def feeds_from_batches(batches: Iterable, specs: list) -> Iterator[dict]:
             if len(specs) != 1:
                 raise DataError(f"batch {number}: the model has {len(specs)} inputs; give dicts by input name")
             batch = {specs[0].name: batch}
+        keys = input_keys(batch, specs, f"batch {number}", "the batch")
+        dict_labels = label_key(batch, {*keys.values(), *keys})
+        fitted = {}
         for spec in specs:
-            if spec.name not in batch:
-                came = ", ".join(map(str, batch)) or "nothing"
-                raise DataError(f"batch {number}: no array for model input '{spec.name}' (the batch has: {came})")
-            array = _as_array(batch[spec.name], f"batch {number}, input '{spec.name}'")
+            array = _as_array(batch[keys[spec.name]], f"batch {number}, input '{spec.name}'")
             is_batch, dtype = fit_array(array, spec, f"batch {number}")
-            batch = {**batch, spec.name: finite(np.asarray(array if is_batch else array[None], dtype=dtype),
-                                                 f"batch {number}")}
+            fitted[spec.name] = finite(np.asarray(array if is_batch else array[None], dtype=dtype), f"batch {number}")
+        batch = fitted
         count = batch[specs[0].name].shape[0]
-        labels = _labels_of(item, count)
+        labels = _labels_of(item, count, dict_labels)
         for position in range(count):
             sample = {spec.name: batch[spec.name][position] for spec in specs}
             if labels is not None:

@@ -29,6 +29,14 @@ each copy on the device before the run that reads it (a pageable ``cudaMemcpy`` 
 its DMA ends). Pinned staging buffers would make the copy itself faster, but the Python
 ``OrtValue`` API refuses the ``cuda_pinned`` device (1.31.1). None of this has been measured on a
 GPU by bnpass's developers: on CPU the same code runs in the tests (``device="cpu"``).
+
+**Errors.** Every session bnpass opens (calibration copies, ``--verify``, the ``--reference``
+scoring) comes from :func:`create_session`, as a :class:`Session`: whatever onnxruntime raises while
+loading it or running it (its ``[ONNXRuntimeError]`` exceptions: an unregistered custom op, an opset
+it does not know, a shape a layer cannot take, a CUDA failure) becomes one
+:class:`~bnpass.errors.SessionError` line naming the node, parsed out of onnxruntime's message where
+it names one, and what onnxruntime said, without its source locations. onnxruntime's own error log
+is silenced: the exception says it once.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +54,8 @@ from typing import Iterable, Iterator, Optional, Union
 import numpy as np
 import onnx
 
-from .errors import BnpassError, RuntimeUnavailableError
+from .data import plural
+from .errors import BnpassError, RuntimeUnavailableError, SessionError
 from .model_io import exceeds_protobuf_limit, write_with_external_data
 
 logger = logging.getLogger(__name__)
@@ -54,8 +64,9 @@ DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-# onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
-_QUIET = 3
+# onnxruntime severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. A failure reaches bnpass
+# as an exception (a SessionError line), so onnxruntime's own error log would only say it twice.
+_QUIET = 4
 
 
 # Distributions that install the module `onnxruntime`: with two of them installed, the module is
@@ -64,7 +75,7 @@ RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml
                          "onnxruntime-qnn")
 NEEDED_ATTRIBUTES = ("InferenceSession", "SessionOptions", "GraphOptimizationLevel", "OrtValue",
                      "get_available_providers", "set_default_logger_severity")
-INSTALL_HINT = "pip install onnxruntime-gpu (CUDA and CPU; what 'bnpass[gpu]' installs) or onnxruntime (CPU only)"
+INSTALL_HINT = "pip install onnxruntime-gpu (CUDA and CPU; bnpass's [gpu] extra) or onnxruntime (CPU only)"
 
 
 def _onnxruntime():
@@ -218,14 +229,172 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     providers = session_providers(providers, tf32=tf32)
-    if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
-        # Over 2 GiB a model cannot be passed as one protobuf: onnxruntime reads it from files.
-        with tempfile.TemporaryDirectory(prefix="bnpass-session-") as folder:
-            path = os.path.join(folder, "model.onnx")
-            write_with_external_data(model, path, "model.onnx.data")
-            return ort.InferenceSession(path, options, providers=providers)
-    serialized = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(serialized, options, providers=providers)
+    nodes = NodeIndex.of(model)
+    with _onnxruntime_errors(nodes, "cannot load the model"):
+        if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
+            # Over 2 GiB a model cannot be passed as one protobuf: onnxruntime reads it from files.
+            with tempfile.TemporaryDirectory(prefix="bnpass-session-") as folder:
+                path = os.path.join(folder, "model.onnx")
+                write_with_external_data(model, path, "model.onnx.data")
+                return Session(ort.InferenceSession(path, options, providers=providers), nodes)
+        serialized = model if isinstance(model, bytes) else model.SerializeToString()
+        return Session(ort.InferenceSession(serialized, options, providers=providers), nodes)
+
+
+class NodeIndex:
+    """The nodes of a session's model that an onnxruntime message can point at: by name, by output
+    and by operator. onnxruntime names the nodes its optimizers make after an original's name or
+    output (``c_nchwc``: the Conv writing ``c`` in its NCHWc layout; a Conv fused with the BN after it
+    is named after the BN's output). Top-level nodes only; empty for a serialized model."""
+
+    def __init__(self, nodes: Iterable = ()):
+        self.operator = {}   # node name -> "Conv" or "custom.ops:MyPlugin"
+        self.inputs = {}     # node name -> the tensors it reads
+        self.producer = {}   # tensor name -> node name
+        self.by_operator = {}  # operator -> node names
+        for node in nodes:
+            operator = f"{node.domain}:{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            self.operator.setdefault(node.name, operator)
+            self.inputs.setdefault(node.name, list(node.input))
+            for output in node.output:
+                self.producer[output] = node.name
+            self.by_operator.setdefault(operator, []).append(node.name)
+
+    @classmethod
+    def of(cls, model) -> NodeIndex:
+        return cls(model.graph.node if isinstance(model, onnx.ModelProto) else ())
+
+    def resolve(self, name: str, operator: Optional[str] = None) -> str:
+        """The model's node that onnxruntime's ``name`` (running ``operator``) stands for: itself; else
+        the node whose name or output it extends, or the nearest ``operator`` node feeding that one (a
+        fusion); else the model's only ``operator`` node; else ``name`` as onnxruntime gave it."""
+        if name in self.operator:
+            return name
+        stems = [(stem, stem) for stem in self.operator] + list(self.producer.items())
+        extended = sorted(((len(stem), node) for stem, node in stems if stem and name.startswith(stem + "_")),
+                          reverse=True)
+        for _, node in extended:
+            found = self._upstream(node, operator)
+            if found is not None:
+                return found
+        only = self.by_operator.get(operator, [])
+        return only[0] if len(only) == 1 else name
+
+    def _upstream(self, node: str, operator: Optional[str], depth: int = 4) -> Optional[str]:
+        """``node`` when it runs ``operator`` (or none is asked), else the nearest such node feeding it."""
+        if operator is None or self.operator.get(node) == operator:
+            return node
+        if depth == 0:
+            return None
+        for tensor in self.inputs.get(node, ()):
+            producer = self.producer.get(tensor)
+            found = self._upstream(producer, operator, depth - 1) if producer is not None else None
+            if found is not None:
+                return found
+        return None
+
+    def describe(self, name: Optional[str], operator: Optional[str]) -> str:
+        """``node 'conv1' (Conv)``, or ``node 'p' (custom.ops:MyPlugin) and 2 more such nodes``."""
+        if name is None and operator is not None:
+            names = self.by_operator.get(operator) or self.by_operator.get(operator.split(":")[-1]) or []
+            if not names:
+                return f"a {operator} node"
+            name = names[0]
+            more = f" and {plural(len(names) - 1, 'more such node')}" if len(names) > 1 else ""
+            return f"node '{name}' ({self.operator.get(name, operator)}){more}"
+        name = self.resolve(name, operator)
+        operator = self.operator.get(name, operator)
+        return f"node '{name}'" + (f" ({operator})" if operator else "")
+
+
+# How onnxruntime names the node in its messages: (pattern, whether the first group is a node name or
+# an operator, the group holding the operator or None). Tried in order; the first that matches wins.
+_NODE_IN_MESSAGE = (
+    (re.compile(r"running (?P<operator>[\w.:]+) node\. Name:'(?P<name>[^']*)'"), "name"),
+    (re.compile(r"In Node, \(\"(?P<name>[^\"]*)\", (?P<operator>[\w.]+), \"(?P<domain>[^\"]*)\""), "name"),
+    (re.compile(r"Node \((?P<name>[^)]*)\) Op \((?P<operator>[\w.]+)\)"), "name"),
+    (re.compile(r"Node:(?P<name>\S+) "), "name"),
+    (re.compile(r"(?P<operator>[\w.]+:\w+)\(-?\d+\) is not a registered function/op"), "operator"),
+    (re.compile(r"No Op registered for (?P<operator>\w+)"), "operator"),
+)
+# What is not for users: the error code, C++ source locations with the function signature after them,
+# the "Non-zero status" frame around a kernel's own message, and the node tuple of "invalid model".
+_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
+    re.compile(r"\S+\.(?:h|cc|cpp|cu|cuh|hpp|c):\d+ (?:[\w:<>,&*~ ]*?\((?:[^()]|\([^()]*\))*\)(?: const)? )?"),
+    re.compile(r"Non-zero status code returned while running \S+ node\. Name:'[^']*' Status Message: "),
+    re.compile(r"This is an invalid model\. In Node, .*? , Error "),
+    re.compile(r"^Fatal error: "),
+)
+
+
+def _is_onnxruntime_error(error: BaseException) -> bool:
+    """An exception onnxruntime raised: its ``[ONNXRuntimeError]`` types live in its own modules."""
+    return type(error).__module__.startswith("onnxruntime")
+
+
+def session_error(error: BaseException, nodes: NodeIndex, action: str, feed: Optional[dict] = None) -> SessionError:
+    """The one line for what onnxruntime raised: ``onnxruntime <action>[ on a batch of ...]: <node>:
+    <what it said>``."""
+    said = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    name = operator = None
+    for pattern, _ in _NODE_IN_MESSAGE:
+        found = pattern.search(said)
+        if found:
+            groups = found.groupdict()
+            name, operator = groups.get("name"), groups.get("operator")
+            if groups.get("domain") not in (None, "", "ai.onnx"):
+                operator = f"{groups['domain']}:{operator}"
+            break
+    detail = said
+    for noise in _NOISE:
+        detail = noise.sub("", detail)
+    detail = detail.strip() or said
+    where = f" on a batch of {_describe_feed(feed)}" if feed else ""
+    node = nodes.describe(name, operator) if name is not None or operator is not None else None
+    message = f"onnxruntime {action}{where}: " + (f"{node}: " if node else "") + detail
+    return SessionError(message, node=nodes.resolve(name, operator) if name is not None else None, detail=detail)
+
+
+def _describe_feed(feed: dict) -> str:
+    return ", ".join(f"'{name}' {getattr(value, 'dtype', '?')}{list(getattr(value, 'shape', ()))}"
+                     for name, value in feed.items())
+
+
+@contextlib.contextmanager
+def _onnxruntime_errors(nodes: NodeIndex, action: str, feed: Optional[dict] = None):
+    """Turns what onnxruntime raises inside into a :class:`SessionError`; everything else passes."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_onnxruntime_error(error):
+            raise
+        raise session_error(error, nodes, action, feed) from None
+
+
+class Session:
+    """An onnxruntime ``InferenceSession`` (:func:`create_session` makes them) whose failures speak to
+    users: ``run`` and ``run_with_iobinding`` raise a :class:`SessionError` for anything onnxruntime
+    raises. Everything else (``get_outputs``, ``io_binding``, ``get_providers``...) is the session's."""
+
+    def __init__(self, session, nodes: NodeIndex):
+        self.session = session
+        self.nodes = nodes
+
+    def run(self, output_names, feed: dict, *args, **kwargs):
+        with _onnxruntime_errors(self.nodes, "failed", feed):
+            return self.session.run(output_names, feed, *args, **kwargs)
+
+    def run_with_iobinding(self, binding, *args, **kwargs):
+        with _onnxruntime_errors(self.nodes, "failed"):
+            return self.session.run_with_iobinding(binding, *args, **kwargs)
+
+    def failures(self, feed: Optional[dict] = None):
+        """A context in which onnxruntime's exceptions (device copies, bindings) become SessionErrors."""
+        return _onnxruntime_errors(self.nodes, "failed", feed)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
 
 
 class BatchRunner:
@@ -248,6 +417,8 @@ class BatchRunner:
         if device is None:
             device = "cuda" if CUDA in session.get_providers() else None
         self.device = device
+        failures = getattr(session, "failures", None)  # a Session; a bare InferenceSession in some tests
+        self._failures = failures if failures is not None else (lambda feed=None: contextlib.nullcontext())
         self._bindings: list = []
         self._buffers: list = []   # per slot: input name -> (shape and dtype, OrtValue, host array it may share)
         if device is not None:
@@ -286,15 +457,18 @@ class BatchRunner:
             slot = 0
             pending = copier.submit(stage, slot)
             while True:
-                feed = pending.result()
+                with self._failures():  # the copy into the device buffer
+                    feed = pending.result()
                 if feed is None:
                     return
                 binding = self._bindings[slot]
-                binding.synchronize_inputs()  # this slot's copy has reached the device
-                pending = copier.submit(stage, 1 - slot)  # the next copy overlaps this run
-                self.session.run_with_iobinding(binding)
-                binding.synchronize_outputs()
-                yield feed, binding.copy_outputs_to_cpu()
+                with self._failures(feed):
+                    binding.synchronize_inputs()  # this slot's copy has reached the device
+                    pending = copier.submit(stage, 1 - slot)  # the next copy overlaps this run
+                    self.session.run_with_iobinding(binding)
+                    binding.synchronize_outputs()
+                    outputs = binding.copy_outputs_to_cpu()
+                yield feed, outputs
                 slot = 1 - slot
 
     def _fill(self, slot: int, feed: dict) -> None:

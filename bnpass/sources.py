@@ -14,6 +14,11 @@ from .loaders import IterableSource
 logger = logging.getLogger(__name__)
 
 
+class ImageOptionsNotApplicable(DataError):
+    """Image options given for data that are not images (arrays, batches from Python): a DataError to
+    the API; the command line says it as a bad command line (exit 2)."""
+
+
 def open_source(data, specs: list, image_options=None, *, shuffle: bool = False, seed: int = 0):
     """The samples of ``data`` for a model with inputs ``specs``: a folder or one array file
     (:func:`open_folder`), else an iterable of samples or batches or a ``CalibrationDataReader``
@@ -22,8 +27,10 @@ def open_source(data, specs: list, image_options=None, *, shuffle: bool = False,
     if isinstance(data, (str, os.PathLike)):
         return open_folder(data, specs, image_options, shuffle=shuffle, seed=seed)
     if image_options is not None and image_options.given():
-        raise DataError(f"image_options ({', '.join(image_options.given())}) apply to image folders; batches given "
-                        "in Python are fed as they are")
+        given = image_options.given()
+        verb = plural(len(given), "applies", "apply", counted=False)
+        raise ImageOptionsNotApplicable(f"image_options ({', '.join(given)}) {verb} to image folders; batches given "
+                                        "in Python are fed as they are")
     return IterableSource(data, specs)
 
 
@@ -51,8 +58,8 @@ def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = Fals
     ignored = [os.path.relpath(path, folder) for path in paths
                if not path.lower().endswith(ARRAY_SUFFIXES) and not is_image(path)]
     if ignored:
-        logger.warning("ignoring %s in '%s' that are neither arrays (.npy/.npz) nor images (first: %s)",
-                       plural(len(ignored), "file"), folder, ignored[0])
+        logger.warning("ignoring %s neither an array (.npy/.npz) nor an image in '%s' (first: %s)",
+                       plural(len(ignored), "file that is", "files that are"), folder, ignored[0])
     if arrays and images:
         raise DataError(f"calibration data folder '{folder}' mixes arrays ({os.path.relpath(arrays[0], folder)}) "
                         f"and images ({os.path.relpath(images[0], folder)}); keep one kind")
@@ -74,5 +81,6 @@ def _refuse_image_options(image_options, where: str) -> None:
     """Image options given for arrays are a mistake: arrays are fed as they are."""
     given = image_options.given() if image_options is not None else []
     if given:
-        raise DataError(f"{', '.join(given)} apply to image files; '{where}' holds arrays (.npy/.npz), fed as they "
-                        "are")
+        raise ImageOptionsNotApplicable(f"{', '.join(given)} {plural(len(given), 'applies', 'apply', counted=False)} "
+                                        "to image files; "
+                        f"'{where}' holds arrays (.npy/.npz), fed as they are")

@@ -60,3 +60,22 @@ def test_the_option_table_lists_every_option():
              if flag.startswith("--") and flag != "--help"]
     missing = [flag for flag in flags if not re.search(rf"[`, ]{flag}\b", table)]
     assert not missing, missing
+
+
+def test_every_pip_install_of_bnpass_is_one_that_works_from_a_checkout():
+    """Issue 22, item 7: the install table said ``pip install 'bnpass[cpu]'``, and bnpass is not on PyPI.
+    Every ``pip install`` of bnpass the README shows installs this checkout (``.``), with extras that
+    pyproject.toml defines (the README's first command, run above, shows that ``.`` installs)."""
+    readme = (REPO / "README.md").read_text()
+    extras = set(re.findall(r"^(\w+) = \[", (REPO / "pyproject.toml").read_text().split(
+        "[project.optional-dependencies]")[1].split("\n[")[0], flags=re.M))
+    assert {"gpu", "cpu", "test", "plot"} <= extras
+    table = readme[readme.index("| you have | install |"):readme.index("At start-up bnpass checks")]
+    assert re.findall(r"`(pip install [^`]*)`", table) == ["pip install '.[gpu]'", "pip install '.[cpu]'",
+                                                           "pip install ."]
+    targets = [argument for command in re.findall(r"pip install ([^`&\n]*)", readme)
+               for argument in shlex.split(command) if not argument.startswith("-")]
+    ours = [target for target in targets if not re.fullmatch(r"onnxruntime(-gpu)?", target)]
+    assert ours and all(re.fullmatch(r"\.(\[[\w,]+\])?", target) for target in ours), ours
+    for target in ours:
+        assert set(re.findall(r"\w+", target)) <= extras, target
