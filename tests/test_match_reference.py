@@ -20,7 +20,14 @@ from bnpass.errors import ModelError  # noqa: E402
 from bnpass.passes.match_reference import MatchReferencePass, pair_batchnorms  # noqa: E402
 from bnpass.report import batchnorm_drifts, drift_title  # noqa: E402
 from bnpass.stats import drift  # noqa: E402
-from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params, random_weight  # noqa: E402
+from builders import (  # noqa: E402
+    GraphBuilder,
+    add_batchnorm,
+    export_with_batchnorm_kept,
+    random_bn_params,
+    random_weight,
+    upcast_model_to_float32,
+)
 from matching_reference import (  # noqa: E402
     ResidualNet,
     batchnorms,
@@ -99,6 +106,42 @@ def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
                            torch_statistics(match_level_by_level(network, compressed, torch.from_numpy(data[:96]),
                                                                  ResidualNet.batchnorm_levels())[0])["bn4"][1],
                            rtol=1e-3)  # below the first level, batches change the result
+
+
+def float16_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float32 initializer, input and output in float16 (the exports here have no
+    Constant or Cast node)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float16),
+                                                         tensor.name))
+    for value in [*copy.graph.input, *copy.graph.output]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    return copy
+
+
+def test_a_float16_model_matches_as_its_float32_twin_does(network, data):
+    """Regression (issue 22, item 3): in a float16 model's matched calibration copy, the Cast feeding each BN
+    read the plain batch moments instead of the matched ones, so every BN below the first normalized with
+    re-estimated statistics (up to 13x off in variance here). The same network in float32 (every fp16
+    tensor upcast exactly) must give the same matched statistics, to float16 precision."""
+    sample = torch.from_numpy(data[:2])
+    reference = float16_copy(export_with_batchnorm_kept(network, sample))
+    model = float16_copy(export_with_batchnorm_kept(magnitude_prune(network, 0.7), sample))
+    options = dict(batch_size=32, num_samples=len(data), candidate="matched", device="cpu")
+    half = bnpass.reestimate_batchnorms(model, [data], reference=reference, **options)
+    single = bnpass.reestimate_batchnorms(upcast_model_to_float32(model), [data],
+                                          reference=upcast_model_to_float32(reference), **options)
+    assert half.batches == 4 and list(half.matched) == list(single.matched)
+    for name, expected in single.matched.items():
+        got = half.matched[name]
+        np.testing.assert_allclose(got.mean, expected.mean, rtol=0, atol=1e-3 * np.sqrt(expected.var).max(),
+                                   err_msg=name)
+        np.testing.assert_allclose(got.var, expected.var, rtol=2e-3, atol=1e-3 * expected.var.max(), err_msg=name)
+    onnx.checker.check_model(half.model, full_check=True)
 
 
 def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
