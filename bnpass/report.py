@@ -50,7 +50,7 @@ def reference_record(result: ReferenceResult) -> dict:
         "chosen": result.chosen, "why": result.why,
         "criterion": choice.criterion if choice else None,
         "p_value": choice.p_value if choice else None,
-        "samples": scores.samples, "labelled": scores.labelled,
+        "samples": scores.samples, "labelled": scores.labelled, "labels_set_aside": scores.labels_set_aside or None,
         "agreement": {name: {"top1": meter.top1, "output_error": meter.relative_error}
                       for name, meter in scores.agreement.items()},
         "differ": {f"{a} not {b}": count for (a, b), count in scores.discordant.items()},
@@ -166,16 +166,14 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
     """
     lines = []
     if reestimate is not None and bn_names:
-        written = sum(1 for s in reestimate.stats.values() if s.written)
-        lines.append(f"re-estimated {written} of {plural(len(bn_names), 'BatchNormalization node')} from "
-                     f"{plural(reestimate.samples, 'sample')} ({plural(reestimate.batches, 'batch')} of up to "
-                     f"{reestimate.batch_size}, {stats_mode} statistics, {reestimate.device}, "
-                     f"{reestimate.seconds:.1f} s)")
+        lines.append(_calibration_line(bn_names, reestimate, stats_mode))
         for name, stats in reestimate.stats.items():
-            if not stats.written:
+            if not stats.written and reestimate.chosen != GIVEN:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
     if isinstance(reestimate, ReferenceResult) and (bn_names or reestimate.layers):
         lines.extend(_reference_lines(reestimate))
+    elif reestimate is not None and reestimate.choice is not None:
+        lines.extend(_choice_lines(reestimate))
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
@@ -205,19 +203,50 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
             "from before compression, --reference ORIGINAL.onnx can repair it: every layer's output matched to it")
 
 
-def _reference_lines(result: ReferenceResult) -> list:
+def _calibration_line(bn_names: list, result: ReestimateResult, stats_mode: str) -> str:
+    """What was written into the BNs (re-estimated or matched statistics, or nothing: the model as given
+    kept), from what, and how long the calibration and the comparison of the models each took."""
+    written = sum(1 for s in result.stats.values() if s.written)
+    total = plural(len(bn_names), "BatchNormalization node")
+    if result.chosen in ("matched", "matched-except-logits"):
+        what = f"matched {written} of {total} to the reference, from"
+    elif result.chosen == GIVEN:
+        what = f"kept the stored statistics of {total} (the model as given), after calibrating on"
+    else:
+        what = f"re-estimated {written} of {total} from"
+    timing = f"{result.seconds:.1f} s"
+    if result.comparing_seconds:
+        timing += (f": {result.seconds - result.comparing_seconds:.1f} s calibrating, {result.comparing_seconds:.1f} s "
+                   "comparing the models on a second reading")
+    return (f"{what} {plural(result.samples, 'sample')} ({plural(result.batches, 'batch')} of up to "
+            f"{result.batch_size}, {stats_mode} statistics, {result.device}, {timing})")
+
+
+def _choice_lines(result: ReestimateResult) -> list:
+    """The choice line and every model's figures on the same samples (where the models were compared)."""
     scores = result.scores
     kind = "statistics" if result.stats or result.chosen == "reestimated" else "candidate"
-    lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"]
+    if result.chosen == GIVEN and not isinstance(result, ReferenceResult):
+        kind = "model"
+    lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"
+             + (" (--candidate; the candidates were not compared)" if scores is None or not scores.samples else "")]
+    if scores is None or not scores.samples:
+        return lines
     if scores.labelled:
         accuracy = scores.accuracy
         lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * accuracy[name].accuracy:.1f}%"
             for name in accuracy))
-    elif all(meter.top1 is not None for meter in scores.agreement.values()):
+    elif scores.agreement and all(meter.top1 is not None for meter in scores.agreement.values()):
         lines.append(f"top-1 agreement with the reference on all {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * meter.top1:.1f}%" for name, meter in scores.agreement.items()))
-    lines.append(result.agreement_line())
+    return lines
+
+
+def _reference_lines(result: ReferenceResult) -> list:
+    lines = _choice_lines(result)
+    if result.agreement_line():
+        lines.append(result.agreement_line())
     if result.layers or result.refused_layers:
         total = len(result.layers) + len(result.refused_layers)
         lines.append(f"corrected {len(result.layers)} of {plural(total, 'layer')} without BatchNormalization (mean "
@@ -287,8 +316,15 @@ def run_report(model: onnx.ModelProto, reestimate: Optional[ReestimateResult], f
         "warnings": reestimate.warnings if reestimate else [],
         "batchnorms": batchnorm_records(model, reestimate, fold),
     }
+    if reestimate is not None:
+        report["comparing_seconds"] = round(reestimate.comparing_seconds, 3)
     if isinstance(reestimate, ReferenceResult):
         report["reference"] = {"model": reference_path, **reference_record(reestimate)}
+    elif reestimate is not None and reestimate.choice is not None:  # labels: the model as given vs re-estimated
+        scores = reestimate.scores
+        report["choice"] = {"chosen": reestimate.chosen, "why": reestimate.why, "p_value": reestimate.choice.p_value,
+                            "samples": scores.samples,
+                            "accuracy": {name: meter.accuracy for name, meter in scores.accuracy.items()}}
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}
