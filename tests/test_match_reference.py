@@ -436,3 +436,82 @@ def test_a_forced_candidate_the_model_does_not_have_is_named_up_front():
                                          r"\(its candidates: reestimated, matched\)"):
         MatchReferencePass(bnpass.calibration_samples(conv_bn_model(quantized=True), [data]), conv_bn_model(),
                            choose="compressed").call(conv_bn_model(quantized=True))
+
+
+def test_the_batchnorm_inserted_after_a_layer_is_the_identity():
+    """Regression (issue 22, planted): the BN inserted after each layer without BN stores var = 1 - e, so
+    that sqrt(var + e) = 1 and it computes y = x; var = 1 scaled every layer by 1/sqrt(1 + e), and the
+    correction then matched each layer to that scaled copy of the reference's."""
+    from bnpass.passes.correct_layers import insert_identity_batchnorms, layers_without_batchnorm
+    from test_correct_layers import build, network, run
+
+    model = build(network())
+    augmented, origins = insert_identity_batchnorms(model, layers_without_batchnorm(model))
+    assert [origin[0] for origin in origins] == ["layer"] * 4
+    onnx.checker.check_model(augmented, full_check=True)
+    x = np.random.default_rng(2).normal(size=(16, 3, 6, 6)).astype(np.float32)
+    expected, got = run(model, x), run(augmented, x)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+class CountedReads:
+    """A re-readable batch source that counts how often it is read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_a_forced_candidate_reads_the_data_once_and_warns_of_no_choice():
+    """Regression (issue 22, items 10 and 14): a forced --candidate ran the whole scoring reading, and on
+    shifted data still warned that agreement "may favour the wrong candidate", though nothing was chosen."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    batches = [images for images, _ in shifted_labelled()]
+    auto, forced = CountedReads(batches), CountedReads(batches)
+    chose = bnpass.reestimate_batchnorms(model, auto, batch_size=64, reference=EXAMPLE / "model.onnx")
+    asked = bnpass.reestimate_batchnorms(model, forced, batch_size=64, reference=EXAMPLE / "model.onnx",
+                                         candidate="reestimated")
+    assert auto.reads == forced.reads + 1 and chose.scores.samples == 256 and asked.scores.samples == 0
+    assert any("favour the wrong candidate" in warning for warning in chose.warnings)
+    assert not any("favour the wrong candidate" in warning for warning in asked.warnings)
+    assert asked.chosen == "reestimated" and asked.comparing_seconds == 0 < chose.comparing_seconds
+    assert asked.agreement_line() == ""
+
+
+def test_placeholder_labels_are_set_aside_and_the_choice_made_as_without_them(caplog):
+    """Regression (issue 22, item 2): (images, zeros), as an unlabelled DataLoader yields, made --reference
+    choose by accuracy on the zeros and silenced the domain warning; the uncompressed model is right on no
+    more of them than the most common label's share (all of them), so they are no labels."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    zeros = [(images, np.zeros(len(images), np.int64)) for images, _ in shifted_labelled()]
+    result = bnpass.reestimate_batchnorms(model, zeros, batch_size=64, reference=EXAMPLE / "model.onnx")
+    assert not result.scores.labelled and result.choice.criterion == "top-1 agreement"
+    assert result.scores.labels_set_aside.startswith("the labels are set aside: the uncompressed model is right on ")
+    assert "no better than the share of the most common label (0: 100.0%)" in result.scores.labels_set_aside
+    assert result.scores.labels_set_aside in result.warnings
+    assert any("favour the wrong candidate" in warning for warning in result.warnings)  # the domain warning again
+    assert sum("the labels are set aside" in record.message for record in caplog.records) == 1
+
+
+def test_plain_reestimation_with_labels_keeps_the_better_model():
+    """Issue 22, item 4: the uncompressed example model re-estimated on digits 0-4 only loses a sample on
+    their labels, so the model as given is kept, with the choice line; without labels nothing changes."""
+    loader = EXAMPLE / "labelled.py"
+    namespace: dict = {"__file__": str(loader)}
+    exec(compile(loader.read_text(), str(loader), "exec"), namespace)
+    labelled = namespace["classes_0_4"]()
+    model = onnx.load(EXAMPLE / "model.onnx")
+    kept = bnpass.reestimate_batchnorms(model, labelled, batch_size=64, device="cpu")
+    assert kept.chosen == "compressed" and not kept.modified
+    assert kept.why == ("accuracy: compressed (as given) right on 125 of 126 samples, re-estimated on 124; they "
+                        "differ on 1, 1 to 0, within chance (McNemar p = 1)")
+    assert kept.model.SerializeToString() == model.SerializeToString()
+    assert {name: meter.correct for name, meter in kept.scores.accuracy.items()} == {"compressed": 125,
+                                                                                      "reestimated": 124}
+    assert all(not stats.written for stats in kept.stats.values()) and kept.comparing_seconds > 0
+    unlabelled = bnpass.reestimate_batchnorms(model, [images for images, _ in labelled], batch_size=64, device="cpu")
+    assert unlabelled.choice is None and unlabelled.scores is None and unlabelled.modified
+    assert unlabelled.comparing_seconds == 0
