@@ -6,6 +6,7 @@ between the candidates, and the command line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,11 @@ def test_cli_reference_report_plot_and_provenance(tmp_path):
             "matched except the logits layer on 354; they differ on 7, 6 to 1, within chance (McNemar p = 0.12)"
             ) in done.stdout
     assert "agreement with reference (384 samples): 33.6% -> 93.5% top-1" in done.stdout
+    # what was written (matched statistics), and the time of each reading (issue 22, item 13)
+    assert re.search(r"^matched 6 of 6 BatchNormalization nodes to the reference, from 384 samples \(6 batches of up "
+                     r"to 64, pooled statistics, \w+, ([\d.]+) s: ([\d.]+) s calibrating, ([\d.]+) s comparing the "
+                     r"models on a second reading\)$", done.stdout, re.MULTILINE), done.stdout
+    assert "re-estimated 6 of 6" not in done.stdout
     assert ("top-1 agreement with the reference on all 384 samples: compressed (as given) 33.6%, re-estimated 81.5%, "
             "matched 93.5%, matched except the logits layer 92.2%") in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())

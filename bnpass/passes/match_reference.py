@@ -289,8 +289,9 @@ class MatchReferencePass:
             plural(len(layer_pairs), "layer") + " without BatchNormalization" if layer_pairs else "") if part)
         opened = run.open([copy for copy in (matched, observed, plain) if copy is not None], what=what)
         sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
-        logger.info("matching the reference model as well: %d sessions per batch, then every candidate "
-                    "compared with it on the same samples", len(opened))
+        logger.info("matching the reference model as well: %d sessions per batch, then %s", len(opened),
+                    "every candidate compared with it on the same samples" if self.choose == "auto" else
+                    f"the {self.choose} candidate kept, as asked (nothing compared)")
         sessions.collect(run.feeds())
         device = sessions.matched.device
         taps, mode = matched.taps, self.settings.stats
