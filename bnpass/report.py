@@ -16,8 +16,10 @@ from .data import plural
 from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
 from .passes.candidates import GIVEN, spelled
+from .passes.correct_layers import EPSILON as CORRECTION_EPSILON
 from .passes.match_reference import ReferenceResult
-from .plot import measure_drift
+from .plot import BatchNormDrift, measure_drift
+from .stats import drift
 from .version import __version__
 
 
@@ -103,6 +105,31 @@ def batchnorm_drifts(model: onnx.ModelProto, result: ReestimateResult) -> list:
         drifts.append(measure_drift(name, epsilons[name], stats.old_mean, stats.old_var, stats.mean, stats.var,
                                     **activations))
     return drifts
+
+
+def layer_drifts(result: ReferenceResult) -> list:
+    """``--plot``'s input for a model without BN (:data:`bnpass.plot.LAYER_SERIES`): per corrected layer, in
+    graph order, its output's moments against the uncompressed layer's (m_o, v_o), in the latter's units: as
+    kept (``mean_shift``, ``variance_ratio``) and before its own correction (``reference_*``: (m_c, v_c),
+    earlier layers corrected). Corrected, the output is (x - mu') / sqrt(v' + e): mean (m_c - mu') /
+    sqrt(v' + e), variance v_c / (v' + e); a layer the kept candidate leaves as given keeps (m_c, v_c)."""
+    corrected = result.chosen in ("matched", "matched-except-logits")
+    drifts = []
+    for label, layer in result.layers.items():
+        (reference_mean, reference_var), (mean, var) = layer.reference_moments, layer.compressed_moments
+        before = drift(mean, var, reference_mean, reference_var, CORRECTION_EPSILON)
+        if corrected and not (result.chosen == "matched-except-logits" and label == result.logits):
+            scale_squared = np.asarray(layer.matched.var, np.float64) + CORRECTION_EPSILON
+            mean = (np.asarray(mean) - layer.matched.mean) / np.sqrt(scale_squared)
+            var = np.asarray(var) / scale_squared
+        drifts.append(BatchNormDrift(label, *drift(mean, var, reference_mean, reference_var, CORRECTION_EPSILON),
+                                     *before))
+    return drifts
+
+
+def layer_drift_title(result: ReferenceResult) -> str:
+    return (f"layer outputs against the uncompressed model: the {spelled(result.chosen)} candidate, kept "
+            f"({result.choice.criterion if result.choice else 'asked for'})")
 
 
 def drift_title(result: ReestimateResult) -> str:

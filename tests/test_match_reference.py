@@ -521,3 +521,54 @@ def test_plain_reestimation_with_labels_keeps_the_better_model():
     unlabelled = bnpass.reestimate_batchnorms(model, [images for images, _ in labelled], batch_size=64, device="cpu")
     assert unlabelled.choice is None and unlabelled.scores is None and unlabelled.modified
     assert unlabelled.comparing_seconds == 0
+
+
+def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    return copy
+
+
+def test_a_model_without_batchnorm_plots_its_layer_outputs_against_the_reference(tmp_path):
+    """Issue 22, item 9: --plot with --reference on a model without BN ran the whole job, then said there
+    was nothing to draw. It draws the corrected layers' output moments against the uncompressed model's,
+    before and after the correction; "after" is measured here on the kept model itself, by onnxruntime."""
+    pytest.importorskip("matplotlib")
+    from bnpass.report import layer_drifts
+    from test_correct_layers import SAMPLES, build, compressed, network, run
+
+    x = np.random.default_rng(5).normal(size=(SAMPLES, 3, 6, 6)).astype(np.float32)
+    model, reference = build(compressed(network())), build(network())
+    result = MatchReferencePass(bnpass.calibration_samples(model, [x]), reference, batch_size=SAMPLES, device="cpu",
+                                choose="matched").call(model)
+    drifts = layer_drifts(result)
+    points = ["c1", "c2", "g", "y"]  # each layer's output (the MatMul's: its bias Add's)
+    assert [drift.label for drift in drifts] == ["conv1", "conv2", "fc", "head"]
+    kept = create_session_outputs(with_outputs(result.model, points), x)
+    expected = create_session_outputs(with_outputs(reference, points), x)
+    for drift_of_layer, got, want in zip(drifts, kept, expected):
+        axes = (0,) + tuple(range(2, got.ndim))
+        shift, ratio = drift(got.mean(axis=axes), got.var(axis=axes), want.mean(axis=axes), want.var(axis=axes), 1e-5)
+        np.testing.assert_allclose(drift_of_layer.mean_shift, shift, atol=1e-3, err_msg=drift_of_layer.label)
+        np.testing.assert_allclose(drift_of_layer.variance_ratio, ratio, rtol=1e-3, err_msg=drift_of_layer.label)
+    assert drifts[1].variance_ratio.min() < 0.2  # the near-dead channel, its gain capped: not brought back
+    given = create_session_outputs(with_outputs(model, points[:1]), x)[0]  # the first layer: nothing upstream
+    np.testing.assert_allclose(drifts[0].reference_variance_ratio, given.var(axis=(0, 2, 3)) / expected[0].var(
+        axis=(0, 2, 3)), rtol=1e-3)
+
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(reference, tmp_path / "ref.onnx")
+    np.save(tmp_path / "data.npy", x)
+    done = run_cli("model.onnx", "out.onnx", "--data", "data.npy", "--reference", "ref.onnx", "--plot", "p.png",
+                   "--batch-size", "32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "no plot drawn" not in done.stderr and "the plot p.png" in done.stdout
+    assert run(onnx.load(tmp_path / "out.onnx"), x).shape == (SAMPLES, 6)
+
+
+def create_session_outputs(model: onnx.ModelProto, x: np.ndarray) -> list:
+    from bnpass.runtime import create_session
+
+    session = create_session(model, ["CPUExecutionProvider"], optimize=False)
+    return session.run([output.name for output in model.graph.output[1:]], {"x": x})
