@@ -122,10 +122,11 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
         if labels is not None and usable is None:
             judged = expected if expected is not None else outputs[GIVEN]
             usable = any(is_classifier_shaped(np.asarray(output)) for output in judged)
-            if not usable:
-                logger.warning("the data carry labels, but the model has no classifier-shaped output ((N, classes) "
-                               "scores or (N,) classes): " + ("the candidates are compared with the reference instead"
-                                                               if expected is not None else "they are not used"))
+            if not usable:  # said as a warning where they were to choose between candidates, else as a note
+                logger.log(logging.WARNING if expected is not None else logging.INFO,
+                           "the data carry labels, but the model has no classifier-shaped output ((N, classes) "
+                           "scores or (N,) classes): " + ("the candidates are compared with the reference instead"
+                                                         if expected is not None else "they are not used"))
         if not usable:
             labels = None
         if expected is not None:

@@ -315,6 +315,8 @@ class MatchReferencePass:
         variants = {"matched": None}
         if logits is not None:
             variants[EXCEPT_LOGITS] = inserted[logits]
+        if self.choose != "auto":  # forced: only the candidate asked for is made
+            variants = {name: left for name, left in variants.items() if name == self.choose}
         for name, left in variants.items():
             candidate = copy_model(augmented)
             results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)

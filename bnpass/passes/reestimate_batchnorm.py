@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 import onnx
 
 from ..calibration import batchnorm_nodes
+from ..errors import DataError
 from .base import copy_model
 from .calibration_run import (
     DEFAULT_BATCH_SIZE,
@@ -91,9 +92,15 @@ class ReestimateBatchNormPass:
                         "comparing it with the model as given on them")
             return
         started = time.perf_counter()
-        scores = score_models(None, model, {"reestimated": result.model}, run.evaluation_feeds(input_batch_size(model)),
-                              run.providers, threads=self.settings.threads, tf32=self.settings.tf32)
-        result.comparing_seconds = time.perf_counter() - started
+        try:
+            scores = score_models(None, model, {"reestimated": result.model},
+                                  run.evaluation_feeds(input_batch_size(model)), run.providers,
+                                  threads=self.settings.threads, tf32=self.settings.tf32)
+        except DataError as error:  # labels nobody asked to choose by: set aside, never the run's end
+            logger.warning("the labels are not used: %s; the re-estimated model is kept", error)
+            return
+        finally:
+            result.comparing_seconds = time.perf_counter() - started
         if scores.labels_set_aside:
             result.warnings.append(scores.labels_set_aside)
         if not scores.labelled:
