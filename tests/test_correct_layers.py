@@ -195,7 +195,7 @@ def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "corrected 7 of 7 layers without BatchNormalization" in captured.out
     assert "kept the matched candidate" in captured.out
-    assert "no plot drawn: the model has no BatchNormalization statistics" in captured.err  # not a traceback
+    assert "no plot drawn" not in captured.err and (tmp_path / "p.png").stat().st_size > 0  # the corrected layers
     given, repaired = onnx.load(fused / "model_pruned.onnx"), onnx.load(tmp_path / "out.onnx")
     assert [(n.op_type, list(n.output)) for n in repaired.graph.node] == [
         (n.op_type, list(n.output)) for n in given.graph.node]
