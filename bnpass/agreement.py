@@ -24,7 +24,7 @@ Sums are float64. :func:`format_agreement` writes the before/after line, e.g.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -141,10 +141,17 @@ class LabelAccuracy:
 
     correct: int = 0
     samples: int = 0
+    classes: Optional[int] = None  # the output's class count; None for (N,) predicted classes
+    label_counts: dict = field(default_factory=dict)  # how often each label came
 
     @property
     def accuracy(self) -> Optional[float]:
         return self.correct / self.samples if self.samples else None
+
+    def majority(self) -> tuple:
+        """``(label, share)``: the most common label and the fraction of samples that carry it."""
+        label = max(self.label_counts, key=lambda value: (self.label_counts[value], -value))
+        return label, self.label_counts[label] / self.samples
 
     def add(self, outputs: Sequence, labels, *, batch: int) -> np.ndarray:
         """One batch: the model's outputs (as ``session.run``) and the batch's labels; returns, per
@@ -167,6 +174,9 @@ class LabelAccuracy:
             limit = f"0..{classes - 1}" if classes is not None else "0 or more"
             raise DataError(f"batch {batch}: label {outside[0]} is outside the model's classes ({limit})")
         hits = top1_classes(output) == labels
+        self.classes = classes
+        for value, count in zip(*np.unique(labels, return_counts=True)):
+            self.label_counts[int(value)] = self.label_counts.get(int(value), 0) + int(count)
         self.correct += int(np.count_nonzero(hits))
         self.samples += labels.shape[0]
         return hits

@@ -208,11 +208,12 @@ def build_calibration_model(model: onnx.ModelProto, form: str = "reduce", *, mod
                     shape=param_shape, dtype=compute, opset=copy_opset, out=out, min_ratio=target.min_ratio)
                 nodes.extend(matched_nodes)
                 new_inits.extend(matched_inits)
-            if param_dtype != compute:
+            if param_dtype != compute:  # the BN's parameters are float16: it reads what it normalizes with, cast
                 to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(param_dtype))
-                bn_mean, bn_variance = out("mean_cast"), out("variance_cast")
-                nodes.append(onnx.helper.make_node("Cast", [moments.mean], [bn_mean], name=bn_mean, to=to))
-                nodes.append(onnx.helper.make_node("Cast", [moments.var], [bn_variance], name=bn_variance, to=to))
+                mean_cast, variance_cast = out("mean_cast"), out("variance_cast")
+                nodes.append(onnx.helper.make_node("Cast", [bn_mean], [mean_cast], name=mean_cast, to=to))
+                nodes.append(onnx.helper.make_node("Cast", [bn_variance], [variance_cast], name=variance_cast, to=to))
+                bn_mean, bn_variance = mean_cast, variance_cast
             batch_norm = onnx.helper.make_node(
                 BATCHNORM, [x, bn.input[1], bn.input[2], bn_mean, bn_variance], [bn.output[0]],
                 name=bn.name, epsilon=attribute(bn, "epsilon", 1e-5))

@@ -29,12 +29,14 @@ from .passes import FoldBatchNormPass, calibrating_pass
 from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
 from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
-from .plot import plot_format, render_drift, require_matplotlib
+from .plot import LAYER_SERIES, plot_format, render_drift, require_matplotlib
 from .progress import close_progress_bars, progress_bar
 from .report import (
     batchnorm_drifts,
     closing_note,
     drift_title,
+    layer_drift_title,
+    layer_drifts,
     no_batchnorm_notice,
     provenance,
     run_report,
@@ -355,6 +357,9 @@ def run(args) -> int:
     drifts = batchnorm_drifts(model, reestimate) if args.plot and reestimate is not None else []
     if drifts:
         plot = render_drift(drifts, plot_format(args.plot), title=drift_title(reestimate))
+    elif args.plot and getattr(reestimate, "layers", None):  # no BN: the corrected layers' outputs
+        plot = render_drift(layer_drifts(reestimate), plot_format(args.plot), title=layer_drift_title(reestimate),
+                            legends=LAYER_SERIES, subject="layers without BatchNormalization")
     elif args.plot:
         logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
     # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.

@@ -16,7 +16,18 @@ e)`` and ``(v + e) / (v_o + e)``. Stale stored statistics show in the first seri
 compression did to the activations, in the second.
 
 Each panel draws, per BN, the median over channels (line) and the 10-90% range over channels
-(band): readable with 50 BNs and with 150. The figure is 1600 x 900 pixels (16 x 9 inches at 100
+(band): readable with 50 BNs and with 150. The first series' band is filled, the second's hatched
+(never two translucent fills, whose overlap would show a colour that is in no legend entry), its
+median dashed. Where, in a panel, the two series are the same for every channel (to
+:data:`SAME`, relative: invisible at this size), as the variance ratios are when the matched
+statistics are kept (v' + e) / (v_r + e) = v_c / v_o, only one is drawn, and its legend entry says
+that it stands for both.
+
+Models without BN (``--reference`` corrects their layers instead): the same two panels, per corrected
+layer in graph order, for its output against the uncompressed model's, in the uncompressed model's
+units: before its correction (earlier layers corrected) and as kept (:func:`bnpass.report.layer_drifts`).
+
+The figure is 1600 x 900 pixels (16 x 9 inches at 100
 dpi), drawn with matplotlib (no display, no pyplot state) in the format the file name says: PNG,
 SVG or PDF (:data:`FORMATS`; any other name is refused, never written in another format). It is
 written atomically: a temporary file in the same folder, renamed into place, so no partial file is
@@ -42,6 +53,11 @@ LABELED_TICKS = 40          # at most this many BN names on the x axis
 HORIZONTAL_TICKS = 12       # up to this many, written level; more, at 45 degrees
 SPREAD = (10, 90)           # percentiles of the band
 FORMATS = ("png", "svg", "pdf")  # what the file name's suffix may say
+SAME = 1e-3                 # two series within this relative difference on every channel are drawn once
+BATCHNORM_SERIES = ("statistics written vs stored (units: stored std)",
+                    "BN input, compressed vs uncompressed model (units: the uncompressed model's std)")
+LAYER_SERIES = ("layer output as kept vs the uncompressed model's (units: its std)",
+                "layer output before its correction, earlier layers corrected, vs the uncompressed model's")
 
 
 @dataclass
@@ -83,9 +99,41 @@ def plot_drift(drifts: Sequence[BatchNormDrift], path, *, title: Optional[str] =
     write_bytes_atomically(path, content, what="the plot")
 
 
-def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
-                 title: Optional[str] = None) -> bytes:
-    """The picture of ``drifts`` (see the module docstring) as the bytes of a ``file_format`` file."""
+def panel_series(drifts: Sequence[BatchNormDrift], field: str, legends: tuple = BATCHNORM_SERIES) -> list:
+    """What one panel draws (``field``: "mean_shift" or "variance_ratio"): ``[(legend, field name)]``, the
+    second series only where there is one and it differs from the first (module docstring)."""
+    series = [(legends[0], field)]
+    second = "reference_" + field
+    if not any(getattr(drift, second) is not None for drift in drifts):
+        return series
+    if all(_same(getattr(drift, field), getattr(drift, second)) for drift in drifts):
+        return [(f"{legends[0]}, the same as {legends[1]}", field)]
+    return series + [(legends[1], second)]
+
+
+def _same(first, second) -> bool:
+    if first is None or second is None:
+        return first is second
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    return first.shape == second.shape and bool(np.allclose(first, second, rtol=SAME, atol=0, equal_nan=True))
+
+
+def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *, title: Optional[str] = None,
+                 legends: tuple = BATCHNORM_SERIES, subject: str = "BatchNormalization nodes") -> bytes:
+    """The picture of ``drifts`` (see the module docstring) as the bytes of a ``file_format`` file;
+    ``legends`` name the two series, ``subject`` what the x axis counts."""
+    figure, canvas = draw_drift(drifts, title=title, legends=legends, subject=subject)
+    buffer = io.BytesIO()
+    if file_format == "png":
+        canvas.print_png(buffer)
+    else:  # the Agg canvas hands SVG and PDF to matplotlib's vector backends
+        canvas.print_figure(buffer, format=file_format, dpi=DPI)
+    return buffer.getvalue()
+
+
+def draw_drift(drifts: Sequence[BatchNormDrift], *, title: Optional[str] = None, legends: tuple = BATCHNORM_SERIES,
+               subject: str = "BatchNormalization nodes"):
+    """``(figure, canvas)``: the matplotlib figure of ``drifts``, drawn, not yet written."""
     if not drifts:
         raise ValueError("nothing to plot: no BatchNormalization drift was given")
     figure_class, canvas_class = require_matplotlib()
@@ -93,18 +141,15 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     canvas = canvas_class(figure)
     shift_axes, ratio_axes = figure.subplots(2, 1, sharex=True)
     positions = np.arange(len(drifts))
-    with_reference = any(drift.reference_mean_shift is not None for drift in drifts)
-    series = [("statistics written vs stored (units: stored std)", "mean_shift", "variance_ratio", "tab:blue")]
-    if with_reference:
-        series.append(("BN input, compressed vs uncompressed model (units: the uncompressed model's std)",
-                       "reference_mean_shift", "reference_variance_ratio", "tab:orange"))
-    for legend, shift_field, ratio_field, color in series:
-        for axes, field in ((shift_axes, shift_field), (ratio_axes, ratio_field)):
-            low, median, high = _spread([getattr(drift, field) for drift in drifts], positive=axes is ratio_axes)
-            axes.fill_between(positions, low, high, color=color, alpha=0.25, linewidth=0,
-                              label=f"{legend}: {SPREAD[0]}-{SPREAD[1]}% of channels")
-            axes.plot(positions, median, color=color, linewidth=1.5, marker="." if len(drifts) <= 60 else None,
-                      label=f"{legend}: median")
+    colors = ("tab:blue", "tab:orange")
+    for axes, field in ((shift_axes, "mean_shift"), (ratio_axes, "variance_ratio")):
+        for number, (legend, name) in enumerate(panel_series(drifts, field, legends)):
+            low, median, high = _spread([getattr(drift, name) for drift in drifts], positive=axes is ratio_axes)
+            band = dict(color=colors[number], alpha=0.25, linewidth=0) if number == 0 else dict(
+                facecolor="none", edgecolor=colors[number], hatch="///", linewidth=0)
+            axes.fill_between(positions, low, high, label=f"{legend}: {SPREAD[0]}-{SPREAD[1]}% of channels", **band)
+            axes.plot(positions, median, color=colors[number], linewidth=1.5, linestyle="-" if number == 0 else "--",
+                      marker="." if len(drifts) <= 60 else None, label=f"{legend}: median")
 
     shift_axes.set_yscale("symlog", linthresh=0.1)
     shift_axes.set_ylim(bottom=0)
@@ -113,7 +158,8 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     ratio_axes.set_yscale("log")
     ratio_axes.axhline(1, color="gray", linewidth=0.8)
     ratio_axes.set_ylabel("variance ratio\n(v + e) / (v_base + e)")
-    shift_axes.legend(loc="best", fontsize="medium", ncols=1, framealpha=0.8)
+    for axes in (shift_axes, ratio_axes):
+        axes.legend(loc="best", fontsize="small", ncols=1, framealpha=0.8)
     plain = _plain_number_formatter()
     for axes in (shift_axes, ratio_axes):
         axes.grid(True, which="major", alpha=0.3)
@@ -127,16 +173,10 @@ def render_drift(drifts: Sequence[BatchNormDrift], file_format: str = "png", *,
     ratio_axes.set_xticks(ticks, [f"{index} {labels[index]}" for index in ticks], rotation=0 if horizontal else 45,
                           ha="center" if horizontal else "right", rotation_mode="anchor", fontsize="medium")
     ratio_axes.set_xlim(-0.5, len(drifts) - 0.5)
-    ratio_axes.set_xlabel(f"BatchNormalization nodes in graph order ({len(drifts)}"
+    ratio_axes.set_xlabel(f"{subject} in graph order ({len(drifts)}"
                           + (f"; names shown for 1 in {step})" if step > 1 else ")"))
     figure.suptitle(title or "drift of BatchNormalization statistics per node")
-
-    buffer = io.BytesIO()
-    if file_format == "png":
-        canvas.print_png(buffer)
-    else:  # the Agg canvas hands SVG and PDF to matplotlib's vector backends
-        canvas.print_figure(buffer, format=file_format, dpi=DPI)
-    return buffer.getvalue()
+    return figure, canvas
 
 
 def _plain_number_formatter():

@@ -16,8 +16,10 @@ from .data import plural
 from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
 from .passes.candidates import GIVEN, spelled
+from .passes.correct_layers import EPSILON as CORRECTION_EPSILON
 from .passes.match_reference import ReferenceResult
-from .plot import measure_drift
+from .plot import BatchNormDrift, measure_drift
+from .stats import drift
 from .version import __version__
 
 
@@ -50,7 +52,7 @@ def reference_record(result: ReferenceResult) -> dict:
         "chosen": result.chosen, "why": result.why,
         "criterion": choice.criterion if choice else None,
         "p_value": choice.p_value if choice else None,
-        "samples": scores.samples, "labelled": scores.labelled,
+        "samples": scores.samples, "labelled": scores.labelled, "labels_set_aside": scores.labels_set_aside or None,
         "agreement": {name: {"top1": meter.top1, "output_error": meter.relative_error}
                       for name, meter in scores.agreement.items()},
         "differ": {f"{a} not {b}": count for (a, b), count in scores.discordant.items()},
@@ -103,6 +105,31 @@ def batchnorm_drifts(model: onnx.ModelProto, result: ReestimateResult) -> list:
         drifts.append(measure_drift(name, epsilons[name], stats.old_mean, stats.old_var, stats.mean, stats.var,
                                     **activations))
     return drifts
+
+
+def layer_drifts(result: ReferenceResult) -> list:
+    """``--plot``'s input for a model without BN (:data:`bnpass.plot.LAYER_SERIES`): per corrected layer, in
+    graph order, its output's moments against the uncompressed layer's (m_o, v_o), in the latter's units: as
+    kept (``mean_shift``, ``variance_ratio``) and before its own correction (``reference_*``: (m_c, v_c),
+    earlier layers corrected). Corrected, the output is (x - mu') / sqrt(v' + e): mean (m_c - mu') /
+    sqrt(v' + e), variance v_c / (v' + e); a layer the kept candidate leaves as given keeps (m_c, v_c)."""
+    corrected = result.chosen in ("matched", "matched-except-logits")
+    drifts = []
+    for label, layer in result.layers.items():
+        (reference_mean, reference_var), (mean, var) = layer.reference_moments, layer.compressed_moments
+        before = drift(mean, var, reference_mean, reference_var, CORRECTION_EPSILON)
+        if corrected and not (result.chosen == "matched-except-logits" and label == result.logits):
+            scale_squared = np.asarray(layer.matched.var, np.float64) + CORRECTION_EPSILON
+            mean = (np.asarray(mean) - layer.matched.mean) / np.sqrt(scale_squared)
+            var = np.asarray(var) / scale_squared
+        drifts.append(BatchNormDrift(label, *drift(mean, var, reference_mean, reference_var, CORRECTION_EPSILON),
+                                     *before))
+    return drifts
+
+
+def layer_drift_title(result: ReferenceResult) -> str:
+    return (f"layer outputs against the uncompressed model: the {spelled(result.chosen)} candidate, kept "
+            f"({result.choice.criterion if result.choice else 'asked for'})")
 
 
 def drift_title(result: ReestimateResult) -> str:
@@ -168,16 +195,14 @@ def summary_lines(bn_names: list, reestimate: Optional[ReestimateResult], fold: 
     """
     lines = []
     if reestimate is not None and bn_names:
-        written = sum(1 for s in reestimate.stats.values() if s.written)
-        lines.append(f"re-estimated {written} of {plural(len(bn_names), 'BatchNormalization node')} from "
-                     f"{plural(reestimate.samples, 'sample')} ({plural(reestimate.batches, 'batch')} of up to "
-                     f"{reestimate.batch_size}, {stats_mode} statistics, {reestimate.device}, "
-                     f"{reestimate.seconds:.1f} s)")
+        lines.append(_calibration_line(bn_names, reestimate, stats_mode))
         for name, stats in reestimate.stats.items():
-            if not stats.written:
+            if not stats.written and reestimate.chosen != GIVEN:
                 lines.append(f"  not re-estimated: {name}: {stats.reason}")
     if isinstance(reestimate, ReferenceResult) and (bn_names or reestimate.layers):
         lines.extend(_reference_lines(reestimate))
+    elif reestimate is not None and reestimate.choice is not None:
+        lines.extend(_choice_lines(reestimate))
     if fold is not None:
         patterns = Counter(fold.patterns.values())
         kinds = ", ".join(f"{count} {pattern}" for pattern, count in sorted(patterns.items(), key=lambda p: -p[1]))
@@ -262,19 +287,50 @@ def no_batchnorm_notice(model: onnx.ModelProto, path: str) -> str:
             "from before compression, --reference ORIGINAL.onnx can repair it: every layer's output matched to it")
 
 
-def _reference_lines(result: ReferenceResult) -> list:
+def _calibration_line(bn_names: list, result: ReestimateResult, stats_mode: str) -> str:
+    """What was written into the BNs (re-estimated or matched statistics, or nothing: the model as given
+    kept), from what, and how long the calibration and the comparison of the models each took."""
+    written = sum(1 for s in result.stats.values() if s.written)
+    total = plural(len(bn_names), "BatchNormalization node")
+    if result.chosen in ("matched", "matched-except-logits"):
+        what = f"matched {written} of {total} to the reference, from"
+    elif result.chosen == GIVEN:
+        what = f"kept the stored statistics of {total} (the model as given), after calibrating on"
+    else:
+        what = f"re-estimated {written} of {total} from"
+    timing = f"{result.seconds:.1f} s"
+    if result.comparing_seconds:
+        timing += (f": {result.seconds - result.comparing_seconds:.1f} s calibrating, {result.comparing_seconds:.1f} s "
+                   "comparing the models on a second reading")
+    return (f"{what} {plural(result.samples, 'sample')} ({plural(result.batches, 'batch')} of up to "
+            f"{result.batch_size}, {stats_mode} statistics, {result.device}, {timing})")
+
+
+def _choice_lines(result: ReestimateResult) -> list:
+    """The choice line and every model's figures on the same samples (where the models were compared)."""
     scores = result.scores
     kind = "statistics" if result.stats or result.chosen == "reestimated" else "candidate"
-    lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"]
+    if result.chosen == GIVEN and not isinstance(result, ReferenceResult):
+        kind = "model"
+    lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"
+             + (" (--candidate; the candidates were not compared)" if scores is None or not scores.samples else "")]
+    if scores is None or not scores.samples:
+        return lines
     if scores.labelled:
         accuracy = scores.accuracy
         lines.append(f"top-1 accuracy on the labels of {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * accuracy[name].accuracy:.1f}%"
             for name in accuracy))
-    elif all(meter.top1 is not None for meter in scores.agreement.values()):
+    elif scores.agreement and all(meter.top1 is not None for meter in scores.agreement.values()):
         lines.append(f"top-1 agreement with the reference on all {plural(scores.samples, 'sample')}: " + ", ".join(
             f"{spelled(name)} {100 * meter.top1:.1f}%" for name, meter in scores.agreement.items()))
-    lines.append(result.agreement_line())
+    return lines
+
+
+def _reference_lines(result: ReferenceResult) -> list:
+    lines = _choice_lines(result)
+    if result.agreement_line():
+        lines.append(result.agreement_line())
     if result.layers or result.refused_layers:
         total = len(result.layers) + len(result.refused_layers)
         lines.append(f"corrected {len(result.layers)} of {plural(total, 'layer')} without BatchNormalization (mean "
@@ -349,8 +405,15 @@ def run_report(model: onnx.ModelProto, reestimate: Optional[ReestimateResult], f
         "batchnorms_not_folded": dict(fold.skipped) if fold is not None else {},
         "activation_pairs_removed": len(fold.removed_pairs) if fold is not None else 0,
     }
+    if reestimate is not None:
+        report["comparing_seconds"] = round(reestimate.comparing_seconds, 3)
     if isinstance(reestimate, ReferenceResult):
         report["reference"] = {"model": reference_path, **reference_record(reestimate)}
+    elif reestimate is not None and reestimate.choice is not None:  # labels: the model as given vs re-estimated
+        scores = reestimate.scores
+        report["choice"] = {"chosen": reestimate.chosen, "why": reestimate.why, "p_value": reestimate.choice.p_value,
+                            "samples": scores.samples,
+                            "accuracy": {name: meter.accuracy for name, meter in scores.accuracy.items()}}
     if difference is not None:
         report["verify"] = {"batches": difference.batches, "max_abs": difference.max_abs,
                             "max_rel": difference.max_rel}

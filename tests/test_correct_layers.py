@@ -148,13 +148,17 @@ def test_a_near_dead_channel_gets_at_most_the_bounded_gain(case):
 
 def test_keeps_the_model_as_given_where_correction_hurts(case):
     """Labels that the compressed model gets all right (its own predictions): every correction moves it
-    toward the reference and away from them, so the model as given is kept, unchanged."""
+    toward the reference and away from them, so the model as given is kept, unchanged. (Only the samples
+    the reference gets right too: on the others it would be no better than the most common label, and
+    such labels are set aside.)"""
     x, reference, given, reference_model, model = case
     labels = run(model, x).argmax(axis=1)
-    result = MatchReferencePass(calibration_samples(model, [(x, labels)]), reference_model, batch_size=SAMPLES,
-                                device="cpu").call(model)
+    judged = labels == run(reference_model, x).argmax(axis=1)
+    result = MatchReferencePass(calibration_samples(model, [(x[judged], labels[judged])]), reference_model,
+                                batch_size=SAMPLES, device="cpu").call(model)
     assert result.chosen == "compressed" and not result.modified, result.why
-    assert result.why.startswith("accuracy: compressed (as given) right on 64 of 64 samples")
+    count = int(judged.sum())
+    assert result.why.startswith(f"accuracy: compressed (as given) right on {count} of {count} samples")
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
@@ -191,7 +195,7 @@ def test_the_fused_example_is_repaired_from_the_command_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "corrected 7 of 7 layers without BatchNormalization" in captured.out
     assert "kept the matched candidate" in captured.out
-    assert "no plot drawn: the model has no BatchNormalization statistics" in captured.err  # not a traceback
+    assert "no plot drawn" not in captured.err and (tmp_path / "p.png").stat().st_size > 0  # the corrected layers
     given, repaired = onnx.load(fused / "model_pruned.onnx"), onnx.load(tmp_path / "out.onnx")
     assert [(n.op_type, list(n.output)) for n in repaired.graph.node] == [
         (n.op_type, list(n.output)) for n in given.graph.node]

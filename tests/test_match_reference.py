@@ -6,6 +6,7 @@ between the candidates, and the command line."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,14 @@ from bnpass.errors import ModelError  # noqa: E402
 from bnpass.passes.match_reference import MatchReferencePass, pair_batchnorms  # noqa: E402
 from bnpass.report import batchnorm_drifts, drift_title  # noqa: E402
 from bnpass.stats import drift  # noqa: E402
-from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params, random_weight  # noqa: E402
+from builders import (  # noqa: E402
+    GraphBuilder,
+    add_batchnorm,
+    export_with_batchnorm_kept,
+    random_bn_params,
+    random_weight,
+    upcast_model_to_float32,
+)
 from matching_reference import (  # noqa: E402
     ResidualNet,
     batchnorms,
@@ -93,12 +101,48 @@ def test_several_batches_equal_one_pass_matching_in_pytorch(network, data):
     result = bnpass.reestimate_batchnorms(model, [data], batch_size=16, num_samples=len(data),
                                           reference=export_with_batchnorm_kept(network, torch.from_numpy(data[:2])),
                                           candidate="matched")
-    assert (result.batches, result.samples, result.scores.samples) == (8, 128, 128)
+    assert (result.batches, result.samples, result.scores.samples) == (8, 128, 0)  # forced: not compared
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(expected), rtol=2e-5)
     assert not np.allclose(onnx_statistics(result, model)["bn4"][1],
                            torch_statistics(match_level_by_level(network, compressed, torch.from_numpy(data[:96]),
                                                                  ResidualNet.batchnorm_levels())[0])["bn4"][1],
                            rtol=1e-3)  # below the first level, batches change the result
+
+
+def float16_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every float32 initializer, input and output in float16 (the exports here have no
+    Constant or Cast node)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor).astype(np.float16),
+                                                         tensor.name))
+    for value in [*copy.graph.input, *copy.graph.output]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    return copy
+
+
+def test_a_float16_model_matches_as_its_float32_twin_does(network, data):
+    """Regression (issue 22, item 3): in a float16 model's matched calibration copy, the Cast feeding each BN
+    read the plain batch moments instead of the matched ones, so every BN below the first normalized with
+    re-estimated statistics (up to 13x off in variance here). The same network in float32 (every fp16
+    tensor upcast exactly) must give the same matched statistics, to float16 precision."""
+    sample = torch.from_numpy(data[:2])
+    reference = float16_copy(export_with_batchnorm_kept(network, sample))
+    model = float16_copy(export_with_batchnorm_kept(magnitude_prune(network, 0.7), sample))
+    options = dict(batch_size=32, num_samples=len(data), candidate="matched", device="cpu")
+    half = bnpass.reestimate_batchnorms(model, [data], reference=reference, **options)
+    single = bnpass.reestimate_batchnorms(upcast_model_to_float32(model), [data],
+                                          reference=upcast_model_to_float32(reference), **options)
+    assert half.batches == 4 and list(half.matched) == list(single.matched)
+    for name, expected in single.matched.items():
+        got = half.matched[name]
+        np.testing.assert_allclose(got.mean, expected.mean, rtol=0, atol=1e-3 * np.sqrt(expected.var).max(),
+                                   err_msg=name)
+        np.testing.assert_allclose(got.var, expected.var, rtol=2e-3, atol=1e-3 * expected.var.max(), err_msg=name)
+    onnx.checker.check_model(half.model, full_check=True)
 
 
 def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
@@ -215,6 +259,11 @@ def test_cli_reference_report_plot_and_provenance(tmp_path):
             "matched except the logits layer on 354; they differ on 7, 6 to 1, within chance (McNemar p = 0.12)"
             ) in done.stdout
     assert "agreement with reference (384 samples): 33.6% -> 93.5% top-1" in done.stdout
+    # what was written (matched statistics), and the time of each reading (issue 22, item 13)
+    assert re.search(r"^matched 6 of 6 BatchNormalization nodes to the reference, from 384 samples \(6 batches of up "
+                     r"to 64, pooled statistics, \w+, ([\d.]+) s: ([\d.]+) s calibrating, ([\d.]+) s comparing the "
+                     r"models on a second reading\)$", done.stdout, re.MULTILINE), done.stdout
+    assert "re-estimated 6 of 6" not in done.stdout
     assert ("top-1 agreement with the reference on all 384 samples: compressed (as given) 33.6%, re-estimated 81.5%, "
             "matched 93.5%, matched except the logits layer 92.2%") in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
@@ -395,3 +444,133 @@ def test_a_forced_candidate_the_model_does_not_have_is_named_up_front():
                                          r"\(its candidates: reestimated, matched\)"):
         MatchReferencePass(bnpass.calibration_samples(conv_bn_model(quantized=True), [data]), conv_bn_model(),
                            choose="compressed").call(conv_bn_model(quantized=True))
+
+
+def test_the_batchnorm_inserted_after_a_layer_is_the_identity():
+    """Regression (issue 22, planted): the BN inserted after each layer without BN stores var = 1 - e, so
+    that sqrt(var + e) = 1 and it computes y = x; var = 1 scaled every layer by 1/sqrt(1 + e), and the
+    correction then matched each layer to that scaled copy of the reference's."""
+    from bnpass.passes.correct_layers import insert_identity_batchnorms, layers_without_batchnorm
+    from test_correct_layers import build, network, run
+
+    model = build(network())
+    augmented, origins = insert_identity_batchnorms(model, layers_without_batchnorm(model))
+    assert [origin[0] for origin in origins] == ["layer"] * 4
+    onnx.checker.check_model(augmented, full_check=True)
+    x = np.random.default_rng(2).normal(size=(16, 3, 6, 6)).astype(np.float32)
+    expected, got = run(model, x), run(augmented, x)
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+class CountedReads:
+    """A re-readable batch source that counts how often it is read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_a_forced_candidate_reads_the_data_once_and_warns_of_no_choice():
+    """Regression (issue 22, items 10 and 14): a forced --candidate ran the whole scoring reading, and on
+    shifted data still warned that agreement "may favour the wrong candidate", though nothing was chosen."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    batches = [images for images, _ in shifted_labelled()]
+    auto, forced = CountedReads(batches), CountedReads(batches)
+    chose = bnpass.reestimate_batchnorms(model, auto, batch_size=64, reference=EXAMPLE / "model.onnx")
+    asked = bnpass.reestimate_batchnorms(model, forced, batch_size=64, reference=EXAMPLE / "model.onnx",
+                                         candidate="reestimated")
+    assert auto.reads == forced.reads + 1 and chose.scores.samples == 256 and asked.scores.samples == 0
+    assert any("favour the wrong candidate" in warning for warning in chose.warnings)
+    assert not any("favour the wrong candidate" in warning for warning in asked.warnings)
+    assert asked.chosen == "reestimated" and asked.comparing_seconds == 0 < chose.comparing_seconds
+    assert asked.agreement_line() == ""
+
+
+def test_placeholder_labels_are_set_aside_and_the_choice_made_as_without_them(caplog):
+    """Regression (issue 22, item 2): (images, zeros), as an unlabelled DataLoader yields, made --reference
+    choose by accuracy on the zeros and silenced the domain warning; the uncompressed model is right on no
+    more of them than the most common label's share (all of them), so they are no labels."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    zeros = [(images, np.zeros(len(images), np.int64)) for images, _ in shifted_labelled()]
+    result = bnpass.reestimate_batchnorms(model, zeros, batch_size=64, reference=EXAMPLE / "model.onnx")
+    assert not result.scores.labelled and result.choice.criterion == "top-1 agreement"
+    assert result.scores.labels_set_aside.startswith("the labels are set aside: the uncompressed model is right on ")
+    assert "no better than the share of the most common label (0: 100.0%)" in result.scores.labels_set_aside
+    assert result.scores.labels_set_aside in result.warnings
+    assert any("favour the wrong candidate" in warning for warning in result.warnings)  # the domain warning again
+    assert sum("the labels are set aside" in record.message for record in caplog.records) == 1
+
+
+def test_plain_reestimation_with_labels_keeps_the_better_model():
+    """Issue 22, item 4: the uncompressed example model re-estimated on digits 0-4 only loses a sample on
+    their labels, so the model as given is kept, with the choice line; without labels nothing changes."""
+    loader = EXAMPLE / "labelled.py"
+    namespace: dict = {"__file__": str(loader)}
+    exec(compile(loader.read_text(), str(loader), "exec"), namespace)
+    labelled = namespace["classes_0_4"]()
+    model = onnx.load(EXAMPLE / "model.onnx")
+    kept = bnpass.reestimate_batchnorms(model, labelled, batch_size=64, device="cpu")
+    assert kept.chosen == "compressed" and not kept.modified
+    assert kept.why == ("accuracy: compressed (as given) right on 125 of 126 samples, re-estimated on 124; they "
+                        "differ on 1, 1 to 0, within chance (McNemar p = 1)")
+    assert kept.model.SerializeToString() == model.SerializeToString()
+    assert {name: meter.correct for name, meter in kept.scores.accuracy.items()} == {"compressed": 125,
+                                                                                      "reestimated": 124}
+    assert all(not stats.written for stats in kept.stats.values()) and kept.comparing_seconds > 0
+    unlabelled = bnpass.reestimate_batchnorms(model, [images for images, _ in labelled], batch_size=64, device="cpu")
+    assert unlabelled.choice is None and unlabelled.scores is None and unlabelled.modified
+    assert unlabelled.comparing_seconds == 0
+
+
+def with_outputs(model: onnx.ModelProto, names: list) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    return copy
+
+
+def test_a_model_without_batchnorm_plots_its_layer_outputs_against_the_reference(tmp_path):
+    """Issue 22, item 9: --plot with --reference on a model without BN ran the whole job, then said there
+    was nothing to draw. It draws the corrected layers' output moments against the uncompressed model's,
+    before and after the correction; "after" is measured here on the kept model itself, by onnxruntime."""
+    pytest.importorskip("matplotlib")
+    from bnpass.report import layer_drifts
+    from test_correct_layers import SAMPLES, build, compressed, network, run
+
+    x = np.random.default_rng(5).normal(size=(SAMPLES, 3, 6, 6)).astype(np.float32)
+    model, reference = build(compressed(network())), build(network())
+    result = MatchReferencePass(bnpass.calibration_samples(model, [x]), reference, batch_size=SAMPLES, device="cpu",
+                                choose="matched").call(model)
+    drifts = layer_drifts(result)
+    points = ["c1", "c2", "g", "y"]  # each layer's output (the MatMul's: its bias Add's)
+    assert [drift.label for drift in drifts] == ["conv1", "conv2", "fc", "head"]
+    kept = create_session_outputs(with_outputs(result.model, points), x)
+    expected = create_session_outputs(with_outputs(reference, points), x)
+    for drift_of_layer, got, want in zip(drifts, kept, expected):
+        axes = (0,) + tuple(range(2, got.ndim))
+        shift, ratio = drift(got.mean(axis=axes), got.var(axis=axes), want.mean(axis=axes), want.var(axis=axes), 1e-5)
+        np.testing.assert_allclose(drift_of_layer.mean_shift, shift, atol=1e-3, err_msg=drift_of_layer.label)
+        np.testing.assert_allclose(drift_of_layer.variance_ratio, ratio, rtol=1e-3, err_msg=drift_of_layer.label)
+    assert drifts[1].variance_ratio.min() < 0.2  # the near-dead channel, its gain capped: not brought back
+    given = create_session_outputs(with_outputs(model, points[:1]), x)[0]  # the first layer: nothing upstream
+    np.testing.assert_allclose(drifts[0].reference_variance_ratio, given.var(axis=(0, 2, 3)) / expected[0].var(
+        axis=(0, 2, 3)), rtol=1e-3)
+
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(reference, tmp_path / "ref.onnx")
+    np.save(tmp_path / "data.npy", x)
+    done = run_cli("model.onnx", "out.onnx", "--data", "data.npy", "--reference", "ref.onnx", "--plot", "p.png",
+                   "--batch-size", "32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "no plot drawn" not in done.stderr and "the plot p.png" in done.stdout
+    assert run(onnx.load(tmp_path / "out.onnx"), x).shape == (SAMPLES, 6)
+
+
+def create_session_outputs(model: onnx.ModelProto, x: np.ndarray) -> list:
+    from bnpass.runtime import create_session
+
+    session = create_session(model, ["CPUExecutionProvider"], optimize=False)
+    return session.run([output.name for output in model.graph.output[1:]], {"x": x})

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bnpass.errors import BnpassError
-from bnpass.plot import HEIGHT_PIXELS, WIDTH_PIXELS, _spread, measure_drift, plot_drift
+from bnpass.plot import HEIGHT_PIXELS, WIDTH_PIXELS, _spread, draw_drift, measure_drift, panel_series, plot_drift
 
 
 @pytest.fixture
@@ -51,6 +51,13 @@ def band_fraction(path, color):
     return float(np.mean(np.abs(pixels - band).max(axis=-1) <= 3))
 
 
+def colour_fraction(path, color, tolerance=40):
+    """Fraction of pixels close to ``color`` itself (lines and hatching, drawn opaque)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int64)
+    return float(np.mean(np.abs(pixels - np.array(color)).max(axis=-1) <= tolerance))
+
+
 def blank_canvas_spread(tmp_path):
     """The pixel spread of the same-sized figure with nothing drawn on it (its white canvas)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -81,7 +88,7 @@ def test_writes_a_readable_png_of_the_stated_size_that_is_not_blank(matplotlib, 
     assert spread > 5 * max(blank_canvas_spread(tmp_path), 1.0)
     # The data are drawn, not only axes and labels: the 10-90% bands cover much of each panel.
     assert band_fraction(path, (31, 119, 180)) > 0.05                              # tab:blue, stored
-    assert (band_fraction(path, (255, 127, 14)) > 0.02) == reference                 # tab:orange, reference
+    assert (colour_fraction(path, (255, 127, 14)) > 0.005) == reference  # tab:orange hatching and dashes, reference
     assert sorted(os.listdir(tmp_path)) == ["blank.png", "drift.png"]   # no temporary file left
 
 
@@ -130,3 +137,26 @@ def test_without_matplotlib_a_one_line_error_names_the_extra(tmp_path, monkeypat
     message = str(raised.value)
     assert "plotting needs matplotlib" in message and "pip install 'bnpass[plot]'" in message
     assert "\n" not in message and not path.exists()
+
+
+def test_series_that_coincide_are_drawn_once_and_overlaps_blend_into_no_unlisted_colour(matplotlib, tmp_path):
+    """Regression (issue 22, item 8): with the matched statistics kept, the variance ratio of the statistics
+    written is the BN input's (v' + e) / (v_r + e) = v_c / v_o; both series were drawn, one hiding the other,
+    their translucent bands blending into a colour no legend entry has. Now a panel whose series coincide
+    draws one, its legend saying it stands for both; where both are drawn the second is hatched."""
+    matched = drifts(6, reference=True)
+    for drift in matched:
+        drift.reference_variance_ratio = drift.variance_ratio * (1 + 1e-6)
+    assert [legend for legend, _ in panel_series(matched, "variance_ratio")] == [
+        "statistics written vs stored (units: stored std), the same as BN input, compressed vs uncompressed model "
+        "(units: the uncompressed model's std)"]
+    assert [name for _, name in panel_series(matched, "mean_shift")] == ["mean_shift", "reference_mean_shift"]
+    figure, _ = draw_drift(matched)
+    shift_axes, ratio_axes = figure.axes
+    assert len(ratio_axes.get_legend().get_texts()) == 2 and len(shift_axes.get_legend().get_texts()) == 4
+    assert all("the same as" in text.get_text() for text in ratio_axes.get_legend().get_texts())
+    path = tmp_path / "drift.png"
+    plot_drift(drifts(50, reference=True), path)
+    blue, orange = np.array((31, 119, 180)), np.array((255, 127, 14))
+    blended = (255 - 0.25 * (255 - blue)) * 0.75 + 0.25 * orange  # orange at alpha 0.25 over blue at 0.25
+    assert band_fraction(path, 4 * blended - 3 * 255) < 1e-3  # band_fraction takes the colour before alpha

@@ -108,6 +108,11 @@ class ReestimateResult(PassResult):
     device: str = ""
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what the data looked like it got wrong
+    comparing_seconds: float = 0.0  # of ``seconds``: the second reading that scored the models (0: none)
+    chosen: str = ""  # where the models were compared: the one kept ("reestimated", "compressed", ...)
+    why: str = ""
+    choice: Optional[object] = None  # a bnpass.passes.candidates.Choice (that module is above this one)
+    scores: Optional[object] = None  # a bnpass.passes.candidates.Scores
 
 
 class CalibrationRun:
@@ -122,6 +127,7 @@ class CalibrationRun:
         self.fixed = False
         self.limit = self.expected = None
         self.samples_read = self.batches_read = 0
+        self.labelled = False  # whether the batches read carried labels
 
     def copy(self, model: onnx.ModelProto, **options) -> CalibrationModel:
         """The calibration copy of ``model`` in this run's form (``options``: mode, targets)."""
@@ -156,6 +162,7 @@ class CalibrationRun:
         feeds = prefetched(batches_of(batches, self.batch_size if self.fixed else None))
         try:
             for feed in feeds:
+                self.labelled = self.labelled or LABELS in feed
                 yield {name: array for name, array in feed.items() if name != LABELS}
                 self.samples_read += batch_length(feed)
                 self.batches_read += 1

@@ -13,6 +13,14 @@ top-1 accuracy. Without: top-1 agreement with the reference. A model with no cla
 output: the relative output error against the reference. Equal counts fall back to the lower
 output error, then to the first candidate (re-estimation), and the reason says so.
 
+**Labels that are not labels.** A loader yielding ``(images, zeros)``, as an unlabelled DataLoader
+often does, carries placeholders. Labels are used only where the model that judges them (the
+reference; without one, the best of the models scored) is right on significantly more of them than
+chance would give: more than ``max(1 / classes, share of the most common label)``, by a one-sided
+exact binomial test at :data:`CHANCE` (:func:`binomial_upper_tail`). Otherwise they are set aside
+with one warning saying why (:attr:`Scores.labels_set_aside`) and the models are compared as
+without labels.
+
 **How sure.** Both candidates are right (or agree with the reference) on most samples; what decides
 is the samples where exactly one of them is. Under "neither is better", each such sample favours
 either with probability 1/2: McNemar's exact test, a two-sided binomial test on those discordant
@@ -51,16 +59,21 @@ class Scores:
     agreement: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)
     discordant: dict = field(default_factory=dict)
+    labels_set_aside: str = ""  # why the data's labels were not used (module docstring); "" when they were
+    set_aside_accuracy: dict = field(default_factory=dict)  # the accuracy on those labels, per model
 
     @property
     def labelled(self) -> bool:
         return bool(self.accuracy)
 
     def hits(self, name: str) -> Optional[int]:
-        """Samples ``name`` got right (labels) or agreed on with the reference; None without top-1."""
+        """Samples ``name`` got right (labels) or agreed on with the reference; None without top-1 (or
+        without labels and reference)."""
         if self.labelled:
             return self.accuracy[name].correct
-        meter = self.agreement[name]
+        meter = self.agreement.get(name)
+        if meter is None:
+            return None
         return meter.top1_matches if meter.top1 is not None else None
 
     def judged(self) -> int:
@@ -81,49 +94,105 @@ class Choice:
 def score_models(reference, given, candidates: dict, feeds, providers: list, *, threads=None,
                  tf32: bool = False) -> Scores:
     """Run every feed (``{input: batch}``, maybe with :data:`bnpass.data.LABELS`) through the reference,
-    the model as given (``given``) and each candidate (``{name: ModelProto}``), keeping only counts."""
+    the model as given (``given``) and each candidate (``{name: ModelProto}``), keeping only counts.
+    ``reference`` None (plain re-estimation): the models are judged by labels alone, no agreement."""
     options = dict(threads=threads, tf32=tf32)
     models = {GIVEN: given, **candidates}
     names = [output.name for output in given.graph.output]
-    reference_names = [output.name for output in reference.graph.output]
-    reference_session = create_session(reference, providers, **options)
+    reference_names = [output.name for output in reference.graph.output] if reference is not None else []
+    reference_session = create_session(reference, providers, **options) if reference is not None else None
     sessions = {name: create_session(model, providers, **options) for name, model in models.items()}
-    scores = Scores(agreement={name: AgreementMeter(names) for name in models})
+    scores = Scores(agreement={name: AgreementMeter(names) for name in models} if reference is not None else {})
     order = [GIVEN, *candidates]  # the model as given can be a candidate too
-    scores.discordant = {(a, b): 0 for a in order for b in order if a != b}
-    usable = None  # whether labels can be scored: the reference has a classifier-shaped output
+    by_labels = {(a, b): 0 for a in order for b in order if a != b}
+    by_agreement = dict(by_labels)
+    usable = None  # whether labels can be scored: the judging model has a classifier-shaped output
+    labelled = None  # whether the first batch carried labels
     for number, feed in enumerate(feeds):
         labels = feed.get(LABELS)
-        if number and usable is not False and (labels is not None) != scores.labelled:
+        if labelled is None:
+            labelled = labels is not None
+        elif (labels is not None) != labelled:
             raise DataError(f"batch {number} {'has' if labels is not None else 'has no'} labels and the batches "
                             f"before it {'have none' if labels is not None else 'have them'}: give labels with every "
                             "sample or with none")
         inputs = {name: array for name, array in feed.items() if name != LABELS}
-        expected = reference_session.run(reference_names, inputs)
+        expected = reference_session.run(reference_names, inputs) if reference_session is not None else None
+        outputs = {name: session.run(names, inputs) for name, session in sessions.items()}
         if labels is not None and usable is None:
-            usable = any(is_classifier_shaped(np.asarray(output)) for output in expected)
-            if not usable:
-                logger.warning("the data carry labels, but the model has no classifier-shaped output ((N, classes) "
-                               "scores or (N,) classes): the candidates are compared with the reference instead")
+            judged = expected if expected is not None else outputs[GIVEN]
+            usable = any(is_classifier_shaped(np.asarray(output)) for output in judged)
+            if not usable:  # said as a warning where they were to choose between candidates, else as a note
+                logger.log(logging.WARNING if expected is not None else logging.INFO,
+                           "the data carry labels, but the model has no classifier-shaped output ((N, classes) "
+                           "scores or (N,) classes): " + ("the candidates are compared with the reference instead"
+                                                         if expected is not None else "they are not used"))
         if not usable:
             labels = None
-        hits = {}
+        if expected is not None:
+            _tally(by_agreement, {name: scores.agreement[name].add(expected, outputs[name]) for name in models})
         if labels is not None:
             if not scores.accuracy:
-                scores.accuracy = {name: LabelAccuracy() for name in ("reference", *models)}
-            scores.accuracy["reference"].add(expected, labels, batch=number)
-        for name, session in sessions.items():
-            outputs = session.run(names, inputs)
-            agreed = scores.agreement[name].add(expected, outputs)
-            hits[name] = scores.accuracy[name].add(outputs, labels, batch=number) if labels is not None else agreed
-        for a, b in scores.discordant:
-            if hits[a] is not None and hits[b] is not None:
-                scores.discordant[(a, b)] += int(np.count_nonzero(hits[a] & ~hits[b]))
+                scores.accuracy = {name: LabelAccuracy() for name in
+                                   (("reference",) if expected is not None else ()) + tuple(models)}
+            if expected is not None:
+                scores.accuracy["reference"].add(expected, labels, batch=number)
+            _tally(by_labels, {name: scores.accuracy[name].add(outputs[name], labels, batch=number)
+                               for name in models})
         scores.samples += batch_length(inputs)
     if scores.samples == 0:
         raise DataError("the second reading of the calibration data gave no sample: the source can be read only "
                         "once; give a folder, a list, a DataLoader or a loader function")
+    scores.discordant = by_labels if scores.labelled else by_agreement
+    if scores.labelled:
+        reason = labels_set_aside(scores.accuracy, "reference" if reference is not None else None)
+        if reason:
+            logger.warning("%s", reason)
+            scores.labels_set_aside, scores.set_aside_accuracy = reason, scores.accuracy
+            scores.accuracy, scores.discordant = {}, by_agreement
     return scores
+
+
+def _tally(discordant: dict, hits: dict) -> None:
+    """Add one batch's per-sample verdicts (``{model: bool array or None}``) to the discordant counts."""
+    for a, b in discordant:
+        if hits.get(a) is not None and hits.get(b) is not None:
+            discordant[(a, b)] += int(np.count_nonzero(hits[a] & ~hits[b]))
+
+
+def labels_set_aside(accuracy: dict, judge: Optional[str]) -> str:
+    """Why the labels behind ``accuracy`` (``{model: LabelAccuracy}``) are no labels, or "" when they are
+    (module docstring). ``judge``: the model whose accuracy decides (None: the best of them)."""
+    if judge is None:
+        judge = max(accuracy, key=lambda name: accuracy[name].correct)
+    meter = accuracy[judge]
+    label, share = meter.majority()
+    chance = 1 / meter.classes if meter.classes else 0.0
+    baseline = max(chance, share)
+    p_value = binomial_upper_tail(meter.correct, meter.samples, baseline)
+    if p_value < CHANCE:
+        return ""
+    who = "the uncompressed model" if judge == "reference" else f"the best model on them ({spelled(judge)})"
+    against = (f"the share of the most common label ({label}: {100 * share:.1f}%)" if share >= chance
+               else f"chance over {meter.classes} classes ({100 * chance:.1f}%)")
+    return (f"the labels are set aside: {who} is right on {100 * meter.accuracy:.1f}% of them ({meter.correct} of "
+            f"{meter.samples}), no better than {against} (one-sided binomial p = {p_value:.2g}); they look like "
+            "placeholders, so the models are compared as without labels")
+
+
+def binomial_upper_tail(successes: int, trials: int, probability: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, probability), summed in log space (exact for any size)."""
+    if successes <= 0:
+        return 1.0
+    if probability <= 0:
+        return 0.0
+    if probability >= 1:
+        return 1.0 if successes <= trials else 0.0
+    log_p, log_q = math.log(probability), math.log1p(-probability)
+    terms = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p
+             + (trials - k) * log_q for k in range(successes, trials + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(term - top) for term in terms))
 
 
 def choose(scores: Scores, candidates: list, forced: Optional[str] = None) -> Choice:
@@ -131,7 +200,8 @@ def choose(scores: Scores, candidates: list, forced: Optional[str] = None) -> Ch
     if forced is not None:
         return Choice(forced, "asked for", "asked for")
     hits = {name: scores.hits(name) for name in candidates}
-    errors = {name: scores.agreement[name].relative_error for name in candidates}
+    errors = {name: scores.agreement[name].relative_error if name in scores.agreement else None
+              for name in candidates}
     if any(value is None for value in hits.values()):  # no classifier-shaped output: by output error
         chosen = min(candidates, key=lambda name: (math.inf if errors[name] is None else errors[name]))
         return Choice(chosen, "lower output error against the reference: " + _errors(errors, chosen),

@@ -6,7 +6,8 @@ and spreads of their own, which every later layer was trained on. Given that mod
 *reference*), this pass computes two candidates from every calibration sample in one pass over the
 data, then reads the data again to score both, the model as given and the reference on every
 sample, and keeps the better candidate (:mod:`bnpass.passes.candidates`: by top-1 accuracy where
-the data carry labels, else by agreement with the reference, with the counts and McNemar's test):
+the data carry labels, else by agreement with the reference, with the counts and McNemar's test). A
+forced candidate (``choose``) skips that second reading: nothing is compared, nothing is warned of.
 
 - **reestimated**: plain re-estimation, exactly what a run without ``--reference`` writes;
 - **matched**: each BN's statistics chosen so that its output has, per channel, the mean and
@@ -134,7 +135,10 @@ class ReferenceResult(ReestimateResult):
         return self.scores.agreement
 
     def agreement_line(self) -> str:
-        """``agreement with reference (N samples): 41.2% -> 98.6% top-1, output error 0.83 -> 0.07``."""
+        """``agreement with reference (N samples): 41.2% -> 98.6% top-1, output error 0.83 -> 0.07``; "" when
+        the models were not compared (a forced candidate)."""
+        if not self.agreement:
+            return ""
         return format_agreement(self.agreement[GIVEN], self.agreement[self.chosen])
 
 
@@ -286,14 +290,16 @@ class MatchReferencePass:
         matched = run.copy(augmented, mode="matched", targets=targets)
         observed = run.copy(augmented_reference, mode="observe")
         plain = run.copy(model) if has_batchnorm else None
-        run.require_second_reading("--reference")
+        if self.choose == "auto":  # a forced candidate is not compared: one reading
+            run.require_second_reading("--reference")
         what = " and ".join(part for part in (
             plural(len(pairs), "BatchNormalization node") if has_batchnorm else "",
             plural(len(layer_pairs), "layer") + " without BatchNormalization" if layer_pairs else "") if part)
         opened = run.open([copy for copy in (matched, observed, plain) if copy is not None], what=what)
         sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
-        logger.info("matching the reference model as well: %d sessions per batch, then every candidate "
-                    "compared with it on the same samples", len(opened))
+        logger.info("matching the reference model as well: %d sessions per batch, then %s", len(opened),
+                    "every candidate compared with it on the same samples" if self.choose == "auto" else
+                    f"the {self.choose} candidate kept, as asked (nothing compared)")
         sessions.collect(run.feeds())
         device = sessions.matched.device
         taps, mode = matched.taps, self.settings.stats
@@ -317,6 +323,8 @@ class MatchReferencePass:
         variants = {"matched": None}
         if logits is not None:
             variants[EXCEPT_LOGITS] = inserted[logits]
+        if self.choose != "auto":  # forced: only the candidate asked for is made
+            variants = {name: left for name, left in variants.items() if name == self.choose}
         for name, left in variants.items():
             candidate = copy_model(augmented)
             results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)
@@ -331,9 +339,13 @@ class MatchReferencePass:
                 written[name].modified = True
             candidates[name] = candidate
         names = list(candidates) + ([GIVEN] if layer_pairs else [])
-        scores = score_models(self.reference, model, candidates, run.evaluation_feeds(batch_size_for_evaluation),
-                              run.providers, threads=self.settings.threads, tf32=self.settings.tf32)
-        choice = choose(scores, names, None if self.choose == "auto" else self.choose)
+        forced = self.choose != "auto"
+        compared = time.perf_counter()
+        scores = Scores() if forced else score_models(  # a forced candidate needs no second reading
+            self.reference, model, candidates, run.evaluation_feeds(batch_size_for_evaluation), run.providers,
+            threads=self.settings.threads, tf32=self.settings.tf32)
+        comparing_seconds = time.perf_counter() - compared if not forced else 0.0
+        choice = choose(scores, names, self.choose if forced else None)
         chosen = choice.chosen
         if chosen == GIVEN:
             kept = WrittenStatistics()
@@ -344,9 +356,11 @@ class MatchReferencePass:
             model=candidates[chosen], modified=kept.modified, stats=kept.stats,
             warnings=written["reestimated"].warnings if has_batchnorm else [], samples=run.samples_read,
             batches=run.batches_read, batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why,
-            choice=choice, scores=scores, refused_layers=refused, logits=logits,
+            choice=choice, scores=scores, refused_layers=refused, logits=logits, comparing_seconds=comparing_seconds,
             per_channel=folds[chosen].per_channel if chosen in folds else [],
             float_biases=folds[chosen].float_biases if chosen in folds else {})
+        if scores.labels_set_aside:
+            result.warnings.append(scores.labels_set_aside)
         label_of = {name: label for label, name in inserted.items()}
         for tap, reference, own, match in zip(taps, references, compressed, matches):
             if tap.bn in label_of:
@@ -360,8 +374,9 @@ class MatchReferencePass:
         bn_pairs = [pair for pair, origin in zip(augmented_pairs, origins) if origin[0] == "bn"]
         bn_targets = [target for target, origin in zip(targets, origins) if origin[0] == "bn"]
         bn_references = [reference for reference, origin in zip(references, origins) if origin[0] == "bn"]
-        warning = "" if scores.labelled or not has_batchnorm else _domain_warning(
-            augmented_reference, bn_pairs, bn_targets, bn_references, forced=self.choose != "auto")
+        # Forced, nothing was chosen, so nothing could be chosen wrong; with labels, they chose.
+        warning = "" if scores.labelled or forced or not has_batchnorm else _domain_warning(
+            augmented_reference, bn_pairs, bn_targets, bn_references)
         if warning:
             logger.warning("%s", warning)
             result.warnings.append(warning)
@@ -399,8 +414,7 @@ class _Sessions:
             self.absorb(feed)
 
 
-def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list, *,
-                    forced: bool = False) -> str:
+def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
     """A warning when the reference's first BNs see the calibration data unlike its training data
     (see the module docstring), else "". ``targets`` and ``moments`` (m_o, v_o) are per pair."""
     theirs = batchnorm_nodes(reference)
@@ -418,6 +432,5 @@ def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, mome
                     f"with {shift.std_ratio:.2g}x the spread it was trained on (mean moved by "
                     f"{shift.mean_shift:.2g} standard deviations): the data differ from the reference's own, so "
                     "agreement with it may favour the wrong candidate; give labels to choose by accuracy ((inputs, "
-                    "labels) from a loader, or a 'labels' array in .npz files)"
-                    + ("" if forced else ", or choose one with --candidate"))
+                    "labels) from a loader, or a 'labels' array in .npz files), or choose one with --candidate")
     return ""

@@ -8,6 +8,13 @@ variance are written into each BN, in the dtype of the tensors they replace, whe
 (:class:`bnpass.rewrite.GraphEditor`). The data stream through one calibration run
 (:mod:`bnpass.passes.calibration_run`), which every calibrating pass shares.
 
+**Labels.** Where the data carry labels (``(inputs, labels)`` batches, a ``labels`` array in ``.npz``
+files) and can be read twice, the data are read a second time and the model as given and the
+re-estimated one are scored on every sample (:mod:`bnpass.passes.candidates`, as ``--reference``
+scores its candidates); the better on the labels is kept (a tie keeps re-estimation), with the
+choice line. Labels that are placeholders are set aside (:func:`~bnpass.passes.candidates.labels_set_aside`);
+without labels nothing more happens.
+
 Memory does not grow with the number of samples: a few batches, the session, and per-channel
 float64 moments. The output model is copied only once the session is gone, so the two never add
 up (on a 25 M-parameter model the peak went from 7.3x to ~4x the model's size; what remains is
@@ -16,12 +23,14 @@ mostly onnxruntime's own copies of the weights).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable, Optional
 
 import onnx
 
 from ..calibration import batchnorm_nodes
+from ..errors import DataError
 from .base import copy_model
 from .calibration_run import (
     DEFAULT_BATCH_SIZE,
@@ -30,8 +39,12 @@ from .calibration_run import (
     CalibrationSettings,
     ReestimateResult,
     checked_statistics,
+    input_batch_size,
     write_statistics,
 )
+from .candidates import GIVEN, choose, score_models
+
+logger = logging.getLogger(__name__)
 
 
 class ReestimateBatchNormPass:
@@ -64,6 +77,37 @@ class ReestimateBatchNormPass:
         output = copy_model(model)
         written = write_statistics(output, calibration.taps, results,
                                    preprocessing=getattr(self.samples, "preprocessing", None))
-        return ReestimateResult(model=output, modified=written.modified, stats=written.stats,
-                                warnings=written.warnings, samples=run.samples_read, batches=run.batches_read,
-                                batch_size=run.batch_size, device=device, seconds=time.perf_counter() - started)
+        result = ReestimateResult(model=output, modified=written.modified, stats=written.stats,
+                                  warnings=written.warnings, samples=run.samples_read, batches=run.batches_read,
+                                  batch_size=run.batch_size, device=device)
+        if run.labelled:
+            self._keep_the_better(run, model, result)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _keep_the_better(self, run: CalibrationRun, model: onnx.ModelProto, result: ReestimateResult) -> None:
+        """Score the model as given and the re-estimated one on the labels, keep the better (module docstring)."""
+        if getattr(self.samples, "one_shot", False):
+            logger.info("the data carry labels, but can be read only once: the re-estimated model is kept without "
+                        "comparing it with the model as given on them")
+            return
+        started = time.perf_counter()
+        try:
+            scores = score_models(None, model, {"reestimated": result.model},
+                                  run.evaluation_feeds(input_batch_size(model)), run.providers,
+                                  threads=self.settings.threads, tf32=self.settings.tf32)
+        except DataError as error:  # labels nobody asked to choose by: set aside, never the run's end
+            logger.warning("the labels are not used: %s; the re-estimated model is kept", error)
+            return
+        finally:
+            result.comparing_seconds = time.perf_counter() - started
+        if scores.labels_set_aside:
+            result.warnings.append(scores.labels_set_aside)
+        if not scores.labelled:
+            return
+        choice = choose(scores, ["reestimated", GIVEN])
+        result.choice, result.scores, result.chosen, result.why = choice, scores, choice.chosen, choice.why
+        if choice.chosen == GIVEN:
+            result.model, result.modified = copy_model(model), False
+            for entry in result.stats.values():
+                entry.written, entry.reason = False, "the model as given scored better on the labels"
