@@ -31,7 +31,7 @@ The figure is 1600 x 900 pixels (16 x 9 inches at 100
 dpi), drawn with matplotlib (no display, no pyplot state) in the format the file name says: PNG,
 SVG or PDF (:data:`FORMATS`; any other name is refused, never written in another format). It is
 written atomically: a temporary file in the same folder, renamed into place, so no partial file is
-ever left at the path. matplotlib is optional: ``pip install 'bnpass[plot]'``.
+ever left at the path. matplotlib is optional: ``pip install matplotlib`` (the ``[plot]`` extra).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def require_matplotlib():
         from matplotlib.figure import Figure
     except ImportError as error:
         raise BnpassError(f"plotting needs matplotlib, which cannot be imported ({error}): "
-                          "pip install 'bnpass[plot]'") from error
+                          "pip install matplotlib (bnpass's [plot] extra)") from error
     return Figure, FigureCanvasAgg
 
 
