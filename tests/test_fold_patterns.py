@@ -282,7 +282,7 @@ def test_folds_quantized_layer_followed_by_a_bias_add(producer):
 def test_skips_quantized_weight_below_opset_13():
     """DequantizeLinear-10 has no axis: a per-channel scale needs opset 13."""
     model = build_quantized_weight_bn_model("conv", opset=12)
-    assert_stays(model, "opset 13", "opset 12")
+    assert_stays(model, "the weight of Conv 'conv'", "opset 13", "opset 12")
 
 
 def test_skips_quantized_grouped_conv_transpose():

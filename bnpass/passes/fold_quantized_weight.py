@@ -342,8 +342,8 @@ def fold_quantized_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
     if layout.kind == PER_TENSOR and keep_per_tensor:
         return _fold_kept_per_tensor(weight, scale, out_axis)
     if layout.kind == PER_TENSOR and weight.opset < weight.domain.per_axis_opset:
-        raise CannotFold(f"the weight comes from {label}, and a per-channel scale needs opset "
-                         f"{weight.domain.per_axis_opset} (the model imports opset {weight.opset})")
+        raise CannotFold(f"the weight of {layer.op_type} '{node_label(layer)}' comes from {label}, and a per-channel "
+                         f"scale needs opset {weight.domain.per_axis_opset} (the model imports opset {weight.opset})")
     magnitude = np.abs(scale)
     q_scale = _folded_scale(weight.q_scale, layout, magnitude, out_axis, label)
     new_layout = Layout(PER_AXIS, out_axis) if layout.kind == PER_TENSOR else layout
