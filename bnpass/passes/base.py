@@ -23,9 +23,10 @@ traceback), naming the pass and what broke. An error the pass raises on purpose 
 **Fingerprint.** One crc32 per top-level item of the model (each initializer, node, input, output,
 opset, metadata entry, ...), each serialized alone, so that no more than one tensor is copied at a
 time and a difference names what changed (``graph.initializer 'conv1.weight'``). A call takes
-three (the input before and after, the output): on the 108 MiB model of tests/test_fold_memory.py
-one fingerprint took 0.19 s and the checker 0.005 s, so the checked fold took 1.04 s against 0.46 s
-unchecked; its peak memory over the loaded model went from 1.41x to 1.42x the model's size.
+three (the input before and after, the output). On the 108 MiB model of tests/test_fold_memory.py
+(``python tools/measure_pass_contract.py``) one fingerprint took 0.095 s and the checker 0.003 s;
+the checked fold took 0.63 s against 0.41 s unchecked, and peaked at 1.42x the model's size over
+the loaded model against 1.41x.
 
 :class:`Sequential` runs passes one after another, each through its checks; its result carries
 each pass's own result (``results``). As onnx-ir's, it adds no check of its own.
