@@ -72,7 +72,7 @@ def reestimate_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], data,
     return calibrating_pass(samples, reference=reference, candidate=candidate, keep_per_tensor=keep_per_tensor,
                             stats=stats, batch_size=batch_size,
                             num_samples=num_samples, device=device, progress=progress, threads=threads,
-                            tf32=tf32).call(model)
+                            tf32=tf32)(model)
 
 
 def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], *, keep_per_tensor: bool = False) -> FoldResult:
@@ -83,4 +83,4 @@ def fold_batchnorms(model: Union[onnx.ModelProto, str, os.PathLike], *, keep_per
     channel (:attr:`FoldResult.per_channel` lists those layers); ``keep_per_tensor=True`` keeps one
     scale instead, re-rounding the folded weight on it, for targets that need per-tensor weights.
     """
-    return FoldBatchNormPass(keep_per_tensor=keep_per_tensor).call(as_model(model))
+    return FoldBatchNormPass(keep_per_tensor=keep_per_tensor)(as_model(model))

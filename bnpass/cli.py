@@ -25,7 +25,7 @@ from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .loaders import LoaderSource
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
-from .passes import FoldBatchNormPass, calibrating_pass
+from .passes import FoldBatchNormPass, Sequential, calibrating_pass
 from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
 from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
@@ -323,20 +323,17 @@ def run(args) -> int:
     if not bn_names and reference is None:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
 
-    reestimate = None
-    unfolded = model
+    calibrate = folding = None
     if (bn_names or reference is not None) and reestimating:
-        reestimate = calibrating_pass(samples, reference=reference, candidate=args.candidate,
-                                      keep_per_tensor=args.keep_per_tensor, stats=args.stats,
-                                      batch_size=args.batch_size, num_samples=num_samples, device=args.device,
-                                      progress=not args.quiet, threads=args.threads, tf32=args.tf32).call(model)
-        unfolded = reestimate.model
-
-    fold = None
-    result = unfolded
+        calibrate = calibrating_pass(samples, reference=reference, candidate=args.candidate,
+                                     keep_per_tensor=args.keep_per_tensor, stats=args.stats,
+                                     batch_size=args.batch_size, num_samples=num_samples, device=args.device,
+                                     progress=not args.quiet, threads=args.threads, tf32=args.tf32)
     if bn_names and not args.no_fold:
-        fold = FoldBatchNormPass(keep_per_tensor=args.keep_per_tensor).call(unfolded)
-        result = fold.model
+        folding = FoldBatchNormPass(keep_per_tensor=args.keep_per_tensor)
+    done = Sequential(*(pass_ for pass_ in (calibrate, folding) if pass_ is not None))(model)
+    reestimate, fold, result = done.result_of(calibrate), done.result_of(folding), done.model
+    unfolded = reestimate.model if reestimate is not None else model
 
     difference = None
     if args.verify and fold is not None and fold.folded:

@@ -37,7 +37,7 @@ def graph_operators(model: onnx.ModelProto) -> set:
 
 def reestimate(model, data, form, **options):
     samples = bnpass.calibration_samples(model, [data])
-    return ReestimateBatchNormPass(samples, device="cpu", form=form, **options).call(model)
+    return ReestimateBatchNormPass(samples, device="cpu", form=form, **options)(model)
 
 
 def copy_opset(calibration) -> int:

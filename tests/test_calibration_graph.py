@@ -180,7 +180,7 @@ def test_thread_count_is_passed_to_onnxruntime(monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", RecordingSession)
     data = np.random.default_rng(4).standard_normal((16, 3, 5, 4)).astype(np.float32)
     samples = bnpass.calibration_samples(direct_bn_model(3), [data])
-    result = ReestimateBatchNormPass(samples, batch_size=8, threads=3, device="cpu").call(direct_bn_model(3))
+    result = ReestimateBatchNormPass(samples, batch_size=8, threads=3, device="cpu")(direct_bn_model(3))
     assert threads_seen == [3]
     np.testing.assert_allclose(result.stats["bn"].var, data.astype(np.float64).var((0, 2, 3)), rtol=1e-6)
     with pytest.raises(ValueError, match="threads"):

@@ -117,7 +117,7 @@ def case():
 
 def correct(model, reference, x, **options):
     return MatchReferencePass(calibration_samples(model, [x]), reference, batch_size=SAMPLES, device="cpu",
-                              **options).call(model)
+                              **options)(model)
 
 
 def test_corrects_every_layer_as_the_layer_by_layer_reference_does(case):
@@ -155,7 +155,7 @@ def test_keeps_the_model_as_given_where_correction_hurts(case):
     labels = run(model, x).argmax(axis=1)
     judged = labels == run(reference_model, x).argmax(axis=1)
     result = MatchReferencePass(calibration_samples(model, [(x[judged], labels[judged])]), reference_model,
-                                batch_size=SAMPLES, device="cpu").call(model)
+                                batch_size=SAMPLES, device="cpu")(model)
     assert result.chosen == "compressed" and not result.modified, result.why
     count = int(judged.sum())
     assert result.why.startswith(f"accuracy: compressed (as given) right on {count} of {count} samples")
@@ -207,4 +207,4 @@ def test_a_reference_with_bn_for_a_fused_model_says_to_fold_it_the_same_way():
     with pytest.raises(ModelError, match=r"it has 6 BatchNormalization nodes, the model 0; if the model's BNs were "
                                          r"folded .* --fold-only"):
         MatchReferencePass(calibration_samples(fused, [np.zeros((8, 1, 8, 8), np.float32)]),
-                           examples / "reference" / "model.onnx").call(fused)
+                           examples / "reference" / "model.onnx")(fused)

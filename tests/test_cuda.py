@@ -51,7 +51,7 @@ def test_cuda_statistics_equal_numpys(form):
     model = direct_bn_model(4, opset=13)
     data = make_data(50)
     samples = bnpass.calibration_samples(model, [data])
-    result = ReestimateBatchNormPass(samples, device="cuda", form=form, batch_size=8).call(model)
+    result = ReestimateBatchNormPass(samples, device="cuda", form=form, batch_size=8)(model)
     assert result.device == "CUDA"
     mean, var = pooled_reference(data)
     np.testing.assert_allclose(result.stats["bn"].mean, mean, rtol=1e-6, atol=1e-7)

@@ -149,7 +149,7 @@ def test_a_model_matched_against_itself_keeps_its_statistics(network, data):
     model = export_with_batchnorm_kept(network, torch.from_numpy(data[:2]))
     # The pass itself: the API refuses a reference with the model's own weights (a user's mistake).
     result = MatchReferencePass(bnpass.calibration_samples(model, [data]), model, batch_size=32,
-                                choose="matched").call(model)
+                                choose="matched")(model)
     assert_statistics_close(onnx_statistics(result, model), torch_statistics(network), rtol=1e-5)
     assert all(set(matched.rule_counts()) == {"matched"} for matched in result.matched.values())
 
@@ -350,7 +350,7 @@ def test_a_multi_input_model_matches_its_reference():
     rng = np.random.default_rng(5)
     batches = [{"x": rng.standard_normal((16, 3, 6, 6)).astype(np.float32),
                 "z": rng.standard_normal((16, 3, 6, 6)).astype(np.float32)} for _ in range(4)]
-    result = MatchReferencePass(bnpass.calibration_samples(model, batches), model, batch_size=16).call(model)
+    result = MatchReferencePass(bnpass.calibration_samples(model, batches), model, batch_size=16)(model)
     assert result.batches == 4 and result.scores.samples == 64
     assert all(matched.rule_counts() == {"matched": 4} for matched in result.matched.values())
 
@@ -443,7 +443,7 @@ def test_a_forced_candidate_the_model_does_not_have_is_named_up_front():
     with pytest.raises(ModelError, match="--candidate compressed: not a candidate for this model "
                                          r"\(its candidates: reestimated, matched\)"):
         MatchReferencePass(bnpass.calibration_samples(conv_bn_model(quantized=True), [data]), conv_bn_model(),
-                           choose="compressed").call(conv_bn_model(quantized=True))
+                           choose="compressed")(conv_bn_model(quantized=True))
 
 
 def test_the_batchnorm_inserted_after_a_layer_is_the_identity():
@@ -543,7 +543,7 @@ def test_a_model_without_batchnorm_plots_its_layer_outputs_against_the_reference
     x = np.random.default_rng(5).normal(size=(SAMPLES, 3, 6, 6)).astype(np.float32)
     model, reference = build(compressed(network())), build(network())
     result = MatchReferencePass(bnpass.calibration_samples(model, [x]), reference, batch_size=SAMPLES, device="cpu",
-                                choose="matched").call(model)
+                                choose="matched")(model)
     drifts = layer_drifts(result)
     points = ["c1", "c2", "g", "y"]  # each layer's output (the MatMul's: its bias Add's)
     assert [drift.label for drift in drifts] == ["conv1", "conv2", "fc", "head"]

@@ -127,7 +127,7 @@ def test_export_folds_every_batchnorm_and_matches_update_bn(exporter, batch, cal
     assert not folded.skipped and len(folded.folded) == BATCHNORMS
     assert count_ops(folded.model, "BatchNormalization") == 0
     onnx.checker.check_model(folded.model, full_check=True)
-    assert FoldBatchNormPass().call(folded.model).modified is False
+    assert FoldBatchNormPass()(folded.model).modified is False
     assert exported.SerializeToString() == original  # the input model is never modified
 
     # The output changes only where the folds must: the batch freed for calibration stays fixed in

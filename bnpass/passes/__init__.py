@@ -1,6 +1,7 @@
-"""Graph passes: each a small class whose ``call(model)`` returns a :class:`PassResult`."""
+"""Graph passes: each a small :class:`Pass` (``pass_(model)`` runs its ``call(model)`` inside the checks of the
+contract, :mod:`bnpass.passes.base`) that returns a :class:`PassResult`; :class:`Sequential` runs several."""
 
-from .base import PassResult
+from .base import Pass, PassContractError, PassResult, Sequential
 from .calibration_run import BatchNormStatistics, ReestimateResult
 from .fold_batchnorm import FoldBatchNormPass, FoldResult
 from .match_reference import MatchReferencePass, ReferenceResult
@@ -17,5 +18,6 @@ def calibrating_pass(samples, *, reference=None, candidate: str = "auto", keep_p
     return ReestimateBatchNormPass(samples, **settings)
 
 
-__all__ = ["PassResult", "FoldBatchNormPass", "FoldResult", "ReestimateBatchNormPass", "ReestimateResult",
+__all__ = ["Pass", "PassContractError", "PassResult", "Sequential", "FoldBatchNormPass", "FoldResult",
+           "ReestimateBatchNormPass", "ReestimateResult",
            "MatchReferencePass", "ReferenceResult", "BatchNormStatistics", "calibrating_pass"]

@@ -64,7 +64,7 @@ from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS, attribute, default_opset, inferred_value_infos, rank_of
 from ..quantized import PER_TENSOR
 from ..rewrite import GraphEditor
-from .base import PassResult, copy_model
+from .base import Pass, PassContractError, PassResult, batchnorm_labels, copy_model
 from .fold_quantized_weight import (
     BiasPlan,
     QuantizedUpdate,
@@ -93,7 +93,7 @@ class FoldResult(PassResult):
     removed_pairs: dict[str, tuple] = field(default_factory=dict)
 
 
-class FoldBatchNormPass:
+class FoldBatchNormPass(Pass):
     """Fold every BatchNormalization that can be folded exactly (``only``: those of these node
     names); report the others.
 
@@ -155,6 +155,17 @@ class FoldBatchNormPass:
             output = copy_model(model)  # byte for byte the input
         return FoldResult(model=output, modified=bool(folded), folded=folded, skipped=skipped, patterns=patterns,
                           per_channel=per_channel, float_biases=float_biases, removed_pairs=removed_pairs)
+
+    def ensures(self, result: FoldResult, model: onnx.ModelProto) -> None:
+        """Every BN reported folded is gone, every other BN is still there, in the same order."""
+        folded = {bn for bn, _ in result.folded}
+        kept = [label for label in batchnorm_labels(model) if label not in folded]
+        if batchnorm_labels(result.model) != kept:
+            raise PassContractError(f"the output's BatchNormalization nodes are not the input's less the "
+                                    f"{len(folded)} reported folded")
+        if set(result.skipped) - set(kept):
+            raise PassContractError(f"BatchNormalization '{min(set(result.skipped) - set(kept))}' is reported "
+                                    "both folded and skipped")
 
 
 class _Context:

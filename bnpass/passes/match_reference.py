@@ -60,7 +60,7 @@ from ..errors import ModelError
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
-from .base import copy_model
+from .base import Pass, PassContractError, batchnorm_labels, copy_model
 from .calibration_run import (
     CalibrationRun,
     CalibrationSettings,
@@ -82,6 +82,7 @@ from .correct_layers import (
     pair_layers,
 )
 from .fold_batchnorm import FoldBatchNormPass
+from .reestimate_batchnorm import holds_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
     return targets
 
 
-class MatchReferencePass:
+class MatchReferencePass(Pass):
     """Re-estimate and match ``reference`` (a ModelProto or a path), keep the better candidate.
 
     Takes :class:`~bnpass.passes.ReestimateBatchNormPass`'s arguments, plus ``choose``: "auto" (by
@@ -320,6 +321,8 @@ class MatchReferencePass:
             candidates["reestimated"] = copy_model(model)
             written["reestimated"] = write_statistics(candidates["reestimated"], plain.taps, reestimated,
                                                       preprocessing=preprocessing)
+            if holds_statistics(model, plain.taps, reestimated):  # ``modified`` exact: the model as given
+                candidates["reestimated"], written["reestimated"].modified = copy_model(model), False
         variants = {"matched": None}
         if logits is not None:
             variants[EXCEPT_LOGITS] = inserted[logits]
@@ -330,6 +333,8 @@ class MatchReferencePass:
             results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)
                        for tap, target, match, (_, _, count) in zip(taps, targets, matches, compressed)]
             written[name] = write_statistics(candidate, taps, results, preprocessing=preprocessing, diagnose=False)
+            if not inserted and holds_statistics(model, taps, results):  # as for "reestimated" above
+                candidate, written[name].modified = copy_model(model), False
             written[name].stats = {label: entry for label, entry in written[name].stats.items()
                                    if label not in inserted.values()}
             if inserted:
@@ -382,6 +387,12 @@ class MatchReferencePass:
             result.warnings.append(warning)
         result.seconds = time.perf_counter() - started
         return result
+
+    def ensures(self, result: ReferenceResult, model: onnx.ModelProto) -> None:
+        """The output has the input's BNs, in order: statistics change, the inserted BNs are folded."""
+        if batchnorm_labels(result.model) != batchnorm_labels(model):
+            raise PassContractError("the output's BatchNormalization nodes are not the input's (an inserted "
+                                    "correction BN left, or one of the model's lost)")
 
 
 class _Sessions:

@@ -27,11 +27,13 @@ import logging
 import time
 from typing import Iterable, Optional
 
+import numpy as np
 import onnx
 
 from ..calibration import batchnorm_nodes
 from ..errors import DataError
-from .base import copy_model
+from ..graph import GraphIndex
+from .base import Pass, PassContractError, batchnorm_labels, copy_model
 from .calibration_run import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_NUM_SAMPLES,
@@ -47,7 +49,21 @@ from .candidates import GIVEN, choose, score_models
 logger = logging.getLogger(__name__)
 
 
-class ReestimateBatchNormPass:
+def holds_statistics(model: onnx.ModelProto, taps: list, results: list) -> bool:
+    """True when every BN of ``taps`` already stores ``results`` (``(mean, var, count)`` per tap) as its
+    running mean and variance, in their own dtype: writing them would change no value (a model
+    re-estimated again on the same data)."""
+    index, bns = GraphIndex(model), batchnorm_nodes(model)
+    for tap, (mean, var, _) in zip(taps, results):
+        for position, value in ((3, mean), (4, var)):
+            stored = index.constant(bns[tap.position].input[position])
+            if stored is None or not np.array_equal(
+                    stored.value, np.reshape(value, stored.value.shape).astype(stored.value.dtype), equal_nan=True):
+                return False
+    return True
+
+
+class ReestimateBatchNormPass(Pass):
     """Re-estimate BN statistics from ``samples`` (an iterable of ``{input name: sample}``).
 
     ``samples`` may also have a ``sample_count`` attribute (the total available), used for the
@@ -77,6 +93,9 @@ class ReestimateBatchNormPass:
         output = copy_model(model)
         written = write_statistics(output, calibration.taps, results,
                                    preprocessing=getattr(self.samples, "preprocessing", None))
+        if written.modified and holds_statistics(model, calibration.taps, results):
+            del output  # the data gave the statistics the model holds: the model as given, ``modified`` exact
+            output, written.modified = copy_model(model), False
         result = ReestimateResult(model=output, modified=written.modified, stats=written.stats,
                                   warnings=written.warnings, samples=run.samples_read, batches=run.batches_read,
                                   batch_size=run.batch_size, device=device)
@@ -84,6 +103,11 @@ class ReestimateBatchNormPass:
             self._keep_the_better(run, model, result)
         result.seconds = time.perf_counter() - started
         return result
+
+    def ensures(self, result: ReestimateResult, model: onnx.ModelProto) -> None:
+        """Only statistics change: the output has the input's BNs, in the same order."""
+        if batchnorm_labels(result.model) != batchnorm_labels(model):
+            raise PassContractError("the output's BatchNormalization nodes are not the input's")
 
     def _keep_the_better(self, run: CalibrationRun, model: onnx.ModelProto, result: ReestimateResult) -> None:
         """Score the model as given and the re-estimated one on the labels, keep the better (module docstring)."""
