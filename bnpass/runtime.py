@@ -199,9 +199,17 @@ def session_providers(providers: list, *, tf32: bool = False) -> list:
     return [(name, {"use_tf32": "1" if tf32 else "0"}) if name == CUDA else name for name in providers]
 
 
+# onnxruntime's intra-op threads spin-wait for the next run after each one (its default
+# ``session.intra_op.allow_spinning`` = 1). Where several sessions take turns on every batch, each
+# has its own pool, and the pools of the sessions not running keep spinning against the one that is:
+# on 2 cores, --reference on 12,800 samples took 51 s at default threads and 10 s with --threads 1
+# (issue 23). Sessions that alternate are made with spinning off; a session that runs alone keeps it.
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, optimize: bool = True,
                    threads: Optional[int] = None, memory_pattern: bool = True,
-                   profile_prefix: Optional[str] = None, tf32: bool = False):
+                   profile_prefix: Optional[str] = None, tf32: bool = False, spinning: bool = True):
     """An InferenceSession for ``model`` (a ModelProto, or one already serialized).
 
     ``providers`` are provider names (:func:`select_providers`). ``optimize=False`` disables
@@ -211,7 +219,8 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
     block then costs ~160 MB more peak memory on the MobileNet benchmark, for no speed);
     ``profile_prefix`` turns on onnxruntime's profiler (``session.end_profiling()`` returns the
     JSON file); ``tf32=True`` lets the CUDA provider compute float32 convolutions and matrix
-    products in TF32 (off by default; no effect on CPU). Two sessions whose outputs are compared
+    products in TF32 (off by default; no effect on CPU); ``spinning=False`` makes the intra-op
+    threads sleep as soon as a run ends (:data:`NO_SPINNING`). Two sessions whose outputs are compared
     (``--verify``) should be made with the same ``providers``, ``optimize`` and ``tf32``.
     """
     ort = _onnxruntime()
@@ -225,6 +234,8 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
         options.intra_op_num_threads = threads
     if not memory_pattern:
         options.enable_mem_pattern = False
+    if not spinning:
+        options.add_session_config_entry(*NO_SPINNING)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
