@@ -1,6 +1,6 @@
-"""Threads and sessions of the ``--reference`` path (issue 23): sessions that take turns on every batch
-do not spin between runs, a session that runs alone keeps onnxruntime's default, and the calibration
-sessions are gone before the scoring sessions open. Timing is measured in tools/bench.py, not here."""
+"""Threads and sessions (issue 23): bnpass's onnxruntime sessions do not spin between runs (several take
+turns on every batch, and the data-loading thread needs a core too), and the calibration sessions of
+``--reference`` are gone before its scoring sessions open. Timing is measured in tools/bench.py, not here."""
 
 from __future__ import annotations
 
@@ -51,10 +51,12 @@ def test_sessions_that_take_turns_on_every_batch_do_not_spin(spinning):
     assert spinning == ["0"] * len(spinning)
 
 
-def test_a_session_that_runs_alone_keeps_onnxruntimes_spinning(spinning):
+def test_a_session_that_runs_alone_does_not_spin_either(spinning):
+    """Plain re-estimation's one session spun against the data-loading thread: 3.2-3.6 s where it takes
+    1.6-2.0 s without spinning on 2 cores (12,800 samples of the example)."""
     model = onnx.load(EXAMPLE / "model_compressed.onnx")
     bnpass.reestimate_batchnorms(model, _data(), batch_size=32)
-    assert spinning == [None]
+    assert spinning == ["0"]
 
 
 def test_the_calibration_sessions_are_gone_before_the_scoring_sessions_open(monkeypatch):

@@ -136,8 +136,7 @@ class CalibrationRun:
     def open(self, copies: list, *, what: Optional[str] = None) -> list:
         """Decide the batch size and what is read, say it, and open one :class:`StatisticsSession`
         per copy (each copy's model is released to its session). ``what`` names what is calibrated
-        (default: the first copy's BatchNormalization nodes). Several copies take turns on every
-        batch, so their sessions' threads do not spin between runs (:data:`bnpass.runtime.NO_SPINNING`)."""
+        (default: the first copy's BatchNormalization nodes)."""
         self.batch_size = common_batch_size([copy.fixed_batch for copy in copies], self.settings.batch_size)
         self.fixed = any(copy.fixed_batch is not None for copy in copies)
         self.limit = calibration_data.planned_sample_count(self.settings.num_samples, self.batch_size)
@@ -147,7 +146,7 @@ class CalibrationRun:
                             f"{self.batch_size}: add data or lower the batch size")
         self.expected = _expected_samples(self.limit, available, self.batch_size, fixed=self.fixed)
         sessions = [StatisticsSession(copy, self.providers, threads=self.settings.threads, tf32=self.settings.tf32,
-                                      release_model=True, spinning=len(copies) == 1) for copy in copies]
+                                      release_model=True) for copy in copies]
         logger.debug("statistics form %s (%s)", self.form, ", ".join(
             f"{copies[0].forms.count(f)} BN {f}" for f in dict.fromkeys(copies[0].forms)))
         self._announce(what or plural(len(copies[0].taps), "BatchNormalization node"), sessions[0].device)
@@ -372,20 +371,18 @@ class StatisticsSession:
     batch moments in float64; it returns ``(moments, samples, batches)``, one
     :class:`ChannelMoments` per tap. ``release_model=True`` drops ``calibration.model`` once
     serialized: the session holds its own copy of the weights, and a third copy would only raise
-    the peak memory on large models. ``tf32`` and ``spinning`` as in
-    :func:`bnpass.runtime.create_session`.
+    the peak memory on large models. ``tf32`` as in :func:`bnpass.runtime.create_session`.
     """
 
     def __init__(self, calibration: CalibrationModel, providers: list, *, threads: Optional[int] = None,
                  optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False,
-                 tf32: bool = False, spinning: bool = True):
+                 tf32: bool = False):
         self.taps, self.fixed_batch = calibration.taps, calibration.fixed_batch
         model = calibration.model
         if release_model:
             calibration.model = None
         self.session = create_session(model, providers, optimize=optimize, threads=threads,
-                                      memory_pattern=False, profile_prefix=profile_prefix, tf32=tf32,
-                                      spinning=spinning)
+                                      memory_pattern=False, profile_prefix=profile_prefix, tf32=tf32)
         del model
         self.device = session_device(self.session)
         names = [name for tap in self.taps for name in (tap.mean, tap.var, tap.size)]

@@ -100,10 +100,8 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
     models = {GIVEN: given, **candidates}
     names = [output.name for output in given.graph.output]
     reference_names = [output.name for output in reference.graph.output] if reference is not None else []
-    # Every model runs on every batch, in turn: their threads must not spin between runs (NO_SPINNING).
-    reference_session = create_session(reference, providers, spinning=False, **options) if reference is not None \
-        else None
-    sessions = {name: create_session(model, providers, spinning=False, **options) for name, model in models.items()}
+    reference_session = create_session(reference, providers, **options) if reference is not None else None
+    sessions = {name: create_session(model, providers, **options) for name, model in models.items()}
     scores = Scores(agreement={name: AgreementMeter(names) for name in models} if reference is not None else {})
     order = [GIVEN, *candidates]  # the model as given can be a candidate too
     by_labels = {(a, b): 0 for a in order for b in order if a != b}
