@@ -199,9 +199,18 @@ def session_providers(providers: list, *, tf32: bool = False) -> list:
     return [(name, {"use_tf32": "1" if tf32 else "0"}) if name == CUDA else name for name in providers]
 
 
+# onnxruntime's intra-op threads spin-wait for the next run after each one (its default
+# ``session.intra_op.allow_spinning`` = 1), holding every core they have. Where several sessions take
+# turns on every batch, each has its own pool, and the pools not running spin against the one that is;
+# a session that runs alone spins against bnpass's data-loading thread. On 2 cores (issue 23),
+# --reference on 12,800 samples took 51 s at default threads and 10 s with --threads 1; plain
+# re-estimation 3.2-3.6 s spinning, 1.6-2.0 s not, 2.5-2.7 s with one thread. bnpass's sessions do not spin.
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, optimize: bool = True,
                    threads: Optional[int] = None, memory_pattern: bool = True,
-                   profile_prefix: Optional[str] = None, tf32: bool = False):
+                   profile_prefix: Optional[str] = None, tf32: bool = False, spinning: bool = False):
     """An InferenceSession for ``model`` (a ModelProto, or one already serialized).
 
     ``providers`` are provider names (:func:`select_providers`). ``optimize=False`` disables
@@ -211,8 +220,10 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
     block then costs ~160 MB more peak memory on the MobileNet benchmark, for no speed);
     ``profile_prefix`` turns on onnxruntime's profiler (``session.end_profiling()`` returns the
     JSON file); ``tf32=True`` lets the CUDA provider compute float32 convolutions and matrix
-    products in TF32 (off by default; no effect on CPU). Two sessions whose outputs are compared
-    (``--verify``) should be made with the same ``providers``, ``optimize`` and ``tf32``.
+    products in TF32 (off by default; no effect on CPU); ``spinning=True`` lets the intra-op threads
+    spin-wait between runs, as onnxruntime does by default (off: :data:`NO_SPINNING` says why). Two
+    sessions whose outputs are compared (``--verify``) should be made with the same ``providers``,
+    ``optimize`` and ``tf32``.
     """
     ort = _onnxruntime()
     options = ort.SessionOptions()
@@ -225,6 +236,8 @@ def create_session(model: Union[onnx.ModelProto, bytes], providers: list, *, opt
         options.intra_op_num_threads = threads
     if not memory_pattern:
         options.enable_mem_pattern = False
+    if not spinning:
+        options.add_session_config_entry(*NO_SPINNING)
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

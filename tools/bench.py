@@ -402,7 +402,8 @@ class Case:
     def torch(self):
         import torch
 
-        torch.set_num_threads(self.threads)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.tf32
         if self._net is None:
             self._net, _ = build_network(self.spec["network"], self.spec.get("size"))
@@ -682,8 +683,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; medians reported")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="onnxruntime intra-op threads = torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads = torch threads (default: onnxruntime's and torch's own, "
+                             "what bnpass runs with unless --threads is given; 1 for one thread)")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory runs")
     parser.add_argument("--profile", action="store_true", help="add onnxruntime's per-operator profile")
     parser.add_argument("--fold-memory", action="store_true",
@@ -742,7 +744,9 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
              f"Machine: {info['nproc']} CPUs ({info['cpu']}){gpu}; Python {info['python']}, onnxruntime "
              f"{info['onnxruntime']} ({provider}), onnx {info['onnx']}, numpy {info['numpy']}"
              + (f", torch {info['torch']}" if "torch" in info else "") + ".",
-             f"Threads: onnxruntime intra-op = torch = {args.threads}. Batch {args.batch_size}, "
+             "Threads: onnxruntime intra-op = torch = " + (
+                 str(args.threads) if args.threads is not None else "their defaults (bnpass's: onnxruntime's, one "
+                 "per physical core; --threads not given)") + f". Batch {args.batch_size}, "
              f"{planned_sample_count(args.samples, args.batch_size)} samples, median of {args.repeats} "
              f"interleaved repetitions.{precision}", ""]
     for spec in specs:
@@ -770,6 +774,13 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
             best = min(times[case.name][top]) / min(times[case.name][bottom])
             return f"{medians[top] / medians[bottom]:.2f} ({paired:.2f} paired, {best:.2f} best)"
 
+        def peak_beside(method):
+            """`` (peak RSS 310 MB, plain re-estimation 250 MB)`` where the memory runs were made."""
+            mine, plain = memory.get((case.name, method)), memory.get((case.name, "pass"))
+            if not mine or not plain:
+                return ""
+            return f" (peak RSS {mine['peak_mb']:.0f} MB, plain re-estimation {plain['peak_mb']:.0f} MB)"
+
         parts = []
         stats_methods = [m for m in medians if m == "stats" or m.startswith("stats:")]
         forms = {m: (m.split(":", 1)[1] if ":" in m else case.form) for m in stats_methods}
@@ -781,10 +792,9 @@ def report(args, specs, cases, times, memory, profiles, fold_memory=None) -> str
         reduce = next((m for m in stats_methods if forms[m] == "reduce"), None)
         if reduce is not None:
             parts += [f"{forms[m]}/reduce = {ratio(m, reduce)}" for m in stats_methods if m != reduce]
-        if "reference" in medians and "pass" in medians:
-            parts.append(f"**g/(b+) = {ratio('reference', 'pass')}**")
-        if "fused" in medians and "pass" in medians:
-            parts.append(f"**h/(b+) = {ratio('fused', 'pass')}**")
+        for method, name in (("reference", "g/(b+)"), ("fused", "h/(b+)")):
+            if method in medians and "pass" in medians:
+                parts.append(f"**{name} = {ratio(method, 'pass')}**" + peak_beside(method))
         if "torch" in medians and "bnpass" in medians:
             parts.append(f"**c/d = {ratio('bnpass', 'torch')}**")
         if "torch" in medians and "plain" in medians:

@@ -312,7 +312,7 @@ class MatchReferencePass(Pass):
         matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own[:2],
                                     min_ratio=target.min_ratio, name=tap.bn)
                    for tap, target, reference, own in zip(taps, targets, references, compressed)]
-        del sessions  # the calibration sessions' memory goes back before the candidates are made
+        del sessions, opened  # the calibration sessions' memory goes back before the candidates are made
 
         preprocessing = getattr(self.samples, "preprocessing", None)
         inserted = inserted_names(augmented, origins)
