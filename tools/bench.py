@@ -371,13 +371,13 @@ class Case:
     def reestimate(self):
         samples = bnpass.calibration_samples(self.model, self.data)
         ReestimateBatchNormPass(samples, batch_size=self.batch_size, num_samples=self.samples,
-                                device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
+                                device=self.device, threads=self.threads, tf32=self.tf32)(self.model)
 
     # (g)
     def match_reference(self):
         samples = bnpass.calibration_samples(self.model, self.data)
         MatchReferencePass(samples, self.model, batch_size=self.batch_size, num_samples=self.samples,
-                           device=self.device, threads=self.threads, tf32=self.tf32).call(self.model)
+                           device=self.device, threads=self.threads, tf32=self.tf32)(self.model)
 
     # (h)
     def correct_layers(self):
@@ -385,7 +385,7 @@ class Case:
             self._fused = bnpass.fold_batchnorms(self.model).model
         samples = bnpass.calibration_samples(self._fused, self.data)
         MatchReferencePass(samples, self._fused, batch_size=self.batch_size, num_samples=self.samples,
-                           device=self.device, threads=self.threads, tf32=self.tf32).call(self._fused)
+                           device=self.device, threads=self.threads, tf32=self.tf32)(self._fused)
 
     # (c): what bnpass.cli.run does, with the thread count set
     def bnpass(self):
@@ -393,8 +393,8 @@ class Case:
         samples = bnpass.calibration_samples(model, self.data)
         reestimated = ReestimateBatchNormPass(samples, batch_size=self.batch_size, num_samples=self.samples,
                                               device=self.device, threads=self.threads,
-                                              tf32=self.tf32).call(model)
-        folded = FoldBatchNormPass().call(reestimated.model)
+                                              tf32=self.tf32)(model)
+        folded = FoldBatchNormPass()(reestimated.model)
         onnx.checker.check_model(folded.model, full_check=True)
         save_model(folded.model, self.out)
 

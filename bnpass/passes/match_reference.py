@@ -60,7 +60,7 @@ from ..errors import ModelError
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
-from .base import Pass, PassContractError, batchnorm_labels, copy_model
+from .base import Pass, PassContractError, batchnorm_labels, copy_model, fingerprint
 from .calibration_run import (
     CalibrationRun,
     CalibrationSettings,
@@ -339,9 +339,10 @@ class MatchReferencePass(Pass):
                                    if label not in inserted.values()}
             if inserted:
                 fold = FoldBatchNormPass(only=set(inserted.values()), activation_pairs="keep",
-                                         keep_per_tensor=self.keep_per_tensor).call(candidate)
+                                         keep_per_tensor=self.keep_per_tensor)(candidate)
                 candidate, folds[name] = fold.model, fold
-                written[name].modified = True
+                # ``modified`` exact: the model with its corrections folded may be the model as given
+                written[name].modified = fingerprint(candidate) != fingerprint(model)
             candidates[name] = candidate
         names = list(candidates) + ([GIVEN] if layer_pairs else [])
         forced = self.choose != "auto"
