@@ -328,6 +328,7 @@ class MatchReferencePass(Pass):
             variants[EXCEPT_LOGITS] = inserted[logits]
         if self.choose != "auto":  # forced: only the candidate asked for is made
             variants = {name: left for name, left in variants.items() if name == self.choose}
+        given = fingerprint(model) if inserted else None  # to tell whether folded corrections changed anything
         for name, left in variants.items():
             candidate = copy_model(augmented)
             results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)
@@ -342,7 +343,7 @@ class MatchReferencePass(Pass):
                                          keep_per_tensor=self.keep_per_tensor)(candidate)
                 candidate, folds[name] = fold.model, fold
                 # ``modified`` exact: the model with its corrections folded may be the model as given
-                written[name].modified = fingerprint(candidate) != fingerprint(model)
+                written[name].modified = fingerprint(candidate) != given
             candidates[name] = candidate
         names = list(candidates) + ([GIVEN] if layer_pairs else [])
         forced = self.choose != "auto"
