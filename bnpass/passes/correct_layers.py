@@ -24,8 +24,8 @@ inserted BNs cap that gain at :data:`MAX_GAIN` (the BOUNDED rule of :mod:`bnpass
 ratio v_c / v_o is taken as at least 1 / MAX_GAIN^2); the channel's mean is still matched exactly.
 The README's "Models without BatchNormalization" section gives the measurements behind the value.
 
-**Pairing.** Layers correspond by node name when both models name every such layer, uniquely, with
-the same set of names; else by order. Paired layers must have the same operator and weight shape (a
+**Pairing.** Layers correspond as BNs do (:func:`bnpass.graph.pair_by_name`: by node name when both
+models name every such layer, uniquely, with the same set of names; else by order). Paired layers must have the same operator and weight shape (a
 quantized weight: the shape of its DequantizeLinear's input), so a QDQ model pairs with its float
 original; the first difference is a ModelError naming both layers. A layer whose weight cannot be read
 (on either side) pairs by operator alone and is left uncorrected with the reason: only a difference
@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError
-from ..graph import GraphIndex, is_batchnorm, node_label
+from ..graph import GraphIndex, is_batchnorm, node_label, pair_by_name
 from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
 from .fold_batchnorm import (
@@ -142,12 +142,8 @@ def pair_layers(mine: list, theirs: list) -> list:
     """``[(layer of the model, layer of the reference)]`` (module docstring); a ModelError names the first
     difference."""
     prefix = "the reference does not correspond to the model:"
-    names, reference_names = [layer.label for layer in mine], [layer.label for layer in theirs]
-    if names and len(set(names)) == len(names) and set(names) == set(reference_names):
-        where = {layer.label: layer for layer in theirs}
-        pairs = [(layer, where[layer.label]) for layer in mine]
-    else:
-        pairs = list(zip(mine, theirs))
+    partners = pair_by_name([layer.label for layer in mine], [layer.label for layer in theirs])
+    pairs = [(mine[position], theirs[partner]) for position, partner in enumerate(partners)]
     for position, (layer, other) in enumerate(pairs):
         readable = layer.weight_shape is not None and other.weight_shape is not None
         if layer.op_type != other.op_type or (readable and layer.weight_shape != other.weight_shape):

@@ -35,7 +35,7 @@ than DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick th
 ``choose`` forces a candidate.
 
 BNs correspond by node name when both models name every BN, uniquely, with the same set of
-names; otherwise by order. Counts, channels, epsilons, inputs and outputs must agree, or a
+names; otherwise by order (:func:`bnpass.graph.pair_by_name`, the rule layers pair by too). Counts, channels, epsilons, inputs and outputs must agree, or a
 ModelError names the first difference. Only the BNs are compared, so a QDQ-quantized model matches
 its float original.
 """
@@ -57,7 +57,7 @@ from ..calibration import MatchTarget, batchnorm_nodes
 from ..data import model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift
 from ..errors import ModelError
-from ..graph import GraphIndex, attribute, node_label
+from ..graph import GraphIndex, attribute, node_label, pair_by_name
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
 from .base import Pass, PassContractError, batchnorm_labels, copy_model, fingerprint
@@ -155,12 +155,7 @@ def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
                     "(bnpass ORIGINAL.onnx ORIGINAL_folded.onnx --fold-only) and give that")
         raise ModelError(f"{prefix} it has {plural(len(theirs), 'BatchNormalization node')}, the model "
                          f"{len(mine)}{hint}")
-    names, reference_names = [bn.name for bn in mine], [bn.name for bn in theirs]
-    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
-        where = {name: position for position, name in enumerate(reference_names)}
-        pairs = [(position, where[name]) for position, name in enumerate(names)]
-    else:
-        pairs = [(position, position) for position in range(len(mine))]
+    pairs = list(enumerate(pair_by_name([bn.name for bn in mine], [bn.name for bn in theirs])))
     model_index, reference_index = GraphIndex(model), GraphIndex(reference)
     for position, reference_position in pairs:
         bn, other = mine[position], theirs[reference_position]
