@@ -47,8 +47,8 @@ def test_labels_decide_by_accuracy_with_mcnemar_on_the_discordant_samples():
     choice = choose(scores, ["reestimated", "matched"])
     assert (choice.chosen, choice.criterion) == ("matched", "accuracy")
     assert choice.p_value == pytest.approx(22 / 1024)
-    assert choice.why == ("accuracy: matched right on 90 of 100 samples, re-estimated on 82; they differ on 10, 9 to 1, "
-                          "beyond chance (McNemar p = 0.021)")
+    assert choice.why == ("accuracy: matched right on 90 of 100 samples, re-estimated on 82; they differ on 10, "
+                          "9 to 1, beyond chance (McNemar p = 0.021)")
 
 
 def test_without_top1_the_lower_output_error_decides():

@@ -25,11 +25,12 @@ ratio v_c / v_o is taken as at least 1 / MAX_GAIN^2); the channel's mean is stil
 The README's "Models without BatchNormalization" section gives the measurements behind the value.
 
 **Pairing.** Layers correspond as BNs do (:func:`bnpass.graph.pair_by_name`: by node name when both
-models name every such layer, uniquely, with the same set of names; else by order). Paired layers must have the same operator and weight shape (a
-quantized weight: the shape of its DequantizeLinear's input), so a QDQ model pairs with its float
-original; the first difference is a ModelError naming both layers. A layer whose weight cannot be read
-(on either side) pairs by operator alone and is left uncorrected with the reason: only a difference
-of architecture (operator, readable weight shape, count) stops the run.
+models name every such layer, uniquely, with the same set of names; else by order). Paired layers
+must have the same operator and weight shape (a quantized weight: the shape of its
+DequantizeLinear's input), so a QDQ model pairs with its float original; the first difference is a
+ModelError naming both layers. A layer whose weight cannot be read (on either side) pairs by
+operator alone and is left uncorrected with the reason: only a difference of architecture (operator,
+readable weight shape, count) stops the run.
 
 **Activation quantization.** QDQ quantizers write ``layer -> Q -> DQ -> next`` and, for a MatMul,
 ``MatMul -> Q -> DQ -> Add(bias)``. The correction point is the layer's output before its Q (the

@@ -34,11 +34,10 @@ outside [1/DOMAIN_SPREAD_LIMIT, DOMAIN_SPREAD_LIMIT] of the stored one, or a mea
 than DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick the wrong candidate.
 ``choose`` forces a candidate.
 
-BNs correspond by node name when both models name every BN, uniquely, with the same set of
-names; otherwise by order (:func:`bnpass.graph.pair_by_name`, the rule layers pair by too). Counts, channels, epsilons, inputs and outputs must agree, or a
-ModelError names the first difference. Only the BNs are compared, so a QDQ-quantized model matches
-its float original.
-"""
+BNs correspond by node name when both models name every BN, uniquely, with the same set of names;
+otherwise by order (:func:`bnpass.graph.pair_by_name`, the rule layers pair by too). Counts,
+channels, epsilons, inputs and outputs must agree, or a ModelError names the first difference. Only
+the BNs are compared, so a QDQ-quantized model matches its float original. """
 
 from __future__ import annotations
 
