@@ -43,16 +43,6 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
-def pair_by_name(names: list, reference_names: list) -> list:
-    """For each of ``names`` (a model's nodes), the position of its partner in ``reference_names`` (the
-    reference's): by name when both name every node, uniquely, with the same set of names; otherwise by
-    order, the i-th with the i-th (as many as the shorter list holds)."""
-    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
-        where = {name: position for position, name in enumerate(reference_names)}
-        return [where[name] for name in names]
-    return list(range(min(len(names), len(reference_names))))
-
-
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies)."""
     for attr in node.attribute:

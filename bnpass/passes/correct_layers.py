@@ -24,7 +24,7 @@ inserted BNs cap that gain at :data:`MAX_GAIN` (the BOUNDED rule of :mod:`bnpass
 ratio v_c / v_o is taken as at least 1 / MAX_GAIN^2); the channel's mean is still matched exactly.
 The README's "Models without BatchNormalization" section gives the measurements behind the value.
 
-**Pairing.** Layers correspond as BNs do (:func:`bnpass.graph.pair_by_name`: by node name when both
+**Pairing.** Layers correspond as BNs do (:func:`pair_by_name`: by node name when both
 models name every such layer, uniquely, with the same set of names; else by order). Paired layers
 must have the same operator and weight shape (a quantized weight: the shape of its
 DequantizeLinear's input), so a QDQ model pairs with its float original; the first difference is a
@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError
-from ..graph import GraphIndex, is_batchnorm, node_label, pair_by_name
+from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
 from .fold_batchnorm import (
@@ -137,6 +137,16 @@ def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
         if stored is not None:
             return tuple(stored.value.shape), (scale.value.dtype if scale is not None else np.dtype(np.float32))
     return None, np.dtype(np.float32)
+
+
+def pair_by_name(names: list, reference_names: list) -> list:
+    """For each of ``names`` (a model's nodes), the position of its partner in ``reference_names`` (the
+    reference's): by name when both name every node, uniquely, with the same set of names; otherwise by
+    order, the i-th with the i-th (as many as the shorter list holds)."""
+    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
+        where = {name: position for position, name in enumerate(reference_names)}
+        return [where[name] for name in names]
+    return list(range(min(len(names), len(reference_names))))
 
 
 def pair_layers(mine: list, theirs: list) -> list:

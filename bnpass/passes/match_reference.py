@@ -35,7 +35,7 @@ than DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick th
 ``choose`` forces a candidate.
 
 BNs correspond by node name when both models name every BN, uniquely, with the same set of names;
-otherwise by order (:func:`bnpass.graph.pair_by_name`, the rule layers pair by too). Counts,
+otherwise by order (:func:`~bnpass.passes.correct_layers.pair_by_name`, the rule layers pair by too). Counts,
 channels, epsilons, inputs and outputs must agree, or a ModelError names the first difference. Only
 the BNs are compared, so a QDQ-quantized model matches its float original. """
 
@@ -56,7 +56,7 @@ from ..calibration import MatchTarget, batchnorm_nodes
 from ..data import model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift
 from ..errors import ModelError
-from ..graph import GraphIndex, attribute, node_label, pair_by_name
+from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
 from .base import Pass, PassContractError, batchnorm_labels, copy_model, fingerprint
@@ -80,6 +80,7 @@ from .correct_layers import (
     insert_identity_batchnorms,
     layers_without_batchnorm,
     logits_layer,
+    pair_by_name,
     pair_layers,
 )
 from .fold_batchnorm import FoldBatchNormPass
