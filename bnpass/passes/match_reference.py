@@ -14,6 +14,12 @@ forced candidate (``choose``) skips that second reading: nothing is compared, no
   variance the reference BN's output has (:mod:`bnpass.matching`), measured with every upstream BN
   already matched.
 
+**The steps**, one method each (:meth:`MatchReferencePass.call` is their sequence): ``_plan`` pairs
+the BNs and the layers without BN with the reference's and lists the candidates (a :class:`_Plan`);
+``_read`` is the first reading, which measures every site (a :class:`_Site` per BN of the augmented
+model: its own or inserted after a layer); ``_make_candidates`` writes and folds them; ``_score`` is
+the second reading; :func:`~bnpass.passes.candidates.choose` keeps one; ``_result`` reports it.
+
 Per batch three sessions run, all on the same feed (:mod:`bnpass.passes.calibration_run`): the
 reference with each BN input's moments tapped (``observe`` calibration copy); the compressed
 model's ``matched`` copy, fed those moments, in which each BN normalizes with statistics matched on
@@ -230,6 +236,7 @@ class _Plan:
     refused: dict          # layer label -> why it is not corrected
     logits: Optional[str]  # the logits layer, when corrected
     candidates: list       # the candidates this model can have
+    evaluation_batch: Optional[int] = None  # the batch size the models' own inputs fix (None: free)
 
     @property
     def has_batchnorm(self) -> bool:
@@ -308,22 +315,14 @@ class MatchReferencePass(Pass):
     def call(self, model: onnx.ModelProto) -> ReferenceResult:
         started = time.perf_counter()
         plan = self._plan(model)
-        if plan is None:
-            return ReferenceResult(model=copy_model(model), modified=False)
-        if not plan.has_batchnorm and not plan.layer_pairs:
+        if not plan.has_batchnorm and not plan.layer_pairs:  # nothing to match: the model as given
             return ReferenceResult(model=copy_model(model), modified=False, refused_layers=plan.refused)
-        evaluation_batch = input_batch_size(model, self.reference)
         run = CalibrationRun(self.samples, self.settings)
         reading = self._read(run, model, plan)
         candidates = self._make_candidates(model, plan, reading)
-        compared = time.perf_counter()
-        scores = Scores() if self.forced else score_models(  # a forced candidate needs no second reading
-            self.reference, model, {name: made.model for name, made in candidates.items()},
-            run.evaluation_feeds(evaluation_batch), run.providers, threads=self.settings.threads,
-            tf32=self.settings.tf32)
-        comparing_seconds = time.perf_counter() - compared if not self.forced else 0.0
-        names = list(candidates) + ([GIVEN] if plan.layer_pairs else [])
-        choice = choose(scores, names, self.choose if self.forced else None)
+        scores, comparing_seconds = self._score(run, model, plan, candidates)
+        choice = choose(scores, list(candidates) + ([GIVEN] if plan.layer_pairs else []),
+                        self.choose if self.forced else None)
         result = self._result(model, plan, run, reading, candidates, scores, choice)
         result.comparing_seconds = comparing_seconds
         result.seconds = time.perf_counter() - started
@@ -335,12 +334,12 @@ class MatchReferencePass(Pass):
             raise PassContractError("the output's BatchNormalization nodes are not the input's (an inserted "
                                     "correction BN left, or one of the model's lost)")
 
-    def _plan(self, model: onnx.ModelProto) -> Optional[_Plan]:
+    def _plan(self, model: onnx.ModelProto) -> _Plan:
         """Pair the BNs and the layers without BN with the reference's (a ModelError names the first
-        difference) and list the candidates; None when there is nothing to match."""
+        difference), list the candidates and the batch size the models' inputs fix for scoring."""
         has_batchnorm = bool(batchnorm_nodes(model))
         if not has_batchnorm and not self.correct_layers:
-            return None
+            return _Plan([], [], {}, None, [])
         batchnorm_pairs = pair_batchnorms(model, self.reference)
         layer_pairs, refused = [], {}
         if self.correct_layers:
@@ -352,7 +351,8 @@ class MatchReferencePass(Pass):
             if self.forced and self.choose not in candidates:
                 raise ModelError(f"--candidate {self.choose}: not a candidate for this model (its candidates: "
                                  f"{', '.join(candidates)})")
-        return _Plan(batchnorm_pairs, layer_pairs, refused, logits, candidates)
+        evaluation_batch = input_batch_size(model, self.reference) if has_batchnorm or layer_pairs else None
+        return _Plan(batchnorm_pairs, layer_pairs, refused, logits, candidates, evaluation_batch)
 
     def _layer_pairs(self, model: onnx.ModelProto) -> tuple:
         """``(pairs, refused)``: the layers without BN paired with the reference's, those that can be
@@ -453,6 +453,17 @@ class MatchReferencePass(Pass):
                 output, written.modified = copy_model(model), False
             candidates[name] = _Candidate(output, written, fold)
         return candidates
+
+    def _score(self, run: CalibrationRun, model: onnx.ModelProto, plan: _Plan, candidates: dict) -> tuple:
+        """``(scores, seconds)``: the second reading, every candidate, the model as given and the reference
+        on every sample (:func:`~bnpass.passes.candidates.score_models`); forced, none (no reading)."""
+        if self.forced:
+            return Scores(), 0.0
+        started = time.perf_counter()
+        scores = score_models(self.reference, model, {name: made.model for name, made in candidates.items()},
+                              run.evaluation_feeds(plan.evaluation_batch), run.providers,
+                              threads=self.settings.threads, tf32=self.settings.tf32)
+        return scores, time.perf_counter() - started
 
     def _result(self, model: onnx.ModelProto, plan: _Plan, run: CalibrationRun, reading: _Reading,
                 candidates: dict, scores: Scores, choice: Choice) -> ReferenceResult:
