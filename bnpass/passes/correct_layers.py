@@ -52,6 +52,7 @@ from ..errors import ModelError
 from ..graph import GraphIndex, is_batchnorm, node_label
 from ..protos import DEFAULT_DOMAINS
 from ..rewrite import GraphEditor
+from .base import copy_model
 from .fold_batchnorm import (
     LAYERS,
     activation_pair_after,
@@ -208,7 +209,8 @@ def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> Augmente
     """A copy of ``model`` with an identity BN after each of ``layers`` (module docstring), made through
     a :class:`~bnpass.rewrite.GraphEditor` of the copy. The inserted BNs are named
     ``bnpass_correction/<layer>``."""
-    editor = GraphEditor.on_copy_of(model)
+    copy = copy_model(model)  # nothing stored is overwritten: one copy of each weight either way
+    editor = GraphEditor(copy)
     index = editor.index
     inserts = []
     for layer in layers:
@@ -223,7 +225,6 @@ def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> Augmente
                                    name=editor.fresh_name(f"{PREFIX}/{layer.label}"), epsilon=EPSILON)
         inserts.append((producer, bn))
     editor.insert_nodes(inserts)
-    copy = editor.build()
     inserted = {layer.label: bn.name for layer, (_, bn) in zip(layers, inserts)}
     label_of = {name: label for label, name in inserted.items()}
     sites, position = [], 0
