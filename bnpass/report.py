@@ -15,7 +15,7 @@ from .calibration import batchnorm_nodes
 from .data import plural
 from .graph import attribute, node_label
 from .passes import FoldResult, ReestimateResult
-from .passes.candidates import GIVEN, spelled
+from .passes.candidates import CORRECTED, EXCEPT_LOGITS, GIVEN, MATCHED, REESTIMATED, spelled
 from .passes.correct_layers import EPSILON as CORRECTION_EPSILON
 from .passes.match_reference import ReferenceResult
 from .plot import BatchNormDrift, measure_drift
@@ -98,7 +98,7 @@ def batchnorm_drifts(model: onnx.ModelProto, result: ReestimateResult) -> list:
         activations = {}
         if isinstance(result, ReferenceResult):
             reference_mean, reference_var = result.reference_moments[name]
-            input_mean, input_var = (result.compressed_moments if result.chosen == "matched"
+            input_mean, input_var = (result.compressed_moments if result.chosen == MATCHED
                                      else result.reestimated)[name]
             activations = dict(reference_mean=reference_mean, reference_var=reference_var, input_mean=input_mean,
                                input_var=input_var)
@@ -113,12 +113,12 @@ def layer_drifts(result: ReferenceResult) -> list:
     kept (``mean_shift``, ``variance_ratio``) and before its own correction (``reference_*``: (m_c, v_c),
     earlier layers corrected). Corrected, the output is (x - mu') / sqrt(v' + e): mean (m_c - mu') /
     sqrt(v' + e), variance v_c / (v' + e); a layer the kept candidate leaves as given keeps (m_c, v_c)."""
-    corrected = result.chosen in ("matched", "matched-except-logits")
+    corrected = result.chosen in CORRECTED
     drifts = []
     for label, layer in result.layers.items():
         (reference_mean, reference_var), (mean, var) = layer.reference_moments, layer.compressed_moments
         before = drift(mean, var, reference_mean, reference_var, CORRECTION_EPSILON)
-        if corrected and not (result.chosen == "matched-except-logits" and label == result.logits):
+        if corrected and not (result.chosen == EXCEPT_LOGITS and label == result.logits):
             scale_squared = np.asarray(layer.matched.var, np.float64) + CORRECTION_EPSILON
             mean = (np.asarray(mean) - layer.matched.mean) / np.sqrt(scale_squared)
             var = np.asarray(var) / scale_squared
@@ -253,7 +253,7 @@ def closing_note(bn_names: list, reestimate: Optional[ReestimateResult], fold: O
             left.append(f"{plural(len(bn_names), 'BatchNormalization node')}' statistics as stored (the "
                         f"{spelled(GIVEN)} candidate was kept)")
         total = len(reestimate.layers) + len(reestimate.refused_layers)
-        if reestimate.layers and reestimate.chosen in (GIVEN, "reestimated"):
+        if reestimate.layers and reestimate.chosen in (GIVEN, REESTIMATED):
             left.append(f"{total} of {plural(total, 'layer')} without BatchNormalization not corrected (the "
                         f"{spelled(reestimate.chosen)} candidate was kept)")
         elif reestimate.refused_layers:
@@ -292,7 +292,7 @@ def _calibration_line(bn_names: list, result: ReestimateResult, stats_mode: str)
     kept), from what, and how long the calibration and the comparison of the models each took."""
     written = sum(1 for s in result.stats.values() if s.written)
     total = plural(len(bn_names), "BatchNormalization node")
-    if result.chosen in ("matched", "matched-except-logits"):
+    if result.chosen in CORRECTED:
         what = f"matched {written} of {total} to the reference, from"
     elif result.chosen == GIVEN:
         what = f"kept the stored statistics of {total} (the model as given), after calibrating on"
@@ -309,7 +309,7 @@ def _calibration_line(bn_names: list, result: ReestimateResult, stats_mode: str)
 def _choice_lines(result: ReestimateResult) -> list:
     """The choice line and every model's figures on the same samples (where the models were compared)."""
     scores = result.scores
-    kind = "statistics" if result.stats or result.chosen == "reestimated" else "candidate"
+    kind = "statistics" if result.stats or result.chosen == REESTIMATED else "candidate"
     if result.chosen == GIVEN and not isinstance(result, ReferenceResult):
         kind = "model"
     lines = [f"kept the {spelled(result.chosen)} {kind}: {result.why}"
@@ -335,7 +335,7 @@ def _reference_lines(result: ReferenceResult) -> list:
         total = len(result.layers) + len(result.refused_layers)
         lines.append(f"corrected {len(result.layers)} of {plural(total, 'layer')} without BatchNormalization (mean "
                      "and spread matched to the reference's layer outputs)"
-                     + ("; not kept" if result.chosen in (GIVEN, "reestimated") else ""))
+                     + ("; not kept" if result.chosen in (GIVEN, REESTIMATED) else ""))
         for label, reason in result.refused_layers.items():
             lines.append(f"  not corrected: {label}: {reason}")
         if result.per_channel:

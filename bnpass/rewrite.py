@@ -262,6 +262,24 @@ class GraphEditor:
         self.index.register_node(stored)
         return stored
 
+    def insert_nodes(self, inserts: list) -> None:
+        """Insert each ``(after, node)`` of ``inserts``: a copy of ``node`` right after ``after`` (several
+        after one node: in the order given), keeping topological order; one sweep of the node list.
+        The node list is rebuilt: node messages taken from the graph before are not the graph's after."""
+        following: dict = {}
+        for after, node in inserts:
+            following.setdefault(id(after), []).append(node)
+        if not following:
+            return
+        self.flush()
+        nodes = []
+        for existing in self.graph.node:
+            nodes.append(existing)
+            nodes.extend(following.get(id(existing), ()))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        self._index = None  # the list holds new messages now: the index is made again on next use
+
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._detached.update(name for name in node.input if name)
         self.index.unregister_node(node)

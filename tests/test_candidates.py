@@ -37,6 +37,30 @@ def test_a_lower_output_error_breaks_a_tie_in_counts():
     assert choose(scores, ["reestimated", "matched"]).chosen == "matched"
 
 
+def test_labels_decide_by_accuracy_with_mcnemar_on_the_discordant_samples():
+    """With labels, accuracy decides even against agreement; the line gives both counts and McNemar's
+    two-sided exact p on the 10 discordant samples split 9 to 1: 2 * (1 + 10) / 2**10."""
+    scores = Scores(samples=100, agreement={"reestimated": agreeing(95, 0.1), "matched": agreeing(80, 0.4)},
+                    accuracy={"reestimated": LabelAccuracy(correct=82, samples=100),
+                              "matched": LabelAccuracy(correct=90, samples=100)},
+                    discordant={("matched", "reestimated"): 9, ("reestimated", "matched"): 1})
+    choice = choose(scores, ["reestimated", "matched"])
+    assert (choice.chosen, choice.criterion) == ("matched", "accuracy")
+    assert choice.p_value == pytest.approx(22 / 1024)
+    assert choice.why == ("accuracy: matched right on 90 of 100 samples, re-estimated on 82; they differ on 10, "
+                          "9 to 1, beyond chance (McNemar p = 0.021)")
+
+
+def test_without_top1_the_lower_output_error_decides():
+    """A model with no classifier-shaped output has no top-1: the relative output error decides."""
+    flat = {name: AgreementMeter(["y"]) for name in ("reestimated", "matched")}
+    for meter, error in zip(flat.values(), (0.5, 0.25)):
+        meter.outputs["y"] = OutputAgreement("y", samples=100, squared_difference=error ** 2, squared_reference=1.0,
+                                             float_output=True)
+    choice = choose(Scores(samples=100, agreement=flat), ["reestimated", "matched"])
+    assert (choice.chosen, choice.criterion) == ("matched", "output error")
+
+
 @pytest.mark.parametrize("successes, trials, probability, expected", [
     (0, 5, 0.3, 1.0), (5, 5, 0.5, 1 / 32), (4, 5, 0.5, 6 / 32), (3, 4, 0.1, 4 * 0.1 ** 3 * 0.9 + 0.1 ** 4),
     (5, 5, 1.0, 1.0), (2, 5, 0.0, 0.0),

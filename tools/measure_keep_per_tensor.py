@@ -63,7 +63,7 @@ def main() -> None:
         quantized.ir_version = 10
         onnx.save(quantized, quantized_path)
 
-        unfolded, _ = insert_identity_batchnorms(quantized, layers_without_batchnorm(quantized))
+        unfolded = insert_identity_batchnorms(quantized, layers_without_batchnorm(quantized)).model
         rng = np.random.default_rng(0)
         for node in unfolded.graph.node:
             if node.op_type != "BatchNormalization":

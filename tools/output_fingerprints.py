@@ -222,6 +222,23 @@ def record_references(records: dict) -> None:
                               for k, vs in result.reference_moments.items())).encode()
         records[f"reference/{data}/{candidate}"] = _sha(_model_bytes(result.model), _stats_bytes(result.stats),
                                                         result.chosen, matched, moments, sorted(result.warnings))
+    # Layer correction (no BN, quantized weights, BNs behind activation pairs) on the shipped examples.
+    calib = os.path.join(base, "in-domain", "calib")
+    corrected = [(os.path.join("fused", "model_pruned.onnx"), "fused", ("auto", "matched-except-logits")),
+                 (os.path.join("fused", "model_pruned_int4.onnx"), "fused", ("auto",)),
+                 (os.path.join("quantized", "int4_per_tensor.onnx"), "fused", ("auto",)),
+                 (os.path.join("quantized", "nncf_default.onnx"), "fused", ("auto",)),
+                 (os.path.join("quantized", "with_batchnorm_int4_per_tensor.onnx"), "reference", ("auto",))]
+    for path, reference, candidates in corrected:
+        for candidate in candidates:
+            result = bnpass.reestimate_batchnorms(
+                os.path.join(ROOT, "examples", path), calib, device="cpu", candidate=candidate, num_samples=256,
+                reference=os.path.join(ROOT, "examples", reference, "model.onnx"), batch_size=64)
+            layers = b"|".join(label.encode() + _array_bytes(c.matched.mean) + _array_bytes(c.matched.var)
+                               for label, c in sorted(result.layers.items()))
+            records[f"reference/{path}/{candidate}"] = _sha(
+                _model_bytes(result.model), _stats_bytes(result.stats), result.chosen, result.why, layers,
+                sorted(result.warnings), sorted(result.refused_layers.items()))
 
 
 def record_calibration_graphs(records: dict) -> None:

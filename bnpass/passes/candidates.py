@@ -45,7 +45,14 @@ from .calibration_run import batch_length
 logger = logging.getLogger(__name__)
 
 CHANCE = 0.05  # a McNemar p-value below this: the margin is beyond chance
-GIVEN = "compressed"  # the model as given, scored beside the candidates
+# The candidates' names, as options take them, and in prose (:func:`spelled`).
+REESTIMATED = "reestimated"              # plain re-estimation
+MATCHED = "matched"                      # every BN (and corrected layer) matched to the reference
+EXCEPT_LOGITS = "matched-except-logits"  # matched, the logits layer as given
+GIVEN = "compressed"                     # the model as given, scored beside the candidates
+SPELLED = {REESTIMATED: "re-estimated", MATCHED: "matched", EXCEPT_LOGITS: "matched except the logits layer",
+           GIVEN: "compressed (as given)"}
+CORRECTED = (MATCHED, EXCEPT_LOGITS)     # the candidates whose layers without BN were corrected
 
 
 @dataclass
@@ -236,8 +243,7 @@ def mcnemar_p_value(for_a: int, for_b: int) -> float:
 
 def spelled(candidate: str) -> str:
     """A candidate's name in prose: "re-estimated" (``reestimated`` is the value options take)."""
-    return {"reestimated": "re-estimated", "matched-except-logits": "matched except the logits layer",
-            GIVEN: "compressed (as given)"}.get(candidate, candidate)
+    return SPELLED.get(candidate, candidate)
 
 
 def _errors(errors: dict, chosen: str) -> str:

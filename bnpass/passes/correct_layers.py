@@ -24,12 +24,13 @@ inserted BNs cap that gain at :data:`MAX_GAIN` (the BOUNDED rule of :mod:`bnpass
 ratio v_c / v_o is taken as at least 1 / MAX_GAIN^2); the channel's mean is still matched exactly.
 The README's "Models without BatchNormalization" section gives the measurements behind the value.
 
-**Pairing.** Layers correspond by node name when both models name every such layer, uniquely, with
-the same set of names; else by order. Paired layers must have the same operator and weight shape (a
-quantized weight: the shape of its DequantizeLinear's input), so a QDQ model pairs with its float
-original; the first difference is a ModelError naming both layers. A layer whose weight cannot be read
-(on either side) pairs by operator alone and is left uncorrected with the reason: only a difference
-of architecture (operator, readable weight shape, count) stops the run.
+**Pairing.** Layers correspond as BNs do (:func:`pair_by_name`: by node name when both
+models name every such layer, uniquely, with the same set of names; else by order). Paired layers
+must have the same operator and weight shape (a quantized weight: the shape of its
+DequantizeLinear's input), so a QDQ model pairs with its float original; the first difference is a
+ModelError naming both layers. A layer whose weight cannot be read (on either side) pairs by
+operator alone and is left uncorrected with the reason: only a difference of architecture (operator,
+readable weight shape, count) stops the run.
 
 **Activation quantization.** QDQ quantizers write ``layer -> Q -> DQ -> next`` and, for a MatMul,
 ``MatMul -> Q -> DQ -> Add(bias)``. The correction point is the layer's output before its Q (the
@@ -46,7 +47,6 @@ from typing import Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import ModelError
 from ..graph import GraphIndex, is_batchnorm, node_label
@@ -140,16 +140,22 @@ def _weight(layer: onnx.NodeProto, index: GraphIndex) -> tuple:
     return None, np.dtype(np.float32)
 
 
+def pair_by_name(names: list, reference_names: list) -> list:
+    """For each of ``names`` (a model's nodes), the position of its partner in ``reference_names`` (the
+    reference's): by name when both name every node, uniquely, with the same set of names; otherwise by
+    order, the i-th with the i-th (as many as the shorter list holds)."""
+    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
+        where = {name: position for position, name in enumerate(reference_names)}
+        return [where[name] for name in names]
+    return list(range(min(len(names), len(reference_names))))
+
+
 def pair_layers(mine: list, theirs: list) -> list:
     """``[(layer of the model, layer of the reference)]`` (module docstring); a ModelError names the first
     difference."""
     prefix = "the reference does not correspond to the model:"
-    names, reference_names = [layer.label for layer in mine], [layer.label for layer in theirs]
-    if names and len(set(names)) == len(names) and set(names) == set(reference_names):
-        where = {layer.label: layer for layer in theirs}
-        pairs = [(layer, where[layer.label]) for layer in mine]
-    else:
-        pairs = list(zip(mine, theirs))
+    partners = pair_by_name([layer.label for layer in mine], [layer.label for layer in theirs])
+    pairs = [(mine[position], theirs[partner]) for position, partner in enumerate(partners)]
     for position, (layer, other) in enumerate(pairs):
         readable = layer.weight_shape is not None and other.weight_shape is not None
         if layer.op_type != other.op_type or (readable and layer.weight_shape != other.weight_shape):
@@ -169,61 +175,79 @@ def _shape(layer: Layer) -> str:
     return "not a constant" if layer.weight_shape is None else str(list(layer.weight_shape))
 
 
-def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> tuple:
-    """``(copy, origins)``: a copy of ``model`` with an identity BN after each of ``layers``; ``origins``
-    has one entry per BN of the copy, in node order: ``("bn", position among the model's BNs)`` or
-    ``("layer", label)``. The inserted BNs are named ``bnpass_correction/<layer>``."""
-    copy = copy_model(model)
+@dataclass(frozen=True)
+class BatchNormSite:
+    """A BN of the model itself, by its position among the model's BNs (node order)."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """The identity BN inserted after a layer without BN, by the layer's label."""
+
+    label: str
+
+
+@dataclass
+class Augmented:
+    """A copy of a model with an identity BN after each layer to correct (:func:`insert_identity_batchnorms`).
+
+    ``sites``: one per BN of ``model``, in node order, a :class:`BatchNormSite` or a :class:`LayerSite`;
+    ``inserted``: ``{layer label: name of its inserted BN}``."""
+
+    model: onnx.ModelProto
+    sites: list
+    inserted: dict
+
+    def position_of(self) -> dict:
+        """``{site: position among the copy's BNs}``."""
+        return {site: position for position, site in enumerate(self.sites)}
+
+
+def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> Augmented:
+    """A copy of ``model`` with an identity BN after each of ``layers`` (module docstring), made through
+    a :class:`~bnpass.rewrite.GraphEditor` of the copy. The inserted BNs are named
+    ``bnpass_correction/<layer>``."""
+    copy = copy_model(model)  # nothing stored is overwritten: one copy of each weight either way
     editor = GraphEditor(copy)
-    by_point = {layer.point: layer for layer in layers}
-    nodes = list(copy.graph.node)
-    origins, position = [], 0
-    new_nodes = []
-    for node in nodes:
-        new_nodes.append(node)
-        if is_batchnorm(node):
-            origins.append(("bn", position))
+    index = editor.index
+    inserts = []
+    for layer in layers:
+        producer = index.producers[layer.point]
+        inner = editor.fresh_name(f"{layer.point}.uncorrected")
+        editor.set_output(producer, list(producer.output).index(layer.point), inner)
+        channels = layer.channels
+        parameters = [np.ones(channels), np.zeros(channels), np.zeros(channels), np.full(channels, 1 - EPSILON)]
+        inputs = [inner] + [editor.add_initializer(value.astype(layer.dtype), f"{PREFIX}/{layer.label}.{what}")
+                            for value, what in zip(parameters, ("scale", "B", "mean", "var"))]
+        bn = onnx.helper.make_node("BatchNormalization", inputs, [layer.point],
+                                   name=editor.fresh_name(f"{PREFIX}/{layer.label}"), epsilon=EPSILON)
+        inserts.append((producer, bn))
+    editor.insert_nodes(inserts)
+    inserted = {layer.label: bn.name for layer, (_, bn) in zip(layers, inserts)}
+    label_of = {name: label for label, name in inserted.items()}
+    sites, position = [], 0
+    for node in copy.graph.node:
+        if node.name in label_of:
+            sites.append(LayerSite(label_of[node.name]))
+        elif is_batchnorm(node):
+            sites.append(BatchNormSite(position))
             position += 1
-        for slot, name in enumerate(node.output):
-            layer = by_point.get(name)
-            if layer is None:
-                continue
-            inner = editor.fresh_name(f"{name}.uncorrected")
-            node.output[slot] = inner
-            channels, dtype = layer.channels, layer.dtype
-            parameters = [np.ones(channels), np.zeros(channels), np.zeros(channels),
-                          np.full(channels, 1 - EPSILON)]
-            inputs = [inner]
-            for value, what in zip(parameters, ("scale", "B", "mean", "var")):
-                tensor_name = editor.fresh_name(f"{PREFIX}/{layer.label}.{what}")
-                copy.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), tensor_name))
-                inputs.append(tensor_name)
-            bn_name = editor.fresh_name(f"{PREFIX}/{layer.label}")
-            new_nodes.append(onnx.helper.make_node("BatchNormalization", inputs, [name], name=bn_name,
-                                                   epsilon=EPSILON))
-            origins.append(("layer", layer.label))
-    del copy.graph.node[:]
-    copy.graph.node.extend(new_nodes)
-    return copy, origins
-
-
-def inserted_names(model: onnx.ModelProto, origins: list) -> dict:
-    """``{layer label: name of its inserted BN}``."""
-    bns = [node for node in model.graph.node if is_batchnorm(node)]
-    return {origin[1]: bn.name for bn, origin in zip(bns, origins) if origin[0] == "layer"}
+    return Augmented(copy, sites, inserted)
 
 
 def foldable_layers(model: onnx.ModelProto, layers: list) -> tuple:
     """``(kept, refused)``: the layers whose inserted BN folds backward leaving every other node as it
     is, and ``{label: reason}`` for the others (a layer whose weight cannot be read: why)."""
     readable = [layer for layer in layers if layer.channels]
-    augmented, origins = insert_identity_batchnorms(model, readable)
-    editor = GraphEditor(augmented)
-    names = inserted_names(augmented, origins)
-    bns = {node.name: node for node in augmented.graph.node if is_batchnorm(node)}
+    augmented = insert_identity_batchnorms(model, readable)
+    editor = GraphEditor(augmented.model)
+    bns = {node.name: node for node in augmented.model.graph.node if is_batchnorm(node)}
     kept, refused = [], {}
     for layer in layers:
-        reason = backward_fold_refusal(bns[names[layer.label]], editor) if layer.channels else layer.unreadable
+        reason = (backward_fold_refusal(bns[augmented.inserted[layer.label]], editor) if layer.channels
+                  else layer.unreadable)
         if reason:
             refused[layer.label] = reason
         else:

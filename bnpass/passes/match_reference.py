@@ -14,6 +14,12 @@ forced candidate (``choose``) skips that second reading: nothing is compared, no
   variance the reference BN's output has (:mod:`bnpass.matching`), measured with every upstream BN
   already matched.
 
+**The steps**, one method each (:meth:`MatchReferencePass.call` is their sequence): ``_plan`` pairs
+the BNs and the layers without BN with the reference's and lists the candidates (a :class:`_Plan`);
+``_read`` is the first reading, which measures every site (a :class:`_Site` per BN of the augmented
+model: its own or inserted after a layer); ``_make_candidates`` writes and folds them; ``_score`` is
+the second reading; :func:`~bnpass.passes.candidates.choose` keeps one; ``_result`` reports it.
+
 Per batch three sessions run, all on the same feed (:mod:`bnpass.passes.calibration_run`): the
 reference with each BN input's moments tapped (``observe`` calibration copy); the compressed
 model's ``matched`` copy, fed those moments, in which each BN normalizes with statistics matched on
@@ -34,11 +40,10 @@ outside [1/DOMAIN_SPREAD_LIMIT, DOMAIN_SPREAD_LIMIT] of the stored one, or a mea
 than DOMAIN_SHIFT_LIMIT, the result carries a warning that agreement may pick the wrong candidate.
 ``choose`` forces a candidate.
 
-BNs correspond by node name when both models name every BN, uniquely, with the same set of
-names; otherwise by order. Counts, channels, epsilons, inputs and outputs must agree, or a
-ModelError names the first difference. Only the BNs are compared, so a QDQ-quantized model matches
-its float original.
-"""
+BNs correspond by node name when both models name every BN, uniquely, with the same set of names;
+otherwise by order (:func:`~bnpass.passes.correct_layers.pair_by_name`, the rule layers pair by too). Counts,
+channels, epsilons, inputs and outputs must agree, or a ModelError names the first difference. Only
+the BNs are compared, so a QDQ-quantized model matches its float original. """
 
 from __future__ import annotations
 
@@ -71,14 +76,17 @@ from .calibration_run import (
     input_batch_size,
     write_statistics,
 )
-from .candidates import GIVEN, Choice, Scores, choose, score_models
+from .candidates import EXCEPT_LOGITS, GIVEN, MATCHED, REESTIMATED, Choice, Scores, choose, score_models
 from .correct_layers import (
     MAX_GAIN,
+    Augmented,
+    BatchNormSite,
+    LayerSite,
     foldable_layers,
     insert_identity_batchnorms,
-    inserted_names,
     layers_without_batchnorm,
     logits_layer,
+    pair_by_name,
     pair_layers,
 )
 from .fold_batchnorm import FoldBatchNormPass
@@ -86,9 +94,7 @@ from .reestimate_batchnorm import holds_statistics
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = ("reestimated", "matched")
-EXCEPT_LOGITS = "matched-except-logits"  # layers corrected, the logits layer as given
-CHOICES = ("auto",) + CANDIDATES + (EXCEPT_LOGITS, GIVEN)
+CHOICES = ("auto", REESTIMATED, MATCHED, EXCEPT_LOGITS, GIVEN)  # --candidate
 DOMAIN_SPREAD_LIMIT = 1.25  # the reference's first BNs: spread ratio against the stored statistics
 DOMAIN_SHIFT_LIMIT = 0.5    # ... and mean shift, in stored standard deviations
 
@@ -155,12 +161,7 @@ def pair_batchnorms(model: onnx.ModelProto, reference: onnx.ModelProto) -> list:
                     "(bnpass ORIGINAL.onnx ORIGINAL_folded.onnx --fold-only) and give that")
         raise ModelError(f"{prefix} it has {plural(len(theirs), 'BatchNormalization node')}, the model "
                          f"{len(mine)}{hint}")
-    names, reference_names = [bn.name for bn in mine], [bn.name for bn in theirs]
-    if all(names) and len(set(names)) == len(names) and set(names) == set(reference_names):
-        where = {name: position for position, name in enumerate(reference_names)}
-        pairs = [(position, where[name]) for position, name in enumerate(names)]
-    else:
-        pairs = [(position, position) for position in range(len(mine))]
+    pairs = list(enumerate(pair_by_name([bn.name for bn in mine], [bn.name for bn in theirs])))
     model_index, reference_index = GraphIndex(model), GraphIndex(reference)
     for position, reference_position in pairs:
         bn, other = mine[position], theirs[reference_position]
@@ -214,16 +215,73 @@ def _weights_digest(model: onnx.ModelProto) -> Optional[str]:
     return digest.hexdigest()
 
 
-def match_targets(reference: onnx.ModelProto, pairs: list) -> list:
-    """One :class:`~bnpass.calibration.MatchTarget` per pair (per BN of the model): the stored
-    statistics of the reference BN it corresponds to."""
+def match_targets(reference: onnx.ModelProto, positions: list) -> list:
+    """One :class:`~bnpass.calibration.MatchTarget` per entry of ``positions`` (positions among the
+    reference's BNs): the stored statistics of that BN."""
     theirs, index = batchnorm_nodes(reference), GraphIndex(reference)
     targets = []
-    for _, reference_position in pairs:
+    for reference_position in positions:
         bn = theirs[reference_position]
         mean, var = (index.constant(name).value.astype(np.float64).reshape(-1) for name in bn.input[3:5])
         targets.append(MatchTarget(mean=mean, var=var, epsilon=float(attribute(bn, "epsilon", 1e-5))))
     return targets
+
+
+@dataclass
+class _Plan:
+    """What a run corrects, decided before any data is read."""
+
+    batchnorm_pairs: list  # [(position among the model's BNs, among the reference's)] (:func:`pair_batchnorms`)
+    layer_pairs: list      # [(Layer of the model, Layer of the reference)]: the layers without BN corrected
+    refused: dict          # layer label -> why it is not corrected
+    logits: Optional[str]  # the logits layer, when corrected
+    candidates: list       # the candidates this model can have
+    evaluation_batch: Optional[int] = None  # the batch size the models' own inputs fix (None: free)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return bool(self.batchnorm_pairs)
+
+
+@dataclass
+class _Site:
+    """One BN of the augmented model (one of its own, or one inserted after a layer) and what the first
+    reading measured there: the reference's BN input moments (m_o, v_o), the compressed model's
+    (m_c, v_c, count; upstream matched) and the statistics matched from them."""
+
+    site: object  # a BatchNormSite or a LayerSite (:mod:`bnpass.passes.correct_layers`)
+    reference_position: int  # its partner among the augmented reference's BNs
+    target: MatchTarget
+    tap: object = None
+    reference: tuple = ()
+    compressed: tuple = ()
+    match: Optional[MatchedStatistics] = None
+
+    @property
+    def is_layer(self) -> bool:
+        return isinstance(self.site, LayerSite)
+
+
+@dataclass
+class _Reading:
+    """What the first reading gave: the augmented copies and their sites, plain re-estimation's taps
+    and statistics (empty without BN), and the device the sessions ran on."""
+
+    augmented: Augmented
+    augmented_reference: Augmented
+    sites: list
+    plain_taps: list
+    reestimated: list
+    device: str = ""
+
+
+@dataclass
+class _Candidate:
+    """A candidate model, what was written into it, and the fold of its layer corrections (None: none)."""
+
+    model: onnx.ModelProto
+    written: WrittenStatistics
+    fold: Optional[object] = None
 
 
 class MatchReferencePass(Pass):
@@ -249,144 +307,24 @@ class MatchReferencePass(Pass):
         self.max_gain = max_gain
         self.keep_per_tensor = keep_per_tensor
 
+    @property
+    def forced(self) -> bool:
+        """A candidate asked for: nothing is compared (one reading), nothing can be chosen wrong."""
+        return self.choose != "auto"
+
     def call(self, model: onnx.ModelProto) -> ReferenceResult:
         started = time.perf_counter()
-        has_batchnorm = bool(batchnorm_nodes(model))
-        if not has_batchnorm and not self.correct_layers:
-            return ReferenceResult(model=copy_model(model), modified=False)
-        pairs = pair_batchnorms(model, self.reference)
-        layer_pairs, refused = [], {}
-        if self.correct_layers:
-            layer_pairs = pair_layers(layers_without_batchnorm(model), layers_without_batchnorm(self.reference))
-            kept, refused = foldable_layers(model, [mine for mine, _ in layer_pairs])
-            for mine, theirs in layer_pairs:  # an unreadable reference layer: that one layer is left
-                if theirs.unreadable and mine.label not in refused:
-                    refused[mine.label] = f"its partner in the reference, '{theirs.label}': {theirs.unreadable}"
-            kept_labels = {layer.label for layer in kept if layer.label not in refused}
-            layer_pairs = [(mine, theirs) for mine, theirs in layer_pairs if mine.label in kept_labels]
-            for label, reason in refused.items():
-                logger.info("layer '%s' is not corrected: %s", label, reason)
-        if not has_batchnorm and not layer_pairs:
-            return ReferenceResult(model=copy_model(model), modified=False, refused_layers=refused)
-        logits = logits_layer(model, [mine for mine, _ in layer_pairs])
-        possible = (["reestimated"] if has_batchnorm else []) + ["matched"] + (
-            [EXCEPT_LOGITS] if logits is not None else []) + ([GIVEN] if layer_pairs else [])
-        if self.choose != "auto" and self.choose not in possible:
-            raise ModelError(f"--candidate {self.choose}: not a candidate for this model (its candidates: "
-                             f"{', '.join(possible)})")
-        batch_size_for_evaluation = input_batch_size(model, self.reference)
-        augmented, origins = insert_identity_batchnorms(model, [mine for mine, _ in layer_pairs])
-        augmented_reference, reference_origins = insert_identity_batchnorms(
-            self.reference, [theirs for _, theirs in layer_pairs])
-        partner = {mine.label: theirs.label for mine, theirs in layer_pairs}
-        where = {origin: position for position, origin in enumerate(reference_origins)}
-        batchnorm_partner = dict(pairs)
-        augmented_pairs = [
-            (position, where[("bn", batchnorm_partner[origin[1]])] if origin[0] == "bn"
-             else where[("layer", partner[origin[1]])]) for position, origin in enumerate(origins)]
-        min_ratio = 0.0 if self.max_gain is None else 1 / self.max_gain ** 2
-        targets = [target if origin[0] == "bn" else replace(target, min_ratio=min_ratio)
-                   for target, origin in zip(match_targets(augmented_reference, augmented_pairs), origins)]
+        plan = self._plan(model)
+        if not plan.has_batchnorm and not plan.layer_pairs:  # nothing to match: the model as given
+            return ReferenceResult(model=copy_model(model), modified=False, refused_layers=plan.refused)
         run = CalibrationRun(self.samples, self.settings)
-        matched = run.copy(augmented, mode="matched", targets=targets)
-        observed = run.copy(augmented_reference, mode="observe")
-        plain = run.copy(model) if has_batchnorm else None
-        if self.choose == "auto":  # a forced candidate is not compared: one reading
-            run.require_second_reading("--reference")
-        what = " and ".join(part for part in (
-            plural(len(pairs), "BatchNormalization node") if has_batchnorm else "",
-            plural(len(layer_pairs), "layer") + " without BatchNormalization" if layer_pairs else "") if part)
-        opened = run.open([copy for copy in (matched, observed, plain) if copy is not None], what=what)
-        sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
-        logger.info("matching the reference model as well: %d sessions per batch, then %s", len(opened),
-                    "every candidate compared with it on the same samples" if self.choose == "auto" else
-                    f"the {self.choose} candidate kept, as asked (nothing compared)")
-        sessions.collect(run.feeds())
-        device = sessions.matched.device
-        taps, mode = matched.taps, self.settings.stats
-        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in
-                       zip(plain.taps, sessions.plain_moments)] if plain is not None else []
-        compressed = [checked_statistics(tap, moment, mode) for tap, moment in zip(taps, sessions.matched_moments)]
-        references = [checked_statistics(tap, sessions.reference_moments[reference_position], mode)[:2]
-                      for tap, (_, reference_position) in zip(taps, augmented_pairs)]
-        matches = [match_statistics(target.mean, target.var, target.epsilon, *reference, *own[:2],
-                                    min_ratio=target.min_ratio, name=tap.bn)
-                   for tap, target, reference, own in zip(taps, targets, references, compressed)]
-        del sessions, opened  # the calibration sessions' memory goes back before the candidates are made
-
-        preprocessing = getattr(self.samples, "preprocessing", None)
-        inserted = inserted_names(augmented, origins)
-        candidates, written, folds = {}, {}, {}
-        if has_batchnorm:
-            candidates["reestimated"] = copy_model(model)
-            written["reestimated"] = write_statistics(candidates["reestimated"], plain.taps, reestimated,
-                                                      preprocessing=preprocessing)
-            if holds_statistics(model, plain.taps, reestimated):  # ``modified`` exact: the model as given
-                candidates["reestimated"], written["reestimated"].modified = copy_model(model), False
-        variants = {"matched": None}
-        if logits is not None:
-            variants[EXCEPT_LOGITS] = inserted[logits]
-        if self.choose != "auto":  # forced: only the candidate asked for is made
-            variants = {name: left for name, left in variants.items() if name == self.choose}
-        given = fingerprint(model) if inserted else None  # to tell whether folded corrections changed anything
-        for name, left in variants.items():
-            candidate = copy_model(augmented)
-            results = [(target.mean, target.var, count) if tap.bn == left else (match.mean, match.var, count)
-                       for tap, target, match, (_, _, count) in zip(taps, targets, matches, compressed)]
-            written[name] = write_statistics(candidate, taps, results, preprocessing=preprocessing, diagnose=False)
-            if not inserted and holds_statistics(model, taps, results):  # as for "reestimated" above
-                candidate, written[name].modified = copy_model(model), False
-            written[name].stats = {label: entry for label, entry in written[name].stats.items()
-                                   if label not in inserted.values()}
-            if inserted:
-                fold = FoldBatchNormPass(only=set(inserted.values()), activation_pairs="keep",
-                                         keep_per_tensor=self.keep_per_tensor)(candidate)
-                candidate, folds[name] = fold.model, fold
-                # ``modified`` exact: the model with its corrections folded may be the model as given
-                written[name].modified = fingerprint(candidate) != given
-            candidates[name] = candidate
-        names = list(candidates) + ([GIVEN] if layer_pairs else [])
-        forced = self.choose != "auto"
-        compared = time.perf_counter()
-        scores = Scores() if forced else score_models(  # a forced candidate needs no second reading
-            self.reference, model, candidates, run.evaluation_feeds(batch_size_for_evaluation), run.providers,
-            threads=self.settings.threads, tf32=self.settings.tf32)
-        comparing_seconds = time.perf_counter() - compared if not forced else 0.0
-        choice = choose(scores, names, self.choose if forced else None)
-        chosen = choice.chosen
-        if chosen == GIVEN:
-            kept = WrittenStatistics()
-            candidates[GIVEN] = copy_model(model)
-        else:
-            kept = written[chosen]
-        result = ReferenceResult(
-            model=candidates[chosen], modified=kept.modified, stats=kept.stats,
-            warnings=written["reestimated"].warnings if has_batchnorm else [], samples=run.samples_read,
-            batches=run.batches_read, batch_size=run.batch_size, device=device, chosen=chosen, why=choice.why,
-            choice=choice, scores=scores, refused_layers=refused, logits=logits, comparing_seconds=comparing_seconds,
-            per_channel=folds[chosen].per_channel if chosen in folds else [],
-            float_biases=folds[chosen].float_biases if chosen in folds else {})
-        if scores.labels_set_aside:
-            result.warnings.append(scores.labels_set_aside)
-        label_of = {name: label for label, name in inserted.items()}
-        for tap, reference, own, match in zip(taps, references, compressed, matches):
-            if tap.bn in label_of:
-                result.layers[label_of[tap.bn]] = LayerCorrection(reference, own[:2], match)
-                continue
-            result.reference_moments[tap.bn] = reference
-            result.compressed_moments[tap.bn] = own[:2]
-            result.matched[tap.bn] = match
-        for tap, (mean, var, _) in zip(plain.taps if plain is not None else [], reestimated):
-            result.reestimated[tap.bn] = (mean, var)
-        bn_pairs = [pair for pair, origin in zip(augmented_pairs, origins) if origin[0] == "bn"]
-        bn_targets = [target for target, origin in zip(targets, origins) if origin[0] == "bn"]
-        bn_references = [reference for reference, origin in zip(references, origins) if origin[0] == "bn"]
-        # Forced, nothing was chosen, so nothing could be chosen wrong; with labels, they chose.
-        warning = "" if scores.labelled or forced or not has_batchnorm else _domain_warning(
-            augmented_reference, bn_pairs, bn_targets, bn_references)
-        if warning:
-            logger.warning("%s", warning)
-            result.warnings.append(warning)
+        reading = self._read(run, model, plan)
+        candidates = self._make_candidates(model, plan, reading)
+        scores, comparing_seconds = self._score(run, model, plan, candidates)
+        choice = choose(scores, list(candidates) + ([GIVEN] if plan.layer_pairs else []),
+                        self.choose if self.forced else None)
+        result = self._result(model, plan, run, reading, candidates, scores, choice)
+        result.comparing_seconds = comparing_seconds
         result.seconds = time.perf_counter() - started
         return result
 
@@ -395,6 +333,169 @@ class MatchReferencePass(Pass):
         if batchnorm_labels(result.model) != batchnorm_labels(model):
             raise PassContractError("the output's BatchNormalization nodes are not the input's (an inserted "
                                     "correction BN left, or one of the model's lost)")
+
+    def _plan(self, model: onnx.ModelProto) -> _Plan:
+        """Pair the BNs and the layers without BN with the reference's (a ModelError names the first
+        difference), list the candidates and the batch size the models' inputs fix for scoring."""
+        has_batchnorm = bool(batchnorm_nodes(model))
+        if not has_batchnorm and not self.correct_layers:
+            return _Plan([], [], {}, None, [])
+        batchnorm_pairs = pair_batchnorms(model, self.reference)
+        layer_pairs, refused = [], {}
+        if self.correct_layers:
+            layer_pairs, refused = self._layer_pairs(model)
+        logits = logits_layer(model, [mine for mine, _ in layer_pairs])
+        candidates = ([REESTIMATED] if has_batchnorm else []) + [MATCHED] + (
+            [EXCEPT_LOGITS] if logits is not None else []) + ([GIVEN] if layer_pairs else [])
+        if has_batchnorm or layer_pairs:
+            if self.forced and self.choose not in candidates:
+                raise ModelError(f"--candidate {self.choose}: not a candidate for this model (its candidates: "
+                                 f"{', '.join(candidates)})")
+        evaluation_batch = input_batch_size(model, self.reference) if has_batchnorm or layer_pairs else None
+        return _Plan(batchnorm_pairs, layer_pairs, refused, logits, candidates, evaluation_batch)
+
+    def _layer_pairs(self, model: onnx.ModelProto) -> tuple:
+        """``(pairs, refused)``: the layers without BN paired with the reference's, those that can be
+        corrected, and why each other is not."""
+        pairs = pair_layers(layers_without_batchnorm(model), layers_without_batchnorm(self.reference))
+        kept, refused = foldable_layers(model, [mine for mine, _ in pairs])
+        for mine, theirs in pairs:  # an unreadable reference layer: that one layer is left
+            if theirs.unreadable and mine.label not in refused:
+                refused[mine.label] = f"its partner in the reference, '{theirs.label}': {theirs.unreadable}"
+        kept_labels = {layer.label for layer in kept if layer.label not in refused}
+        for label, reason in refused.items():
+            logger.info("layer '%s' is not corrected: %s", label, reason)
+        return [(mine, theirs) for mine, theirs in pairs if mine.label in kept_labels], refused
+
+    def _sites(self, plan: _Plan, augmented: Augmented, augmented_reference: Augmented) -> list:
+        """One :class:`_Site` per BN of the augmented model, paired with its partner in the augmented
+        reference and given its target (a corrected layer's: the identity, its gain bounded)."""
+        partner_bn = dict(plan.batchnorm_pairs)
+        partner_layer = {mine.label: theirs.label for mine, theirs in plan.layer_pairs}
+        where = augmented_reference.position_of()
+        partners = [where[BatchNormSite(partner_bn[site.position])] if isinstance(site, BatchNormSite)
+                    else where[LayerSite(partner_layer[site.label])] for site in augmented.sites]
+        min_ratio = 0.0 if self.max_gain is None else 1 / self.max_gain ** 2
+        targets = match_targets(augmented_reference.model, partners)
+        return [_Site(site, partner, replace(target, min_ratio=min_ratio) if isinstance(site, LayerSite) else target)
+                for site, partner, target in zip(augmented.sites, partners, targets)]
+
+    def _read(self, run: CalibrationRun, model: onnx.ModelProto, plan: _Plan) -> _Reading:
+        """The first reading: every batch through the reference's observe copy, the matched copy (fed the
+        reference's moments) and the plain copy; each site's moments and matched statistics."""
+        augmented = insert_identity_batchnorms(model, [mine for mine, _ in plan.layer_pairs])
+        augmented_reference = insert_identity_batchnorms(self.reference, [theirs for _, theirs in plan.layer_pairs])
+        sites = self._sites(plan, augmented, augmented_reference)
+        augmented_pairs = [(position, site.reference_position) for position, site in enumerate(sites)]
+        matched = run.copy(augmented.model, mode="matched", targets=[site.target for site in sites])
+        observed = run.copy(augmented_reference.model, mode="observe")
+        plain = run.copy(model) if plan.has_batchnorm else None
+        if not self.forced:
+            run.require_second_reading("--reference")
+        what = " and ".join(part for part in (
+            plural(len(plan.batchnorm_pairs), "BatchNormalization node") if plan.has_batchnorm else "",
+            plural(len(plan.layer_pairs), "layer") + " without BatchNormalization" if plan.layer_pairs else "")
+            if part)
+        opened = run.open([copy for copy in (matched, observed, plain) if copy is not None], what=what)
+        sessions = _Sessions(opened[2] if plain is not None else None, opened[0], opened[1], augmented_pairs)
+        logger.info("matching the reference model as well: %d sessions per batch, then %s", len(opened),
+                    "every candidate compared with it on the same samples" if not self.forced else
+                    f"the {self.choose} candidate kept, as asked (nothing compared)")
+        sessions.collect(run.feeds())
+        device = sessions.matched.device
+        mode = self.settings.stats
+        reestimated = [checked_statistics(tap, moment, mode) for tap, moment in
+                       zip(plain.taps, sessions.plain_moments)] if plain is not None else []
+        for site, tap, moment in zip(sites, matched.taps, sessions.matched_moments):
+            site.tap = tap
+            site.compressed = checked_statistics(tap, moment, mode)
+            site.reference = checked_statistics(tap, sessions.reference_moments[site.reference_position], mode)[:2]
+            site.match = match_statistics(site.target.mean, site.target.var, site.target.epsilon, *site.reference,
+                                          *site.compressed[:2], min_ratio=site.target.min_ratio, name=tap.bn)
+        del sessions, opened  # the calibration sessions' memory goes back before the candidates are made
+        return _Reading(augmented, augmented_reference, sites, plain.taps if plain is not None else [],
+                        reestimated, device)
+
+    def _make_candidates(self, model: onnx.ModelProto, plan: _Plan, reading: _Reading) -> dict:
+        """``{name: _Candidate}``: re-estimated (with BN), matched, and matched except the logits layer
+        (when that layer is corrected); forced, only the one asked for is matched. ``modified`` is exact:
+        a candidate that gives back the model as given says so."""
+        preprocessing = getattr(self.samples, "preprocessing", None)
+        candidates = {}
+        if plan.has_batchnorm:
+            output = copy_model(model)
+            written = write_statistics(output, reading.plain_taps, reading.reestimated, preprocessing=preprocessing)
+            if holds_statistics(model, reading.plain_taps, reading.reestimated):
+                output, written.modified = copy_model(model), False
+            candidates[REESTIMATED] = _Candidate(output, written)
+        inserted = reading.augmented.inserted
+        variants = {MATCHED: None}
+        if plan.logits is not None:
+            variants[EXCEPT_LOGITS] = inserted[plan.logits]  # its inserted BN keeps the identity
+        if self.forced:
+            variants = {name: left for name, left in variants.items() if name == self.choose}
+        given = fingerprint(model) if inserted else None  # to tell whether folded corrections changed anything
+        taps = [site.tap for site in reading.sites]
+        for name, left in variants.items():
+            output = copy_model(reading.augmented.model)
+            results = [(site.target.mean, site.target.var, site.compressed[2]) if site.tap.bn == left
+                       else (site.match.mean, site.match.var, site.compressed[2]) for site in reading.sites]
+            written = write_statistics(output, taps, results, preprocessing=preprocessing, diagnose=False)
+            written.stats = {label: entry for label, entry in written.stats.items()
+                             if label not in inserted.values()}
+            fold = None
+            if inserted:
+                fold = FoldBatchNormPass(only=set(inserted.values()), activation_pairs="keep",
+                                         keep_per_tensor=self.keep_per_tensor)(output)
+                output = fold.model
+                written.modified = fingerprint(output) != given
+            elif holds_statistics(model, taps, results):
+                output, written.modified = copy_model(model), False
+            candidates[name] = _Candidate(output, written, fold)
+        return candidates
+
+    def _score(self, run: CalibrationRun, model: onnx.ModelProto, plan: _Plan, candidates: dict) -> tuple:
+        """``(scores, seconds)``: the second reading, every candidate, the model as given and the reference
+        on every sample (:func:`~bnpass.passes.candidates.score_models`); forced, none (no reading)."""
+        if self.forced:
+            return Scores(), 0.0
+        started = time.perf_counter()
+        scores = score_models(self.reference, model, {name: made.model for name, made in candidates.items()},
+                              run.evaluation_feeds(plan.evaluation_batch), run.providers,
+                              threads=self.settings.threads, tf32=self.settings.tf32)
+        return scores, time.perf_counter() - started
+
+    def _result(self, model: onnx.ModelProto, plan: _Plan, run: CalibrationRun, reading: _Reading,
+                candidates: dict, scores: Scores, choice: Choice) -> ReferenceResult:
+        """The kept candidate, with every figure the choice and the report rest on."""
+        chosen = choice.chosen
+        kept = candidates[chosen] if chosen != GIVEN else _Candidate(copy_model(model), WrittenStatistics())
+        result = ReferenceResult(
+            model=kept.model, modified=kept.written.modified, stats=kept.written.stats,
+            warnings=candidates[REESTIMATED].written.warnings if plan.has_batchnorm else [],
+            samples=run.samples_read, batches=run.batches_read, batch_size=run.batch_size, device=reading.device,
+            chosen=chosen, why=choice.why, choice=choice, scores=scores, refused_layers=plan.refused,
+            logits=plan.logits, per_channel=kept.fold.per_channel if kept.fold is not None else [],
+            float_biases=kept.fold.float_biases if kept.fold is not None else {})
+        if scores.labels_set_aside:
+            result.warnings.append(scores.labels_set_aside)
+        label_of = {name: label for label, name in reading.augmented.inserted.items()}
+        for site in reading.sites:
+            if site.is_layer:
+                result.layers[label_of[site.tap.bn]] = LayerCorrection(site.reference, site.compressed[:2], site.match)
+            else:
+                result.reference_moments[site.tap.bn] = site.reference
+                result.compressed_moments[site.tap.bn] = site.compressed[:2]
+                result.matched[site.tap.bn] = site.match
+        for tap, (mean, var, _) in zip(reading.plain_taps, reading.reestimated):
+            result.reestimated[tap.bn] = (mean, var)
+        # Forced, nothing was chosen, so nothing could be chosen wrong; with labels, they chose.
+        warning = "" if scores.labelled or self.forced or not plan.has_batchnorm else _domain_warning(
+            reading.augmented_reference.model, [site for site in reading.sites if not site.is_layer])
+        if warning:
+            logger.warning("%s", warning)
+            result.warnings.append(warning)
+        return result
 
 
 class _Sessions:
@@ -427,12 +528,13 @@ class _Sessions:
             self.absorb(feed)
 
 
-def _domain_warning(reference: onnx.ModelProto, pairs: list, targets: list, moments: list) -> str:
+def _domain_warning(reference: onnx.ModelProto, sites: list) -> str:
     """A warning when the reference's first BNs see the calibration data unlike its training data
-    (see the module docstring), else "". ``targets`` and ``moments`` (m_o, v_o) are per pair."""
+    (see the module docstring), else "". ``sites``: the :class:`_Site` of each of the model's own BNs."""
     theirs = batchnorm_nodes(reference)
     first = first_batchnorms(reference)  # node wrappers, compared while both lists are alive
-    for (_, reference_position), (mean, var), target in zip(pairs, moments, targets):
+    for site in sites:
+        (mean, var), target, reference_position = site.reference, site.target, site.reference_position
         bn = theirs[reference_position]
         if not any(bn is node for node in first):
             continue

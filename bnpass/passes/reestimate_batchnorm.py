@@ -44,7 +44,7 @@ from .calibration_run import (
     input_batch_size,
     write_statistics,
 )
-from .candidates import GIVEN, choose, score_models
+from .candidates import GIVEN, REESTIMATED, choose, score_models
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class ReestimateBatchNormPass(Pass):
             return
         started = time.perf_counter()
         try:
-            scores = score_models(None, model, {"reestimated": result.model},
+            scores = score_models(None, model, {REESTIMATED: result.model},
                                   run.evaluation_feeds(input_batch_size(model)), run.providers,
                                   threads=self.settings.threads, tf32=self.settings.tf32)
         except DataError as error:  # labels nobody asked to choose by: set aside, never the run's end
@@ -129,7 +129,7 @@ class ReestimateBatchNormPass(Pass):
             result.warnings.append(scores.labels_set_aside)
         if not scores.labelled:
             return
-        choice = choose(scores, ["reestimated", GIVEN])
+        choice = choose(scores, [REESTIMATED, GIVEN])
         result.choice, result.scores, result.chosen, result.why = choice, scores, choice.chosen, choice.why
         if choice.chosen == GIVEN:
             result.model, result.modified = copy_model(model), False
