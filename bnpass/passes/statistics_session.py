@@ -4,27 +4,8 @@ Each run of the copy (:mod:`bnpass.calibration`) brings back, per tapped BN, the
 variance per channel and how many values they cover; :meth:`StatisticsSession.absorb` merges them
 into one :class:`~bnpass.stats.ChannelMoments` per tap, in float64. The session takes its batches
 as they come (:func:`bnpass.feeding.feed_each`): cutting them to a size and counting them is the
-calibration run's (:class:`~bnpass.passes.calibration_run.CalibrationRun`)::
-
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-    from bnpass.calibration import build_calibration_model
-    from bnpass.passes.statistics_session import StatisticsSession
-
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 3])
-    parameters = [numpy_helper.from_array(np.array(value, np.float32), name)
-                  for name, value in (("scale", [1, 1]), ("bias", [0, 0]), ("mean", [0, 0]), ("var", [1, 1]))]
-    bn = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], name="bn")
-    model = helper.make_model(helper.make_graph([bn], "g", [x], [y], parameters),
-                              opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 10
-    data = np.random.default_rng(0).standard_normal((8, 2, 3)).astype(np.float32)
-    session = StatisticsSession(build_calibration_model(model), ["CPUExecutionProvider"])
-    moments = session.collect([{"x": data[:4]}, {"x": data[4:]}])
-    mean, var = moments[0].result("pooled")
-    assert np.allclose(mean, data.mean(axis=(0, 2)), atol=1e-6) and np.allclose(var, data.var(axis=(0, 2)), atol=1e-5)
+calibration run's (:class:`~bnpass.passes.calibration_run.CalibrationRun`, whose module docstring
+shows a session at work: ``moments = session.collect(run.feeds())``).
 """
 
 from __future__ import annotations
@@ -48,7 +29,7 @@ class StatisticsSession:
     def __init__(self, calibration: CalibrationModel, providers: list, *, threads: Optional[int] = None,
                  optimize: bool = True, profile_prefix: Optional[str] = None, release_model: bool = False,
                  tf32: bool = False):
-        self.taps, self.fixed_batch = calibration.taps, calibration.fixed_batch
+        self.taps = calibration.taps
         model = calibration.model
         if release_model:
             calibration.model = None

@@ -5,32 +5,25 @@ old ones, and the result a calibrating pass returns with them.
 statistics mode asked for (a DataError where they cannot be trusted); :func:`write_statistics`
 writes them into the model's BNs, in the dtype of the tensors they replace, wherever those live
 (:class:`bnpass.rewrite.GraphEditor`), and says, once per run, what the new statistics suggest about
-the data (:mod:`bnpass.diagnostics`)::
+the data (:mod:`bnpass.diagnostics`); :mod:`bnpass.passes.calibration_run`'s example does both.
+A statistic is checked before anything is written::
 
     import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-    from bnpass.calibration import build_calibration_model
-    from bnpass.passes.statistics_session import StatisticsSession
-    from bnpass.passes.written_statistics import checked_statistics, write_statistics
+    from types import SimpleNamespace
+    from bnpass.errors import DataError
+    from bnpass.passes.written_statistics import checked_statistics
+    from bnpass.stats import ChannelMoments
 
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2, 3])
-    parameters = [numpy_helper.from_array(np.array(value, np.float32), name)
-                  for name, value in (("scale", [1, 1]), ("bias", [0, 0]), ("mean", [0, 0]), ("var", [1, 1]))]
-    bn = helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], name="bn")
-    model = helper.make_model(helper.make_graph([bn], "g", [x], [y], parameters),
-                              opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 10
-    data = 3 + np.random.default_rng(0).standard_normal((8, 2, 3)).astype(np.float32)
-    calibration = build_calibration_model(model)
-    moments = StatisticsSession(calibration, ["CPUExecutionProvider"]).collect([{"x": data}])
-    results = [checked_statistics(tap, moment, "pooled") for tap, moment in zip(calibration.taps, moments)]
-    written = write_statistics(model, calibration.taps, results)  # ``model`` changes: give it a copy
-    assert written.modified and written.stats["bn"].count == 24
-    assert np.allclose(written.stats["bn"].mean, data.mean(axis=(0, 2)), atol=1e-6)
-    stored = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
-    assert np.array_equal(stored[model.graph.node[0].input[3]], written.stats["bn"].mean.astype(np.float32))
+    moment = ChannelMoments()
+    moment.add_batch_variance(np.array([0.0, 1.0]), np.array([1.0, 4.0]), 1)  # one value per channel
+    tap = SimpleNamespace(bn="bn")  # what is read of a calibration tap here: its BN's name
+    mean, var, count = checked_statistics(tap, moment, "pooled")
+    assert count == 1 and var.tolist() == [1.0, 4.0]
+    try:
+        checked_statistics(tap, moment, "batch-mean")  # the unbiased variance of one value
+        raise AssertionError("a DataError was expected")
+    except DataError as error:
+        assert "use a larger batch size or --stats pooled" in str(error)
 """
 
 from __future__ import annotations
