@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,9 +14,10 @@ import pytest
 
 import bnpass
 from bnpass.passes import MatchReferencePass, ReestimateBatchNormPass, calibration_run
-from bnpass.runtime import CPU
+from bnpass.runtime import CPU, BatchRunner, create_session
 from builders import GraphBuilder, add_batchnorm, random_bn_params
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "reference"
 DOCUMENTED = ("bnpass.feeding", "bnpass.passes.calibration_settings", "bnpass.passes.calibration_messages",
               "bnpass.passes.written_statistics", "bnpass.passes.calibration_run")
 
@@ -75,3 +77,38 @@ def test_providers_chosen_by_the_caller_are_not_chosen_again(monkeypatch):
         assert calibrate(model).batches == 4
     with pytest.raises(AssertionError, match="chosen again for 'auto'"):
         ReestimateBatchNormPass(samples)(model)
+
+
+def test_a_runner_on_the_device_path_takes_outputs_whose_shape_follows_the_batch():
+    """Regression: the I/O bindings kept the first run's outputs and onnxruntime reused them at their shape,
+    so a scoring session (logits of shape (batch, classes)) failed on the short last batch."""
+    builder = GraphBuilder(opset=13)
+    builder.add_input("x", np.float32, ["N", 3, 5, 4])
+    add_batchnorm(builder, "x", random_bn_params((3,), np.random.default_rng(0)))
+    builder.add_output("y")
+    model = builder.build()
+    session = create_session(model, [CPU])
+    bound = BatchRunner(session, ["y"], device="cpu")
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((size, 3, 5, 4)).astype(np.float32)} for size in (8, 8, 5, 8)]
+    for feed, outputs in bound.run_all(feeds):
+        np.testing.assert_array_equal(outputs[0], session.run(["y"], feed)[0])
+
+
+def test_every_session_on_the_device_path_gives_the_same_reference_result(monkeypatch):
+    """The --reference path with every runner copying through I/O bindings (the CUDA path, run on the CPU):
+    the reference's session reads the run's batches from the copying thread; counts and model unchanged."""
+    model = onnx.load(EXAMPLE / "model_compressed.onnx")
+    data = np.random.default_rng(23).standard_normal((100, 1, 8, 8)).astype(np.float32)
+
+    def calibrate():
+        return bnpass.reestimate_batchnorms(model, data, batch_size=32, reference=EXAMPLE / "model.onnx")
+
+    plain = calibrate()
+    unbound = BatchRunner.__init__
+    monkeypatch.setattr(BatchRunner, "__init__", lambda self, session, names, device=None: unbound(
+        self, session, names, device="cpu"))
+    bound = calibrate()
+    assert (bound.samples, bound.batches, bound.scores.samples) == (plain.samples, plain.batches, 100) == (100, 4, 100)
+    assert bound.chosen == plain.chosen
+    assert bound.model.SerializeToString(deterministic=True) == plain.model.SerializeToString(deterministic=True)
