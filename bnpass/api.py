@@ -18,7 +18,7 @@ from .passes import (
     ReestimateResult,
     calibrating_pass,
 )
-from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
+from .passes.calibration_settings import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES
 from .passes.match_reference import check_reference_differs
 from .sources import open_source
 

@@ -418,8 +418,8 @@ class BatchRunner:
     bindings, each with its own input buffers on the device, used in turn: while the session runs
     one batch, a worker thread copies the next into the other buffers (the module docstring says
     why this is safe). A buffer is refilled in place while the batch shape stays the same (no
-    allocation); the outputs are bound to host memory, so what crosses back is only the small
-    tensors the caller asked for.
+    allocation); the outputs are bound to host memory, anew for every batch (their shape may follow
+    the batch's), so what crosses back is only the tensors the caller asked for.
     """
 
     SLOTS = 2
@@ -436,10 +436,7 @@ class BatchRunner:
         self._buffers: list = []   # per slot: input name -> (shape and dtype, OrtValue, host array it may share)
         if device is not None:
             for _ in range(self.SLOTS):
-                binding = session.io_binding()
-                for name in self.output_names:
-                    binding.bind_output(name, "cpu")
-                self._bindings.append(binding)
+                self._bindings.append(session.io_binding())  # outputs bound per batch (``_fill``)
                 self._buffers.append({})
 
     def run(self, feed: dict) -> list:
@@ -501,6 +498,8 @@ class BatchRunner:
                 value = ort.OrtValue.ortvalue_from_numpy(array if source is None else source, self.device, 0)
                 buffers[name] = (key, value, source)
                 binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:  # else the last run's outputs are reused, at their shape: a short last
+            binding.bind_output(name, "cpu")  # batch, or a shape that follows the data, would be refused
 
 
 def session_device(session) -> str:

@@ -15,7 +15,7 @@ import bnpass
 from bnpass import statistics_forms
 from bnpass.calibration import FORMS, build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.calibration_run import StatisticsSession
+from bnpass.passes.statistics_session import StatisticsSession
 from bnpass.runtime import CPU
 from bnpass.statistics_forms import FORM_FOR_PROVIDER
 from builders import GraphBuilder, add_batchnorm, random_bn_params
@@ -132,7 +132,7 @@ def test_every_form_matches_the_reduce_form_on_a_torch_network(form):
     for name in ("reduce", form):
         calibration = build_calibration_model(model, name)
         assert calibration.forms == [name] * 3
-        moments, _, _ = StatisticsSession(calibration, [CPU]).collect(feeds)
+        moments = StatisticsSession(calibration, [CPU]).collect(feeds)
         results[name] = [m.result("pooled") for m in moments]
     for (mean, var), (mean_ref, var_ref) in zip(results[form], results["reduce"]):
         np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=2e-6 * np.sqrt(var_ref).max())

@@ -15,8 +15,9 @@ import pytest
 
 import bnpass
 from bnpass.calibration import build_calibration_model
+from bnpass.feeding import prefetched
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.calibration_run import StatisticsSession, prefetched
+from bnpass.passes.statistics_session import StatisticsSession
 from bnpass.runtime import CPU, BatchRunner, create_session
 from builders import GraphBuilder, add_batchnorm, export_with_batchnorm_kept, random_bn_params
 
@@ -97,8 +98,7 @@ def test_onnxruntime_optimizations_leave_the_statistics_nodes_alone(tmp_path):
     results = {}
     for optimize in (True, False):
         session = StatisticsSession(calibration, [CPU], optimize=optimize)
-        moments, samples, batches = session.collect([{"input": data[:32]}, {"input": data[32:]}])
-        assert (samples, batches) == (64, 2)
+        moments = session.collect([{"input": data[:32]}, {"input": data[32:]}])
         results[optimize] = [m.result("pooled") for m in moments]
     for (mean, var), (mean_ref, var_ref) in zip(results[True], results[False]):
         np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)

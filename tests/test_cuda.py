@@ -13,7 +13,7 @@ import pytest
 import bnpass
 from bnpass.calibration import build_calibration_model
 from bnpass.passes import ReestimateBatchNormPass
-from bnpass.passes.calibration_run import StatisticsSession
+from bnpass.passes.statistics_session import StatisticsSession
 from bnpass.runtime import CPU, CUDA, BatchRunner, create_session, cuda_unavailable_reason, select_providers
 from bnpass.statistics_forms import FORM_FOR_PROVIDER
 from test_calibration_graph import torch_conv_net
@@ -36,10 +36,10 @@ def conv_batches():
 def test_cuda_statistics_are_within_1e_4_of_the_cpus(form):
     model = torch_conv_net()
     feeds = conv_batches()
-    cpu_moments, _, _ = StatisticsSession(build_calibration_model(model, "reduce"), [CPU]).collect(feeds)
+    cpu_moments = StatisticsSession(build_calibration_model(model, "reduce"), [CPU]).collect(feeds)
     session = StatisticsSession(build_calibration_model(model, form), select_providers("cuda"))
     assert session.device == "CUDA"
-    cuda_moments, _, _ = session.collect(feeds)
+    cuda_moments = session.collect(feeds)
     for cpu, cuda in zip(cpu_moments, cuda_moments):
         (mean_cpu, var_cpu), (mean_cuda, var_cuda) = cpu.result("pooled"), cuda.result("pooled")
         np.testing.assert_allclose(mean_cuda, mean_cpu, rtol=0, atol=1e-4 * np.sqrt(var_cpu).max())

@@ -14,7 +14,7 @@ import onnxruntime
 import pytest
 
 import bnpass
-from bnpass.passes import calibration_run, match_reference
+from bnpass.passes import match_reference, statistics_session
 from bnpass.runtime import NO_SPINNING
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "reference"
@@ -63,7 +63,7 @@ def test_the_calibration_sessions_are_gone_before_the_scoring_sessions_open(monk
     """Regression: the list the calibration sessions were opened into kept all three alive while every
     scoring session was open beside them."""
     alive = []
-    opened = calibration_run.StatisticsSession.__init__
+    opened = statistics_session.StatisticsSession.__init__
 
     def tracked(self, *args, **kwargs):
         opened(self, *args, **kwargs)
@@ -76,7 +76,7 @@ def test_the_calibration_sessions_are_gone_before_the_scoring_sessions_open(monk
         assert len(alive) == 3 and all(session() is None for session in alive)
         return scored(*args, **kwargs)
 
-    monkeypatch.setattr(calibration_run.StatisticsSession, "__init__", tracked)
+    monkeypatch.setattr(statistics_session.StatisticsSession, "__init__", tracked)
     monkeypatch.setattr(match_reference, "score_models", scoring)
     model = onnx.load(EXAMPLE / "model_compressed.onnx")
     result = bnpass.reestimate_batchnorms(model, _data(), batch_size=32, reference=EXAMPLE / "model.onnx")

@@ -72,8 +72,8 @@ from bnpass.calibration import FORMS, build_calibration_model  # noqa: E402
 from bnpass.data import batched, model_input_specs, planned_sample_count  # noqa: E402
 from bnpass.model_io import load_model, save_model  # noqa: E402
 from bnpass.passes import FoldBatchNormPass, ReestimateBatchNormPass  # noqa: E402
-from bnpass.passes.calibration_run import StatisticsSession  # noqa: E402
 from bnpass.passes.match_reference import MatchReferencePass  # noqa: E402
+from bnpass.passes.statistics_session import StatisticsSession  # noqa: E402
 from bnpass.runtime import BatchRunner, create_session, select_providers  # noqa: E402
 from bnpass.statistics_forms import form_for_providers  # noqa: E402
 from builders import export_with_batchnorm_kept  # noqa: E402

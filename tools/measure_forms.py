@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bnpass.calibration import FORMS, build_calibration_model  # noqa: E402
 from bnpass.data import model_input_specs  # noqa: E402
-from bnpass.passes.calibration_run import StatisticsSession  # noqa: E402
+from bnpass.passes.statistics_session import StatisticsSession  # noqa: E402
 from bnpass.runtime import CPU, select_providers  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def hard_tensor(args) -> int:
     for form in usable_forms(args):
         calibration = build_calibration_model(model, form)
         sessions[form] = StatisticsSession(calibration, providers, threads=args.threads, tf32=args.tf32)
-        moments, _, _ = sessions[form].collect([feed])  # also the warm-up
+        moments = sessions[form].collect([feed])  # also the warm-up
         mean, var = moments[0].result("pooled")
         errors[form] = (calibration.forms[0], float(np.max(np.abs(mean - mean_ref) / np.sqrt(var_ref))),
                         float(np.max(np.abs(var - var_ref) / var_ref)))
@@ -157,7 +157,7 @@ def network_agreement(args) -> int:
     def statistics_of(form, providers, tf32=False):
         calibration = build_calibration_model(model, form)
         session = StatisticsSession(calibration, providers, threads=args.threads, tf32=tf32)
-        moments, _, _ = session.collect(feeds)
+        moments = session.collect(feeds)
         return [m.result("pooled") for m in moments], session.device, collections.Counter(calibration.forms)
 
     reference, _, _ = statistics_of("reduce", [CPU])

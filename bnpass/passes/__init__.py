@@ -2,15 +2,15 @@
 contract, :mod:`bnpass.passes.base`) that returns a :class:`PassResult`; :class:`Sequential` runs several."""
 
 from .base import Pass, PassContractError, PassResult, Sequential
-from .calibration_run import BatchNormStatistics, ReestimateResult
 from .fold_batchnorm import FoldBatchNormPass, FoldResult
 from .match_reference import MatchReferencePass, ReferenceResult
 from .reestimate_batchnorm import ReestimateBatchNormPass
+from .written_statistics import BatchNormStatistics, ReestimateResult
 
 
 def calibrating_pass(samples, *, reference=None, candidate: str = "auto", keep_per_tensor: bool = False, **settings):
     """The pass that re-estimates from ``samples`` (``settings``: those of
-    :class:`~bnpass.passes.calibration_run.CalibrationSettings`): with a ``reference``, the one that
+    :class:`~bnpass.passes.calibration_settings.CalibrationSettings`): with a ``reference``, the one that
     also matches it and keeps the better ``candidate`` (``keep_per_tensor``: how its corrections fold into
     per-tensor quantized weights, as :class:`FoldBatchNormPass` takes it)."""
     if reference is not None:

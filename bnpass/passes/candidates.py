@@ -39,8 +39,8 @@ import numpy as np
 from ..agreement import AgreementMeter, LabelAccuracy, is_classifier_shaped
 from ..data import LABELS
 from ..errors import DataError
-from ..runtime import create_session
-from .calibration_run import batch_length
+from ..feeding import batch_length
+from ..runtime import BatchRunner, create_session
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
     models = {GIVEN: given, **candidates}
     names = [output.name for output in given.graph.output]
     reference_names = [output.name for output in reference.graph.output] if reference is not None else []
-    reference_session = create_session(reference, providers, **options) if reference is not None else None
-    sessions = {name: create_session(model, providers, **options) for name, model in models.items()}
+    reference_runner = BatchRunner(create_session(reference, providers, **options), reference_names) \
+        if reference is not None else None
+    runners = {name: BatchRunner(create_session(model, providers, **options), names) for name, model in models.items()}
     scores = Scores(agreement={name: AgreementMeter(names) for name in models} if reference is not None else {})
     order = [GIVEN, *candidates]  # the model as given can be a candidate too
     by_labels = {(a, b): 0 for a in order for b in order if a != b}
@@ -124,8 +125,8 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
                             f"before it {'have none' if labels is not None else 'have them'}: give labels with every "
                             "sample or with none")
         inputs = {name: array for name, array in feed.items() if name != LABELS}
-        expected = reference_session.run(reference_names, inputs) if reference_session is not None else None
-        outputs = {name: session.run(names, inputs) for name, session in sessions.items()}
+        expected = reference_runner.run(inputs) if reference_runner is not None else None
+        outputs = {name: runner.run(inputs) for name, runner in runners.items()}
         if labels is not None and usable is None:
             judged = expected if expected is not None else outputs[GIVEN]
             usable = any(is_classifier_shaped(np.asarray(output)) for output in judged)

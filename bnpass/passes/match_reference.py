@@ -62,20 +62,13 @@ from ..calibration import MatchTarget, batchnorm_nodes
 from ..data import model_input_specs, plural
 from ..diagnostics import first_batchnorms, input_shift
 from ..errors import ModelError
+from ..feeding import feed_each
 from ..graph import GraphIndex, attribute, node_label
 from ..matching import MatchedStatistics, match_statistics
 from ..model_io import as_model
 from .base import Pass, PassContractError, batchnorm_labels, copy_model, fingerprint
-from .calibration_run import (
-    CalibrationRun,
-    CalibrationSettings,
-    ReestimateResult,
-    StatisticsSession,
-    WrittenStatistics,
-    checked_statistics,
-    input_batch_size,
-    write_statistics,
-)
+from .calibration_run import CalibrationRun
+from .calibration_settings import CalibrationSettings, input_batch_size
 from .candidates import EXCEPT_LOGITS, GIVEN, MATCHED, REESTIMATED, Choice, Scores, choose, score_models
 from .correct_layers import (
     MAX_GAIN,
@@ -91,6 +84,8 @@ from .correct_layers import (
 )
 from .fold_batchnorm import FoldBatchNormPass
 from .reestimate_batchnorm import holds_statistics
+from .statistics_session import StatisticsSession
+from .written_statistics import ReestimateResult, WrittenStatistics, checked_statistics, write_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -509,9 +504,9 @@ class _Sessions:
         self.matched_moments = matched.new_moments()
         self.reference_moments = observed.new_moments()
 
-    def absorb(self, feed: dict) -> None:
-        """One batch through every session: the reference's moments feed the matched copy."""
-        observed = self.observed.runner.run(feed)
+    def absorb(self, feed: dict, observed: list) -> None:
+        """One batch through every session, given the reference's outputs (``observed``) on it: the
+        reference's moments feed the matched copy."""
         self.observed.absorb(self.reference_moments, observed)
         reference_inputs = {}
         for tap, (_, reference_position) in zip(self.matched.taps, self.pairs):
@@ -523,9 +518,9 @@ class _Sessions:
             self.plain.absorb(self.plain_moments, self.plain.runner.run(feed))
 
     def collect(self, feeds) -> None:
-        """Every batch through every session."""
-        for feed in feeds:
-            self.absorb(feed)
+        """Every batch through every session, the reference's first (the next batch copied to the device
+        while one runs)."""
+        feed_each(feeds, self.observed.runner, self.absorb)
 
 
 def _domain_warning(reference: onnx.ModelProto, sites: list) -> str:

@@ -34,17 +34,10 @@ from ..calibration import batchnorm_nodes
 from ..errors import DataError
 from ..graph import GraphIndex
 from .base import Pass, PassContractError, batchnorm_labels, copy_model
-from .calibration_run import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_SAMPLES,
-    CalibrationRun,
-    CalibrationSettings,
-    ReestimateResult,
-    checked_statistics,
-    input_batch_size,
-    write_statistics,
-)
+from .calibration_run import CalibrationRun
+from .calibration_settings import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, CalibrationSettings, input_batch_size
 from .candidates import GIVEN, REESTIMATED, choose, score_models
+from .written_statistics import ReestimateResult, checked_statistics, write_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +61,17 @@ class ReestimateBatchNormPass(Pass):
 
     ``samples`` may also have a ``sample_count`` attribute (the total available), used for the
     progress bar and the count printed before calibration. The other arguments are those of
-    :class:`~bnpass.passes.calibration_run.CalibrationSettings`.
+    :class:`~bnpass.passes.calibration_settings.CalibrationSettings`.
     """
 
     def __init__(self, samples: Iterable, *, stats: str = "pooled", batch_size: int = DEFAULT_BATCH_SIZE,
                  num_samples: int = DEFAULT_NUM_SAMPLES, device: str = "auto", progress: bool = False,
-                 threads: Optional[int] = None, tf32: bool = False, form: Optional[str] = None):
+                 threads: Optional[int] = None, tf32: bool = False, form: Optional[str] = None,
+                 providers: Optional[list] = None):
         self.samples = samples
         self.settings = CalibrationSettings(stats=stats, batch_size=batch_size, num_samples=num_samples,
-                                            device=device, progress=progress, threads=threads, tf32=tf32, form=form)
+                                            device=device, progress=progress, threads=threads, tf32=tf32, form=form,
+                                            providers=providers)
 
     def call(self, model: onnx.ModelProto) -> ReestimateResult:
         started = time.perf_counter()
@@ -85,7 +80,7 @@ class ReestimateBatchNormPass(Pass):
         run = CalibrationRun(self.samples, self.settings)
         calibration = run.copy(model)  # reads ``model``, never changes it
         session, = run.open([calibration])
-        moments, _, _ = session.collect(run.feeds())
+        moments = session.collect(run.feeds())
         device = session.device
         del session  # the session's memory goes back before the output model is made
         results = [checked_statistics(tap, moment, self.settings.stats)
