@@ -272,10 +272,8 @@ def _check_request(args, num_samples: int, image_options: ImageOptions) -> None:
     if args.loader and shuffling:
         raise UsageError(f"{' and '.join(shuffling)} {plural(len(shuffling), 'applies', 'apply', counted=False)} "
                          "to --data folders; a --loader decides its own order")
-    image_flags = image_options.given()
-    if args.loader and image_flags:
-        raise UsageError(f"{', '.join(image_flags)} {plural(len(image_flags), 'applies', 'apply', counted=False)} "
-                         "to image files; a --loader prepares its own samples")
+    if args.loader and image_options.given():
+        raise UsageError(image_options.refused("a --loader prepares its own samples"))
     reestimating = _reestimating(args, num_samples)
     if args.reference and args.fold_only:
         raise UsageError("--reference needs re-estimated statistics: drop --fold-only")
