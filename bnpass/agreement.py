@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .data import as_class_indices
 from .errors import DataError
 
 
@@ -164,10 +165,7 @@ class LabelAccuracy:
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != output.shape[0]:
             raise DataError(f"batch {batch}: {labels.shape[0]} labels for {output.shape[0]} samples")
-        if not np.issubdtype(labels.dtype, np.integer):
-            if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
-                raise DataError(f"batch {batch}: labels must be class indices (integers), got {labels.dtype}")
-            labels = labels.astype(np.int64)
+        labels = as_class_indices(labels, f"batch {batch}")
         classes = output.shape[1] if output.ndim == 2 else None
         outside = labels[(labels < 0) | (labels >= classes)] if classes is not None else labels[labels < 0]
         if outside.size:

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import LABELS, class_indices, finite, fit_array, input_keys, label_key
+from .data import LABELS, class_indices, finite, fit_array, input_keys, label_key, python_objects_error
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ def _refuse_objects(path: str) -> None:
         header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                   else np.lib.format.read_array_header_2_0)(stream)
     if header[2].hasobject:
-        raise DataError(f"{path}: holds Python objects (dtype object), not numbers; bnpass never unpickles "
-                        "data: save a numeric array")
+        raise python_objects_error(path)
 
 
 def _read_archive_array(archive, name: str, path: str) -> np.ndarray:
@@ -183,8 +182,7 @@ def _read_archive_array(archive, name: str, path: str) -> np.ndarray:
         return archive[name]
     except ValueError as error:
         if "allow_pickle" in str(error):
-            raise DataError(f"{path}: array '{name}' holds Python objects (dtype object), not numbers; bnpass "
-                            "never unpickles data: save a numeric array") from None
+            raise python_objects_error(path, name) from None
         raise
 
 

@@ -15,9 +15,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
+
+import onnx
 
 from .calibration import batchnorm_nodes
-from .config import check_sample_sizes, read_nncf_config
+from .config import NncfSettings, check_sample_sizes, read_nncf_config
 from .data import batched, model_input_specs, plural
 from .errors import INTERRUPTED, BnpassError, RuntimeUnavailableError, UsageError
 from .graph import node_label
@@ -25,7 +29,7 @@ from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .loaders import LoaderSource
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
-from .passes import FoldBatchNormPass, Sequential, calibrating_pass
+from .passes import FoldBatchNormPass, FoldResult, ReestimateResult, Sequential, calibrating_pass
 from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
 from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
@@ -255,7 +259,7 @@ def _reestimating(args, num_samples: int) -> bool:
     return not args.fold_only and num_samples > 0
 
 
-def _check_request(args, num_samples: int) -> None:
+def _check_request(args, num_samples: int, image_options: ImageOptions) -> None:
     """The options must make sense together: a UsageError (exit 2) where they do not."""
     has_data = bool(args.data or args.loader)
     if not args.fold_only and num_samples > 0 and not has_data:
@@ -268,10 +272,8 @@ def _check_request(args, num_samples: int) -> None:
     if args.loader and shuffling:
         raise UsageError(f"{' and '.join(shuffling)} {plural(len(shuffling), 'applies', 'apply', counted=False)} "
                          "to --data folders; a --loader decides its own order")
-    image_flags = _image_options(args).given()
-    if args.loader and image_flags:
-        raise UsageError(f"{', '.join(image_flags)} {plural(len(image_flags), 'applies', 'apply', counted=False)} "
-                         "to image files; a --loader prepares its own samples")
+    if args.loader and image_options.given():
+        raise UsageError(image_options.refused("a --loader prepares its own samples"))
     reestimating = _reestimating(args, num_samples)
     if args.reference and args.fold_only:
         raise UsageError("--reference needs re-estimated statistics: drop --fold-only")
@@ -298,91 +300,174 @@ def _providers(args) -> list:
         raise BnpassError(f"--device {error.device}: {error.reason}") from None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What the command line asks for, settled and checked before any model or data is read."""
+
+    settings: Optional[NncfSettings]  # the --config file's, or None
+    num_samples: int
+    reestimating: bool
+    image_options: ImageOptions  # from the image flags, built once
+    providers: Optional[list]  # onnxruntime's, where anything runs; None where nothing does
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the run read and checked: nothing is calibrated or written before all of it passes."""
+
+    model: onnx.ModelProto
+    external_files: list
+    reference: Optional[onnx.ModelProto]
+    reference_files: list
+    samples: object  # the calibration samples, or None where nothing runs
+    batchnorms: list  # the labels of the model's BatchNormalization nodes
+    writes_external: bool  # whether the output goes with an external data file
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the passes made of the model."""
+
+    reestimate: Optional[ReestimateResult]  # None where statistics were not re-estimated
+    fold: Optional[FoldResult]  # None where nothing was to be folded
+    model: onnx.ModelProto  # the model to write
+    unfolded: onnx.ModelProto  # the model before folding (--verify's baseline)
+
+
 def run(args) -> int:
+    """The command line's recipe: each step checks what it can before the next one costs anything."""
     started = time.perf_counter()
+    request = _settle_request(args)
+    inputs = _read_inputs(args, request)
+    outcome = _run_passes(args, request, inputs)
+    difference = _verify(args, request, inputs, outcome)
+    _record_provenance(args, inputs, outcome)
+    seconds = time.perf_counter() - started
+    plot = _draw_plot(args, inputs.model, outcome.reestimate)
+    _write_files(args, inputs, outcome, difference, plot, seconds)
+    if not args.quiet:
+        _print_summary(args, inputs, outcome, difference, plot is not None, seconds)
+    return 0
+
+
+def _settle_request(args) -> _Request:
+    """The command line checked as far as it can be before reading a model: paths, options, the device."""
     _check_output_paths(args)
     settings = read_nncf_config(args.config) if args.config else None
     num_samples = _num_samples(args, settings)
-    _check_request(args, num_samples)
+    image_options = _image_options(args)
+    _check_request(args, num_samples, image_options)
     reestimating = _reestimating(args, num_samples)
     providers = _providers(args) if reestimating or args.verify else None  # a missing CUDA fails fast
+    return _Request(settings, num_samples, reestimating, image_options, providers)
+
+
+def _read_inputs(args, request: _Request) -> _Inputs:
+    """The models, the config's shapes and the data read and checked; no file read is one written."""
     if args.reference and same_file(args.input, args.reference):
         raise BnpassError(f"--reference '{args.reference}' is the input model: give the uncompressed model, from "
                           "before compression")
     model, external_files = read_model(args.input)
     reference, reference_files = read_model(args.reference) if args.reference else (None, [])
     specs = model_input_specs(model)
-    if settings is not None:
-        check_sample_sizes(settings, specs, args.config)
-    samples = _samples(args, specs) if reestimating or args.verify else None  # a folder is checked here
+    if request.settings is not None:
+        check_sample_sizes(request.settings, specs, args.config)
+    runs = request.reestimating or args.verify
+    samples = _samples(args, specs, request.image_options) if runs else None  # a folder is checked here
     writes_external = bool(external_files) or exceeds_protobuf_limit(model)
     check_separate(_reads(args, external_files, reference_files, samples), _writes(args, writes_external))
     if reference is not None:
         check_reference_differs(model, reference)
-    bn_names = [node_label(node) for node in batchnorm_nodes(model)]
-    if not bn_names and reference is None:
+    batchnorms = [node_label(node) for node in batchnorm_nodes(model)]
+    if not batchnorms and reference is None:
         logger.warning("%s", no_batchnorm_notice(model, args.input))
+    return _Inputs(model, external_files, reference, reference_files, samples, batchnorms, writes_external)
 
+
+def _run_passes(args, request: _Request, inputs: _Inputs) -> _Outcome:
+    """Re-estimate (or match the reference) where there is something to calibrate, then fold."""
     calibrate = folding = None
-    if (bn_names or reference is not None) and reestimating:
-        calibrate = calibrating_pass(samples, reference=reference, candidate=args.candidate,
+    if (inputs.batchnorms or inputs.reference is not None) and request.reestimating:
+        calibrate = calibrating_pass(inputs.samples, reference=inputs.reference, candidate=args.candidate,
                                      keep_per_tensor=args.keep_per_tensor, stats=args.stats,
-                                     batch_size=args.batch_size, num_samples=num_samples, device=args.device,
+                                     batch_size=args.batch_size, num_samples=request.num_samples, device=args.device,
                                      progress=not args.quiet, threads=args.threads, tf32=args.tf32)
-    if bn_names and not args.no_fold:
+    if inputs.batchnorms and not args.no_fold:
         folding = FoldBatchNormPass(keep_per_tensor=args.keep_per_tensor)
-    done = Sequential(*(pass_ for pass_ in (calibrate, folding) if pass_ is not None))(model)
-    reestimate, fold, result = done.result_of(calibrate), done.result_of(folding), done.model
-    unfolded = reestimate.model if reestimate is not None else model
+    done = Sequential(*(pass_ for pass_ in (calibrate, folding) if pass_ is not None))(inputs.model)
+    reestimate = done.result_of(calibrate)
+    unfolded = reestimate.model if reestimate is not None else inputs.model
+    return _Outcome(reestimate, done.result_of(folding), done.model, unfolded)
 
-    difference = None
-    if args.verify and fold is not None and fold.folded:
-        batch_size = reestimate.batch_size if reestimate else args.batch_size
-        count = min(VERIFY_BATCHES, reestimate.batches) if reestimate else VERIFY_BATCHES
-        bar = progress_bar(count, not args.quiet, "verifying")
-        try:
-            difference = compare_models(unfolded, result, _first_batches(samples, batch_size, model, count),
-                                        providers, progress=bar, tf32=args.tf32)
-        finally:
-            bar.close()
 
+def _verify(args, request: _Request, inputs: _Inputs, outcome: _Outcome):
+    """``--verify``: the unfolded and the folded model compared on the first calibration batches (no more
+    than calibration used); None where that was not asked or nothing was folded."""
+    reestimate, fold = outcome.reestimate, outcome.fold
+    if not (args.verify and fold is not None and fold.folded):
+        return None
+    batch_size = reestimate.batch_size if reestimate else args.batch_size
+    count = min(VERIFY_BATCHES, reestimate.batches) if reestimate else VERIFY_BATCHES
+    bar = progress_bar(count, not args.quiet, "verifying")
+    try:
+        batches = _first_batches(inputs.samples, batch_size, inputs.model, count)
+        return compare_models(outcome.unfolded, outcome.model, batches, request.providers, progress=bar, tf32=args.tf32)
+    finally:
+        bar.close()
+
+
+def _record_provenance(args, inputs: _Inputs, outcome: _Outcome) -> None:
+    """A changed model says in its metadata what bnpass did to it."""
+    reestimate, fold = outcome.reestimate, outcome.fold
     if (reestimate is not None and reestimate.modified) or (fold is not None and fold.modified):
-        set_metadata(result, provenance(reestimate, fold, stats=args.stats, batchnorms=len(bn_names),
-                                        reference_path=args.reference))
-    seconds = time.perf_counter() - started
-    plot = None
-    drifts = batchnorm_drifts(model, reestimate) if args.plot and reestimate is not None else []
+        set_metadata(outcome.model, provenance(reestimate, fold, stats=args.stats, batchnorms=len(inputs.batchnorms),
+                                               reference_path=args.reference))
+
+
+def _draw_plot(args, model: onnx.ModelProto, reestimate) -> Optional[bytes]:
+    """``--plot``'s picture: the BNs' statistics before and after, else the corrected layers' outputs; None
+    (with a warning) where there is nothing to draw."""
+    if not args.plot:
+        return None
+    drifts = batchnorm_drifts(model, reestimate) if reestimate is not None else []
     if drifts:
-        plot = render_drift(drifts, plot_format(args.plot), title=drift_title(reestimate))
-    elif args.plot and getattr(reestimate, "layers", None):  # no BN: the corrected layers' outputs
-        plot = render_drift(layer_drifts(reestimate), plot_format(args.plot), title=layer_drift_title(reestimate),
+        return render_drift(drifts, plot_format(args.plot), title=drift_title(reestimate))
+    if getattr(reestimate, "layers", None):  # no BN: the corrected layers' outputs
+        return render_drift(layer_drifts(reestimate), plot_format(args.plot), title=layer_drift_title(reestimate),
                             legends=LAYER_SERIES, subject="layers without BatchNormalization")
-    elif args.plot:
-        logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
-    # Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing.
+    logger.warning("no plot drawn: the model has no BatchNormalization statistics to show")
+    return None
+
+
+def _write_files(args, inputs: _Inputs, outcome: _Outcome, difference, plot: Optional[bytes],
+                 seconds: float) -> None:
+    """Every file under a temporary name first, all renamed once all are written: exit 1 writes nothing."""
     with StagedFiles() as staged:
         # The written model is checked (onnx.checker, full): a failure there is a bug in bnpass.
-        staged.write_model(result, args.output, external_data=bool(external_files), what="the output")
+        staged.write_model(outcome.model, args.output, external_data=bool(inputs.external_files), what="the output")
         if args.report:
             staged.write_bytes(args.report, run_report(
-                model, reestimate, fold, difference, input_path=args.input, output_path=args.output, stats=args.stats,
-                seconds=seconds, reference_path=args.reference), what="the report")
+                inputs.model, outcome.reestimate, outcome.fold, difference, input_path=args.input,
+                output_path=args.output, stats=args.stats, seconds=seconds, reference_path=args.reference),
+                what="the report")
         if plot is not None:
             staged.write_bytes(args.plot, plot, what="the plot")
         staged.commit()
 
-    if not args.quiet:
-        for line in summary_lines(bn_names, reestimate, fold, args.stats, verbose=args.verbose):
-            print(line)
-        if args.verify and fold is not None and not fold.folded:
-            print("verify: nothing was folded, so the output computes exactly what the unfolded model does")
-        if difference is not None:
-            print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
-                  f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
-        external = writes_external and os.path.exists(args.output + ".data")
-        print(f"wrote {_written(args, external, plot is not None)} in {seconds:.1f} s"
-              + closing_note(bn_names, reestimate, fold))
-    return 0
+
+def _print_summary(args, inputs: _Inputs, outcome: _Outcome, difference, plotted: bool, seconds: float) -> None:
+    """What was done, on stdout: the summary lines, --verify's figures, the files written."""
+    reestimate, fold = outcome.reestimate, outcome.fold
+    for line in summary_lines(inputs.batchnorms, reestimate, fold, args.stats, verbose=args.verbose):
+        print(line)
+    if args.verify and fold is not None and not fold.folded:
+        print("verify: nothing was folded, so the output computes exactly what the unfolded model does")
+    if difference is not None:
+        print(f"verify: folded vs unfolded on {difference.batches} batches: max abs difference "
+              f"{difference.max_abs:.3g}, max relative {difference.max_rel:.3g}")
+    external = inputs.writes_external and os.path.exists(args.output + ".data")
+    print(f"wrote {_written(args, external, plotted)} in {seconds:.1f} s"
+          + closing_note(inputs.batchnorms, reestimate, fold))
 
 
 def _written(args, external: bool, plotted: bool) -> str:
@@ -434,13 +519,13 @@ def _num_samples(args, settings) -> int:
     return DEFAULT_NUM_SAMPLES
 
 
-def _samples(args, specs: list):
+def _samples(args, specs: list, image_options: ImageOptions):
     if args.loader:
         return LoaderSource(args.loader, specs)
     if not args.data:
         return None
     try:
-        samples = open_source(args.data, specs, _image_options(args), shuffle=args.shuffle or args.seed is not None,
+        samples = open_source(args.data, specs, image_options, shuffle=args.shuffle or args.seed is not None,
                               seed=args.seed or 0)
     except ImageOptionsNotApplicable as error:  # flags that do not go with these data: a bad command line
         raise UsageError(str(error)) from None

@@ -6,9 +6,9 @@ The sources: :mod:`bnpass.arrays` (``.npy``/``.npz`` files), :mod:`bnpass.images
 :mod:`bnpass.loaders` (Python loaders, iterables, ``CalibrationDataReader``), opened by
 :mod:`bnpass.sources`. Every array is checked by :func:`fit_array`: floating-point arrays are cast
 to the input's floating-point type (numpy writes float64 by default); any other dtype mismatch is an
-error, and so is an array of Python objects (bnpass never unpickles). Samples are batched in order
-(:func:`batched`); samples of different shapes (models with dynamic spatial dimensions) never share
-a batch.
+error, and so is an array of Python objects (bnpass never unpickles: :func:`python_objects_error`).
+Labels are class indices (:func:`are_class_indices`). Samples are batched in order (:func:`batched`);
+samples of different shapes (models with dynamic spatial dimensions) never share a batch.
 """
 
 from __future__ import annotations
@@ -95,10 +95,33 @@ def label_key(keys, taken) -> Optional[str]:
     return next((name for name in LABEL_NAMES if name in keys and name not in taken), None)
 
 
+def are_class_indices(labels: np.ndarray) -> bool:
+    """The one rule for labels: class indices are whole numbers, integers or floats with integer values
+    (``3.0``, as a float tensor of targets holds them)."""
+    return bool(np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))))
+
+
 def class_indices(labels: np.ndarray, count: int) -> bool:
-    """Whether ``labels`` hold one class index per sample (integers, or floats with integer values)."""
-    return labels.size == count and (np.issubdtype(labels.dtype, np.integer) or (
-        np.issubdtype(labels.dtype, np.floating) and bool(np.all(labels == np.round(labels)))))
+    """Whether ``labels`` hold one class index per sample (:func:`are_class_indices`)."""
+    return labels.size == count and are_class_indices(labels)
+
+
+def as_class_indices(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels`` as integers, or a DataError naming ``where`` when they are no class indices."""
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    if not are_class_indices(labels):
+        raise DataError(f"{where}: labels must be class indices (integers), got {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def python_objects_error(where: str, array: Optional[str] = None) -> DataError:
+    """The error for data that hold Python objects (pickles) in the file or batch ``where`` (in its array
+    named ``array``, where it has named arrays): bnpass never unpickles."""
+    subject = f"{where}: array '{array}'" if array is not None else f"{where}:"
+    return DataError(f"{subject} holds Python objects (dtype object), not numbers; bnpass never unpickles data: "
+                     "save a numeric array")
 
 
 def planned_sample_count(num_samples: int, batch_size: int) -> int:
@@ -125,8 +148,7 @@ def plural(count: int, noun: str, many: Optional[str] = None, *, counted: bool =
 def fit_array(array: np.ndarray, spec: InputSpec, where: str) -> tuple:
     """Check ``array`` against ``spec``; return (is_batch, target dtype) or raise DataError."""
     if array.dtype.hasobject:
-        raise DataError(f"{where}: holds Python objects (dtype object), not numbers; bnpass never unpickles "
-                        "data: save a numeric array")
+        raise python_objects_error(where)
     rank = len(spec.shape)
     if array.ndim == rank:
         is_batch, sample_shape = True, array.shape[1:]

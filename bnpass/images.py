@@ -62,6 +62,12 @@ class ImageOptions:
                  ("--layout", self.layout is not None)]
         return [flag for flag, set_ in flags if set_]
 
+    def refused(self, why: str) -> str:
+        """``--mean, --std apply to image files; <why>``: what is said where these options were given
+        for data that are not image files."""
+        given = self.given()
+        return f"{', '.join(given)} {plural(len(given), 'applies', 'apply', counted=False)} to image files; {why}"
+
 
 @dataclass(frozen=True)
 class Preprocessing:

@@ -52,8 +52,8 @@ class IterableSource:
 
 def _labels_of(item, count: int, dict_labels: Optional[str]) -> Optional[np.ndarray]:
     """The labels of an ``(inputs, labels...)`` item, or of a dict batch under ``dict_labels`` (one of
-    :data:`bnpass.data.LABEL_NAMES`): one class index (an integer, or a float with an integer value) per
-    sample, or None where the item carries none (targets of another kind, such as one-hot rows, masks
+    :data:`bnpass.data.LABEL_NAMES`): one class index per sample (:func:`bnpass.data.class_indices`), or
+    None where the item carries none (targets of another kind, such as one-hot rows, masks
     or real-valued targets, are ignored)."""
     if isinstance(item, (tuple, list)) and len(item) >= 2:
         value = item[1]

@@ -79,8 +79,5 @@ def open_folder(folder, specs: list, image_options=None, *, shuffle: bool = Fals
 
 def _refuse_image_options(image_options, where: str) -> None:
     """Image options given for arrays are a mistake: arrays are fed as they are."""
-    given = image_options.given() if image_options is not None else []
-    if given:
-        raise ImageOptionsNotApplicable(f"{', '.join(given)} {plural(len(given), 'applies', 'apply', counted=False)} "
-                                        "to image files; "
-                        f"'{where}' holds arrays (.npy/.npz), fed as they are")
+    if image_options is not None and image_options.given():
+        raise ImageOptionsNotApplicable(image_options.refused(f"'{where}' holds arrays (.npy/.npz), fed as they are"))

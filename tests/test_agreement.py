@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bnpass.agreement import AgreementMeter, OutputAgreement, format_agreement
+from bnpass.agreement import AgreementMeter, LabelAccuracy, OutputAgreement, format_agreement
+from bnpass.errors import DataError
 from bnpass.passes.candidates import mcnemar_p_value
 
 
@@ -129,3 +130,13 @@ def test_mcnemar_p_value_is_the_two_sided_binomial_tail(for_a, for_b, expected):
     """Hand-computed: under the null each discordant sample favours either side with probability 1/2."""
     assert mcnemar_p_value(for_a, for_b) == pytest.approx(expected, rel=1e-12)
     assert mcnemar_p_value(for_b, for_a) == pytest.approx(expected, rel=1e-12)
+
+
+def test_label_accuracy_takes_whole_number_labels_and_names_the_batch_of_others():
+    """The labels rule is bnpass.data.are_class_indices: 2.0 is class 2; 0.5 is a DataError naming the batch."""
+    scores = np.eye(3, dtype=np.float32)  # sample i predicts class i
+    meter = LabelAccuracy()
+    hits = meter.add([scores], np.array([0.0, 1.0, 0.0]), batch=0)
+    assert hits.tolist() == [True, True, False] and meter.correct == 2 and meter.label_counts == {0: 2, 1: 1}
+    with pytest.raises(DataError, match=r"^batch 7: labels must be class indices \(integers\), got float64$"):
+        LabelAccuracy().add([scores], np.array([0.5, 1.0, 2.0]), batch=7)

@@ -15,6 +15,7 @@ from bnpass import arrays, images
 from bnpass.cli import main
 from bnpass.config import read_nncf_config
 from bnpass.data import LABELS, model_input_specs
+from bnpass.loaders import IterableSource
 from bnpass.sources import open_folder
 from builders import GraphBuilder, add_batchnorm, build_conv_bn_relu_chain_model, random_bn_params
 
@@ -526,3 +527,13 @@ def test_api_image_options_for_arrays_are_an_error(tmp_path):
     for data in (tmp_path / "a.npy", [np.zeros((4, 4, 6, 6), np.float32)]):
         with pytest.raises(bnpass.DataError, match=r"\(--mean, --std\)|--mean, --std apply"):
             bnpass.calibration_samples(model, data, options)
+
+
+def test_python_objects_are_refused_in_one_sentence():
+    """The same sentence wherever data hold Python objects (bnpass.data.python_objects_error), down to the fix."""
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros((3, 4, 4)), np.zeros((3, 4, 5))
+    with pytest.raises(bnpass.DataError) as refused:
+        list(IterableSource([ragged], model_input_specs(input_bn_model(["N", 3, 4, 4]))))
+    assert str(refused.value) == ("batch 0: holds Python objects (dtype object), not numbers; bnpass never unpickles "
+                                  "data: save a numeric array")
