@@ -24,13 +24,14 @@ from .calibration import batchnorm_nodes
 from .config import NncfSettings, check_sample_sizes, read_nncf_config
 from .data import batched, model_input_specs, plural
 from .errors import INTERRUPTED, BnpassError, RuntimeUnavailableError, UsageError
+from .feeding import batches_of
 from .graph import node_label
 from .images import COLORS, LAYOUTS, ImageFolder, ImageOptions
 from .images import describe as describe_images
 from .loaders import LoaderSource
 from .model_io import StagedFiles, exceeds_protobuf_limit, read_model, set_metadata
 from .passes import FoldBatchNormPass, FoldResult, ReestimateResult, Sequential, calibrating_pass
-from .passes.calibration_run import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, batches_of, input_batch_size
+from .passes.calibration_settings import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, input_batch_size
 from .passes.match_reference import CHOICES, check_reference_differs
 from .paths import check_separate, same_file
 from .plot import LAYER_SERIES, plot_format, render_drift, require_matplotlib
@@ -391,7 +392,8 @@ def _run_passes(args, request: _Request, inputs: _Inputs) -> _Outcome:
         calibrate = calibrating_pass(inputs.samples, reference=inputs.reference, candidate=args.candidate,
                                      keep_per_tensor=args.keep_per_tensor, stats=args.stats,
                                      batch_size=args.batch_size, num_samples=request.num_samples, device=args.device,
-                                     progress=not args.quiet, threads=args.threads, tf32=args.tf32)
+                                     progress=not args.quiet, threads=args.threads, tf32=args.tf32,
+                                     providers=request.providers)
     if inputs.batchnorms and not args.no_fold:
         folding = FoldBatchNormPass(keep_per_tensor=args.keep_per_tensor)
     done = Sequential(*(pass_ for pass_ in (calibrate, folding) if pass_ is not None))(inputs.model)

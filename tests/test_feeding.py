@@ -79,6 +79,20 @@ def test_providers_chosen_by_the_caller_are_not_chosen_again(monkeypatch):
         ReestimateBatchNormPass(samples)(model)
 
 
+def test_the_command_line_chooses_the_providers_once(monkeypatch, tmp_path):
+    """The CLI chooses them before reading anything and hands them to the pass, which does not choose again."""
+    from bnpass import cli
+
+    choices = []
+    monkeypatch.setattr(cli, "select_providers", lambda device: choices.append(device) or [CPU])
+    monkeypatch.setattr(calibration_run, "select_providers", lambda device: choices.append(device) or [CPU])
+    onnx.save(fixed_batch_model(0), tmp_path / "m.onnx")
+    np.save(tmp_path / "data.npy", np.random.default_rng(1).standard_normal((16, 3, 5, 4)).astype(np.float32))
+    assert cli.main([str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--data", str(tmp_path / "data.npy"),
+                     "--verify", "-q"]) == 0
+    assert choices == ["auto"]
+
+
 def test_a_runner_on_the_device_path_takes_outputs_whose_shape_follows_the_batch():
     """Regression: the I/O bindings kept the first run's outputs and onnxruntime reused them at their shape,
     so a scoring session (logits of shape (batch, classes)) failed on the short last batch."""

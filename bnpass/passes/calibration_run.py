@@ -60,14 +60,7 @@ from ..progress import progress_bar
 from ..runtime import select_providers
 from ..statistics_forms import form_for_providers
 from .calibration_messages import announce_calibration
-from .calibration_settings import (  # noqa: F401  DEFAULT_*, input_batch_size: re-exported for bnpass/cli.py
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_NUM_SAMPLES,
-    CalibrationSettings,
-    common_batch_size,
-    expected_samples,
-    input_batch_size,
-)
+from .calibration_settings import CalibrationSettings, common_batch_size, expected_samples
 from .statistics_session import StatisticsSession
 
 logger = logging.getLogger(__name__)
