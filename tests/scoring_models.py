@@ -79,3 +79,35 @@ def differing_outputs(expected: dict, got: dict) -> list:
                        if want.shape == have.shape else float("inf"))
                 differ.append((name, position, gap))
     return differ
+
+
+def compressed_copy(model: onnx.ModelProto, levels: int = 7) -> onnx.ModelProto:
+    """A copy with every weight of rank >= 2 rounded to ``2 * levels + 1`` steps per tensor (a crude
+    int4-like compression): a model that shares no weight with ``model``, its BNs untouched."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        if array.ndim >= 2 and array.dtype.kind == "f":
+            step = float(np.abs(array).max()) / levels or 1.0
+            tensor.CopyFrom(onnx.numpy_helper.from_array((np.round(array / step) * step).astype(array.dtype),
+                                                         tensor.name))
+    return copy
+
+
+def bench_network(name: str, size: int) -> onnx.ModelProto:
+    """tools/bench.py's generated network ``name`` at ``size`` x ``size`` pixels, exported with its BNs."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench import build_network, export_network
+
+    net, shape = build_network(name, size)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "network.onnx"
+        export_network(net, shape, path)
+        model = onnx.load(path)
+    model.ir_version = 10
+    return model

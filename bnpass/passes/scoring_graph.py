@@ -275,7 +275,7 @@ class _Numbering:
                 seen[key] = occurrence + 1
                 number = self._intern(("node", key, occurrence))
                 self.untagged[number] = self._intern(("untagged", key[:2]))
-                self.tag_of[number] = tag
+                self.tag_of[number] = None if _random(node) else tag  # onnxruntime merges no random node
                 self.op_of[number] = (node.op_type if node.domain in DEFAULT_DOMAINS + QUANTIZATION_DOMAINS
                                       else f"{node.domain}:{node.op_type}")
                 numbers.append(number)
