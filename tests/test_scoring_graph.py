@@ -250,3 +250,19 @@ def test_functions_refused():
         helper.make_node("Add", ["a", "a"], ["b"])], [helper.make_opsetid("", 13)]))
     with pytest.raises(MergeRefused, match="local functions"):
         merge_models({"a": model, "b": with_function})
+
+
+def relu_then(op_type: str) -> onnx.ModelProto:
+    builder = GraphBuilder(opset=13)
+    builder.add_input("x", np.float32, (2, 3))
+    builder.add_node("Relu", ["x"], ["r"], name="relu")
+    builder.add_node(op_type, ["r"], ["y"], name="after")
+    builder.add_output("y")
+    return builder.build()
+
+
+def test_copies_onnxruntime_would_merge_back_refused():
+    """Relu(x) used differently by two models must be copied, but onnxruntime's own subexpression
+    elimination would merge the two copies again (they read the same tensor): refused, with why."""
+    with pytest.raises(MergeRefused, match="onnxruntime would compute it once"):
+        merge_models({"a": relu_then("Neg"), "b": relu_then("Exp")})

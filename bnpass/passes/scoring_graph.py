@@ -18,21 +18,30 @@ another), so each model keeps its own structure, and nodes of random operators a
 **Exact, not close.** The merged model's outputs are bit for bit those of each model in its own
 session, made with the same options, because onnxruntime sees around every node of a model what it
 sees in that model alone. Its fusions (Conv + BatchNormalization folded into the weights, Conv + Add
-+ Relu, MatMul + Add into Gemm, DequantizeLinear -> op -> QuantizeLinear into a quantized kernel)
-each take a node with its consumer only when that consumer is the node's only one, so a shared node
-whose output feeds different consumers in different models (the first Conv of two candidates that
-differ in the BN after it) would lose a fusion that the separate sessions make, and compute in
-another order. Such a node is therefore copied per model (partition refinement until no shared
-node's consumers differ between the models that share it) unless its op is in
-:data:`BRANCHES_EXACTLY`: an op after which the models measured (the bench networks and the
-examples, tests/test_scoring_graph.py) branch with bit-identical outputs. Graph inputs and
-initializers may always feed different consumers. A node some model reads as a graph output is
-shared only where it is a graph output of every model sharing it.
++ Relu, MatMul + Add into Gemm, an int8 QuantizeLinear -> DequantizeLinear pair made uint8 for the
+x86 kernels) each take a node together with its consumer only where that consumer is its only one.
+A shared node whose output feeds different consumers in different models (the first Conv of two
+candidates that differ in the BN after it) would lose such a fusion and compute in another order:
+measured, MobileNet's logits moved by up to 3e-5, an int8 QDQ model's by whole quantization steps.
+So such a node is copied per model (partition refinement, until no shared node's consumers differ
+between the models sharing it), unless :data:`BRANCHES_EXACTLY` lets its op feed those consumers:
+pairs after which the models measured branch with bit-identical outputs (the bench networks and
+every example, tests/test_scoring_graph.py), such as the ReduceMean before the logits layer. Graph
+inputs and initializers may always feed different consumers; a tensor one model reads as a graph
+output is shared only with models that read it as one too.
+
+**Copies kept apart.** onnxruntime runs its own common subexpression elimination on the merged model
+(after sharing single-value float and int32/int64 initializers by value), which would merge the
+copies back: a node copied per model reads its own copy of its smallest other initializer; a node
+without one makes the nodes it reads copied too, and one that reads only graph inputs and such
+constants (``Relu(input)`` in two models that use it differently) cannot be kept apart: refused.
 
 **Refused** (:class:`MergeRefused`, the caller runs separate sessions instead): models with other
-inputs (name, element type, rank, fixed dims), another default-domain opset or another version of
-any domain, subgraphs (If, Loop, Scan), model-local functions, sparse initializers, tensors stored
-outside the model (external data), or nodes out of topological order.
+inputs (name, element type, rank, fixed dims), another version of an operator set, subgraphs (If,
+Loop, Scan: refused rather than renaming what they read from the outer graph), model-local
+functions, sparse initializers, tensors stored outside the model (external data: merge models loaded
+in memory), or nodes out of topological order. ``value_info`` is kept, renamed with its tensor; the
+IR version is the highest of the models'.
 """
 
 from __future__ import annotations
@@ -136,7 +145,7 @@ def _check_mergeable(name: str, model: onnx.ModelProto) -> None:
 
 def _common_opsets(models: dict) -> dict:
     """``{domain: version}`` over all models ("" for the default domain); refused where they differ."""
-    versions, first = {}, None
+    versions = {}
     for name, model in models.items():
         for entry in model.opset_import:
             domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
@@ -144,7 +153,6 @@ def _common_opsets(models: dict) -> dict:
                 raise MergeRefused(f"model '{name}' imports {domain or 'the default domain'} version {entry.version}, "
                                    f"model '{versions[domain][1]}' version {versions[domain][0]}")
             versions.setdefault(domain, (entry.version, name))
-        first = first or name
     return {domain: version for domain, (version, _) in versions.items()}
 
 
