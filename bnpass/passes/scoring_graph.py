@@ -4,7 +4,11 @@
 (:mod:`bnpass.passes.candidates`). The candidates are copies of one model that differ in a few
 tensors (the BN statistics, the corrected layers' weights; "matched" and "matched-except-logits"
 only in the last layer), so one session running :func:`merge_models`'s result computes their common
-part once, where separate sessions compute it once each.
+part once, where separate sessions compute it once each. On tools/bench.py's networks (batch 32,
+CPU, ``python tools/measure_scoring_graph.py``) one merged session took 0.72-0.81x the time per
+batch of the separate sessions with a compressed model (20-25% of the nodes shared: the candidates
+"matched" and "matched-except-logits"), 0.25-0.60x with the model as its own reference as the bench
+runs it, and about half the peak memory, with every output bit-identical.
 
 **Sharing (value numbering).** Every tensor gets a value: a graph input its name; an initializer
 its content (type, dims, bytes) and whether it is also a graph input (an overridable initializer,
