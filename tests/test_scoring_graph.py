@@ -266,3 +266,39 @@ def test_copies_onnxruntime_would_merge_back_refused():
     elimination would merge the two copies again (they read the same tensor): refused, with why."""
     with pytest.raises(MergeRefused, match="onnxruntime would compute it once"):
         merge_models({"a": relu_then("Neg"), "b": relu_then("Exp")})
+
+
+def test_scoring_runs_one_merged_session_and_a_refused_merge_scores_the_same(monkeypatch):
+    """score_models scores in one merged session on the CPU; where the merge is refused it runs one session per
+    model, and every count and figure is the same (the merged outputs are bit for bit the separate ones)."""
+    from bnpass.data import LABELS
+    from bnpass.passes import candidates, scoring_graph
+
+    model, reference = (onnx.load(EXAMPLES / "reference" / name) for name in ("model_compressed.onnx", "model.onnx"))
+    test = np.load(EXAMPLES / "reference" / "in-domain" / "test.npz")
+    data, labels = test["images"][:96].astype(np.float32), test["labels"][:96]
+    models = scored_models(model, reference, data, batch_size=32)
+    reference, given = models.pop("reference"), models.pop("compressed")
+    feeds = [{model.graph.input[0].name: data[i:i + 32], LABELS: labels[i:i + 32]} for i in (0, 32, 64)]
+    runners = []
+    made = candidates.ScoringSessions.__init__
+
+    def recorded(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        runners.append(type(self.runner).__name__)
+
+    monkeypatch.setattr(candidates.ScoringSessions, "__init__", recorded)
+    merged = candidates.score_models(reference, given, models, feeds, ["CPUExecutionProvider"])
+
+    def refuse(models):
+        raise scoring_graph.MergeRefused("refused for the test")
+
+    monkeypatch.setattr(candidates, "merge_models", refuse)
+    separate = candidates.score_models(reference, given, models, feeds, ["CPUExecutionProvider"])
+    assert runners == ["BatchRunner", "_EachRunner"]
+    assert merged.samples == separate.samples == 96 and merged.labelled and merged.discordant == separate.discordant
+    for name in merged.agreement:
+        assert vars(merged.agreement[name].outputs[next(iter(merged.agreement[name].outputs))]) == vars(
+            separate.agreement[name].outputs[next(iter(separate.agreement[name].outputs))])
+    assert {name: vars(meter) for name, meter in merged.accuracy.items()} == {
+        name: vars(meter) for name, meter in separate.accuracy.items()}

@@ -6,7 +6,9 @@ statistics) reads the data a second time once they exist (:meth:`CalibrationRun.
 so that every candidate is built from every sample and judged on every sample; nothing is held out
 and the order of the data does not matter. Each batch runs through the uncompressed model (the
 reference), the model as given and each candidate, at the batch size the models' own inputs fix;
-only counts and sums are kept (:mod:`bnpass.agreement`), nothing per sample.
+only counts and sums are kept (:mod:`bnpass.agreement`), nothing per sample. On the CPU the models
+run as one merged model (:mod:`bnpass.passes.scoring_graph`): what they have in common (the candidates
+differ in a few tensors) is computed once, with every output bit for bit what the model computes alone.
 
 **The criterion.** With labels (class indices of the model's first classifier-shaped output):
 top-1 accuracy. Without: top-1 agreement with the reference. A model with no classifier-shaped
@@ -29,6 +31,7 @@ samples (:func:`mcnemar_p_value`). The margin is called beyond chance below :dat
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,8 +42,9 @@ import numpy as np
 from ..agreement import AgreementMeter, LabelAccuracy, is_classifier_shaped
 from ..data import LABELS
 from ..errors import DataError
-from ..feeding import batch_length
-from ..runtime import BatchRunner, create_session
+from ..feeding import batch_length, feed_each
+from ..runtime import CPU, BatchRunner, create_session
+from .scoring_graph import MergeRefused, merge_models
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ GIVEN = "compressed"                     # the model as given, scored beside the
 SPELLED = {REESTIMATED: "re-estimated", MATCHED: "matched", EXCEPT_LOGITS: "matched except the logits layer",
            GIVEN: "compressed (as given)"}
 CORRECTED = (MATCHED, EXCEPT_LOGITS)     # the candidates whose layers without BN were corrected
+REFERENCE = "reference"                  # the uncompressed model, scored beside them (never kept)
 
 
 @dataclass
@@ -102,63 +107,140 @@ def score_models(reference, given, candidates: dict, feeds, providers: list, *, 
                  tf32: bool = False) -> Scores:
     """Run every feed (``{input: batch}``, maybe with :data:`bnpass.data.LABELS`) through the reference,
     the model as given (``given``) and each candidate (``{name: ModelProto}``), keeping only counts.
-    ``reference`` None (plain re-estimation): the models are judged by labels alone, no agreement."""
-    options = dict(threads=threads, tf32=tf32)
+    ``reference`` None (plain re-estimation): the models are judged by labels alone, no agreement.
+    The models run as one merged model where they can (:class:`ScoringSessions`)."""
     models = {GIVEN: given, **candidates}
-    names = [output.name for output in given.graph.output]
-    reference_names = [output.name for output in reference.graph.output] if reference is not None else []
-    reference_runner = BatchRunner(create_session(reference, providers, **options), reference_names) \
-        if reference is not None else None
-    runners = {name: BatchRunner(create_session(model, providers, **options), names) for name, model in models.items()}
-    scores = Scores(agreement={name: AgreementMeter(names) for name in models} if reference is not None else {})
-    order = [GIVEN, *candidates]  # the model as given can be a candidate too
-    by_labels = {(a, b): 0 for a in order for b in order if a != b}
-    by_agreement = dict(by_labels)
-    usable = None  # whether labels can be scored: the judging model has a classifier-shaped output
-    labelled = None  # whether the first batch carried labels
-    for number, feed in enumerate(feeds):
-        labels = feed.get(LABELS)
-        if labelled is None:
-            labelled = labels is not None
-        elif (labels is not None) != labelled:
+    sessions = ScoringSessions({REFERENCE: reference, **models} if reference is not None else models, providers,
+                               threads=threads, tf32=tf32)
+    tally = _Tally(models, [output.name for output in given.graph.output], reference is not None)
+    labels = collections.deque()  # the labels of the feeds taken, the one being scored first
+
+    def inputs_of(feeds):
+        try:
+            for feed in feeds:
+                labels.append(feed.get(LABELS))
+                yield {name: array for name, array in feed.items() if name != LABELS}
+        finally:
+            close = getattr(feeds, "close", None)
+            if close is not None:
+                close()  # a prefetching generator stops its loading thread
+
+    feed_each(inputs_of(feeds), sessions.runner, lambda inputs, values: tally.add(
+        inputs, labels.popleft(), sessions.outputs_of(values)))
+    return tally.scores()
+
+
+class ScoringSessions:
+    """The models scored side by side, in one onnxruntime session: on the CPU, one model merged from
+    them (:func:`~bnpass.passes.scoring_graph.merge_models`: every common node once, every output bit
+    for bit what the model computes in a session of its own); elsewhere, or where the merge is
+    refused, one session per model behind one runner. ``runner`` runs a feed; ``outputs_of`` splits
+    what it returned into ``{model: outputs}``, in each model's output order."""
+
+    def __init__(self, models: dict, providers: list, *, threads=None, tf32: bool = False):
+        options = dict(threads=threads, tf32=tf32)
+        merged = None
+        if providers == [CPU]:  # measured bit-exact on the CPU provider only
+            try:
+                merged, self.names = merge_models(models)
+            except MergeRefused as why:
+                logger.debug("scoring in one session per model: %s", why)
+        if merged is not None:
+            order = [name for names in self.names.values() for name in names]
+            self.runner = BatchRunner(create_session(merged, providers, **options), order)
+            del merged
+            return
+        self.names = {name: [output.name for output in model.graph.output] for name, model in models.items()}
+        runners = {name: BatchRunner(create_session(model, providers, **options), self.names[name])
+                   for name, model in models.items()}
+        self.runner = _EachRunner(runners)
+
+    def outputs_of(self, values: list) -> dict:
+        outputs, position = {}, 0
+        for name, names in self.names.items():
+            outputs[name] = values[position:position + len(names)]
+            position += len(names)
+        return outputs
+
+
+class _EachRunner:
+    """Several runners taken as one: ``run`` gives their outputs one after the other (the first runner's
+    first), ``run_all`` copies the next feed ahead for the first runner."""
+
+    def __init__(self, runners: dict):
+        self.runners = list(runners.values())
+
+    def run(self, feed: dict) -> list:
+        return [value for runner in self.runners for value in runner.run(feed)]
+
+    def run_all(self, feeds):
+        for feed, first in self.runners[0].run_all(feeds):
+            yield feed, list(first) + [value for runner in self.runners[1:] for value in runner.run(feed)]
+
+
+class _Tally:
+    """The counts of one scoring: per model its agreement with the reference (``against_reference``) and
+    its accuracy on the labels, and the samples on which one model is right and another not."""
+
+    def __init__(self, models: dict, output_names: list, against_reference: bool):
+        self.models = list(models)
+        self.against_reference = against_reference
+        self.agreement = {name: AgreementMeter(output_names) for name in self.models} if against_reference else {}
+        self.accuracy: dict = {}
+        self.by_labels = {(a, b): 0 for a in self.models for b in self.models if a != b}
+        self.by_agreement = dict(self.by_labels)
+        self.usable = None  # whether labels can be scored: the judging model has a classifier-shaped output
+        self.labelled = None  # whether the first batch carried labels
+        self.samples = self.batches = 0
+
+    def add(self, inputs: dict, labels, outputs: dict) -> None:
+        """One batch: its inputs, its labels (None without) and ``{model: outputs}``."""
+        number = self.batches
+        self.batches += 1
+        if self.labelled is None:
+            self.labelled = labels is not None
+        elif (labels is not None) != self.labelled:
             raise DataError(f"batch {number} {'has' if labels is not None else 'has no'} labels and the batches "
                             f"before it {'have none' if labels is not None else 'have them'}: give labels with every "
                             "sample or with none")
-        inputs = {name: array for name, array in feed.items() if name != LABELS}
-        expected = reference_runner.run(inputs) if reference_runner is not None else None
-        outputs = {name: runner.run(inputs) for name, runner in runners.items()}
-        if labels is not None and usable is None:
+        expected = outputs.get(REFERENCE)
+        if labels is not None and self.usable is None:
             judged = expected if expected is not None else outputs[GIVEN]
-            usable = any(is_classifier_shaped(np.asarray(output)) for output in judged)
-            if not usable:  # said as a warning where they were to choose between candidates, else as a note
+            self.usable = any(is_classifier_shaped(np.asarray(output)) for output in judged)
+            if not self.usable:  # said as a warning where they were to choose between candidates, else as a note
                 logger.log(logging.WARNING if expected is not None else logging.INFO,
                            "the data carry labels, but the model has no classifier-shaped output ((N, classes) "
                            "scores or (N,) classes): " + ("the candidates are compared with the reference instead"
                                                          if expected is not None else "they are not used"))
-        if not usable:
+        if not self.usable:
             labels = None
         if expected is not None:
-            _tally(by_agreement, {name: scores.agreement[name].add(expected, outputs[name]) for name in models})
+            _tally(self.by_agreement, {name: self.agreement[name].add(expected, outputs[name])
+                                       for name in self.models})
         if labels is not None:
-            if not scores.accuracy:
-                scores.accuracy = {name: LabelAccuracy() for name in
-                                   (("reference",) if expected is not None else ()) + tuple(models)}
+            if not self.accuracy:
+                self.accuracy = {name: LabelAccuracy() for name in
+                                 ((REFERENCE,) if expected is not None else ()) + tuple(self.models)}
             if expected is not None:
-                scores.accuracy["reference"].add(expected, labels, batch=number)
-            _tally(by_labels, {name: scores.accuracy[name].add(outputs[name], labels, batch=number)
-                               for name in models})
-        scores.samples += batch_length(inputs)
-    if scores.samples == 0:
-        raise DataError("the second reading of the calibration data gave no sample: the source can be read only "
-                        "once; give a folder, a list, a DataLoader or a loader function")
-    scores.discordant = by_labels if scores.labelled else by_agreement
-    if scores.labelled:
-        reason = labels_set_aside(scores.accuracy, "reference" if reference is not None else None)
-        if reason:
-            logger.warning("%s", reason)
-            scores.labels_set_aside, scores.set_aside_accuracy = reason, scores.accuracy
-            scores.accuracy, scores.discordant = {}, by_agreement
-    return scores
+                self.accuracy[REFERENCE].add(expected, labels, batch=number)
+            _tally(self.by_labels, {name: self.accuracy[name].add(outputs[name], labels, batch=number)
+                                    for name in self.models})
+        self.samples += batch_length(inputs)
+
+    def scores(self) -> Scores:
+        """The scores counted; labels that look like placeholders set aside (module docstring)."""
+        if self.samples == 0:
+            raise DataError("the second reading of the calibration data gave no sample: the source can be read "
+                            "only once; give a folder, a list, a DataLoader or a loader function")
+        scores = Scores(samples=self.samples, agreement=self.agreement, accuracy=self.accuracy)
+        scores.discordant = self.by_labels if scores.labelled else self.by_agreement
+        if scores.labelled:
+            reason = labels_set_aside(scores.accuracy, REFERENCE if self.against_reference else None)
+            if reason:
+                logger.warning("%s", reason)
+                scores.labels_set_aside, scores.set_aside_accuracy = reason, scores.accuracy
+                scores.accuracy, scores.discordant = {}, self.by_agreement
+        return scores
 
 
 def _tally(discordant: dict, hits: dict) -> None:
@@ -180,7 +262,7 @@ def labels_set_aside(accuracy: dict, judge: Optional[str]) -> str:
     p_value = binomial_upper_tail(meter.correct, meter.samples, baseline)
     if p_value < CHANCE:
         return ""
-    who = "the uncompressed model" if judge == "reference" else f"the best model on them ({spelled(judge)})"
+    who = "the uncompressed model" if judge == REFERENCE else f"the best model on them ({spelled(judge)})"
     against = (f"the share of the most common label ({label}: {100 * share:.1f}%)" if share >= chance
                else f"chance over {meter.classes} classes ({100 * chance:.1f}%)")
     return (f"the labels are set aside: {who} is right on {100 * meter.accuracy:.1f}% of them ({meter.correct} of "
