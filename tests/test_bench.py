@@ -51,7 +51,7 @@ def test_bench_measures_every_form_on_a_given_model_and_a_generated_network(tmp_
     assert "| resnet | (d) torch update_bn |" in out and "| tiny | (d) torch update_bn |" not in out
     assert "**c/d = " in out
     for case in ("tiny", "resnet"):  # the --reference pass and its cost against plain re-estimation
-        assert f"| {case} | (g) --reference pass from folder (reference: the model itself) |" in out
+        assert f"| {case} | (g) --reference pass from folder (a compressed copy against the model) |" in out
         assert re.search(rf"^- `{case}`: .*\*\*g/\(b\+\) = [\d.]+ ", out, flags=re.M), case
 
 

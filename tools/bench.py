@@ -15,13 +15,15 @@ and thread count:
                provider gets (``FORM_FOR_PROVIDER``); ``--forms`` adds one (b) row per form
   (b+) pass    ReestimateBatchNormPass from the folder: calibration graph, session, prefetched
                data loading, statistics written into the model
-  (g) reference  the same with ``--reference`` (MatchReferencePass), the model itself as the
-               reference (the cost does not depend on the weights): both candidates made in one
-               pass, then every candidate scored on every sample; g/(b+) is its cost against plain
-               re-estimation
+  (g) reference  the same with ``--reference`` (MatchReferencePass): a compressed copy of the
+               model (every weight rounded to 15 levels, :func:`compressed_copy`) against the model
+               as the reference, both candidates made in one pass, then every candidate scored on
+               every sample; g/(b+) is its cost against plain re-estimation. Not the model against
+               itself: scoring computes what the models have in common once, so identical weights
+               would flatter it
   (h) fused    ``--reference`` on the same network with its BNs folded first (what most exports look
-               like): every Conv and Gemm output corrected, the model itself as the reference;
-               h/(b+) is the cost against plain re-estimation of the network with BN
+               like): every Conv and Gemm output corrected, a compressed copy against the folded
+               model; h/(b+) is the cost against plain re-estimation of the network with BN
   (c) bnpass   end to end, as the CLI does it: load + check, calibrate, fold, check, save
   (d) torch    ``torch.optim.swa_utils.update_bn`` on the same network (generated cases only),
                reading the same .npy files through a DataLoader, on the same device,
@@ -81,12 +83,13 @@ from builders import export_with_batchnorm_kept  # noqa: E402
 # tools/peak_memory.py, beside this script: the memory reader the memory tests use too.
 from peak_memory import reset_peak as _reset_peak  # noqa: E402
 from peak_memory import status_mb as _status_mb  # noqa: E402
+from scoring_models import compressed_copy  # noqa: E402
 
 METHODS = ("plain", "resident", "floor", "stats", "pass", "reference", "fused", "bnpass", "torch")
 LABELS = {"plain": "(a) plain ORT inference", "stats": "(b) bnpass statistics loop",
           "resident": "(r) plain ORT inference, batches already on the device",
           "pass": "(b+) reestimate pass from folder", "bnpass": "(c) bnpass end to end",
-          "reference": "(g) --reference pass from folder (reference: the model itself)",
+          "reference": "(g) --reference pass from folder (a compressed copy against the model)",
           "fused": "(h) --reference on the network with its BNs folded: every layer corrected",
           "torch": "(d) torch update_bn", "floor": "(f) floor: BN fed mean/var, no statistics"}
 
@@ -194,6 +197,7 @@ def _networks():
 NETWORKS = ("resnet", "mobilenet", "resnet50")
 
 
+
 def build_network(name: str, size=None):
     """The torch network ``name`` with stale (random) BN statistics, and its input shape
     (``size`` x ``size`` pixels instead of the network's default when given)."""
@@ -261,6 +265,7 @@ class Case:
         self._sessions = {}
         self._net = None
         self._fused = None
+        self._compressed = self._fused_compressed = None
         self.built_forms = {}  # form asked for -> the form each BN got (fallbacks included)
 
     @property
@@ -375,17 +380,20 @@ class Case:
 
     # (g)
     def match_reference(self):
+        if self._compressed is None:
+            self._compressed = compressed_copy(self.model)
         samples = bnpass.calibration_samples(self.model, self.data)
         MatchReferencePass(samples, self.model, batch_size=self.batch_size, num_samples=self.samples,
-                           device=self.device, threads=self.threads, tf32=self.tf32)(self.model)
+                           device=self.device, threads=self.threads, tf32=self.tf32)(self._compressed)
 
     # (h)
     def correct_layers(self):
         if self._fused is None:
             self._fused = bnpass.fold_batchnorms(self.model).model
+            self._fused_compressed = compressed_copy(self._fused)
         samples = bnpass.calibration_samples(self._fused, self.data)
         MatchReferencePass(samples, self._fused, batch_size=self.batch_size, num_samples=self.samples,
-                           device=self.device, threads=self.threads, tf32=self.tf32)(self._fused)
+                           device=self.device, threads=self.threads, tf32=self.tf32)(self._fused_compressed)
 
     # (c): what bnpass.cli.run does, with the thread count set
     def bnpass(self):
