@@ -233,6 +233,18 @@ class GraphIndex:
             self._computed = ComputedConstants(self)
         return self._computed.value(node)
 
+    def overwritable_constant(self, name: str, node: onnx.NodeProto) -> Optional[Constant]:
+        """The constant ``node`` reads as ``name`` where it can be overwritten in place, else None: it is
+        stored (an initializer, a Constant or ConstantOfShape node, not computed) and every hop from
+        ``node`` back to it is read by nothing else."""
+        constant = self.constant(name)
+        if constant is None:
+            return None
+        producer = self.producers.get(constant.source)
+        if producer is not None and producer.op_type not in ("Constant", "ConstantOfShape"):
+            return None
+        return constant if self.constant_chain_is_private(constant, node) else None
+
     def constant_chain_is_private(self, constant: Constant, node: onnx.NodeProto) -> bool:
         """True when every hop from ``node``'s input back to the source is read only once."""
         reader = node

@@ -176,20 +176,12 @@ class GraphEditor:
 
         ``position`` may be one past the node's last input, to add an optional input (a bias).
         """
-        index = self.index
         if position < len(node.input) and node.input[position]:
-            current = index.constant(node.input[position])
-            if (current is not None and self._is_stored(current.source)
-                    and index.constant_chain_is_private(current, node)):
+            current = self.index.overwritable_constant(node.input[position], node)
+            if current is not None:
                 self._overwrite_source(current.source, value)
                 return
         self.set_input(node, position, self.add_initializer(value, name_hint))
-
-    def _is_stored(self, source: str) -> bool:
-        """True when constant ``source`` is stored (an initializer, a Constant or ConstantOfShape
-        node), False when a node computes it."""
-        producer = self.index.producers.get(source)
-        return producer is None or producer.op_type in ("Constant", "ConstantOfShape")
 
     def add_initializer(self, value: np.ndarray, name_hint: str) -> str:
         """Store ``value`` as a new initializer with a fresh name (IR < 4: also a graph input)."""
