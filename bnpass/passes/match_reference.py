@@ -230,7 +230,6 @@ class _Plan:
     layer_pairs: list      # [(Layer of the model, Layer of the reference)]: the layers without BN corrected
     refused: dict          # layer label -> why it is not corrected
     logits: Optional[str]  # the logits layer, when corrected
-    candidates: list       # the candidates this model can have
     evaluation_batch: Optional[int] = None  # the batch size the models' own inputs fix (None: free)
 
     @property
@@ -331,10 +330,10 @@ class MatchReferencePass(Pass):
 
     def _plan(self, model: onnx.ModelProto) -> _Plan:
         """Pair the BNs and the layers without BN with the reference's (a ModelError names the first
-        difference), list the candidates and the batch size the models' inputs fix for scoring."""
+        difference), check that a forced candidate is one, and the batch size the models' inputs fix for scoring."""
         has_batchnorm = bool(batchnorm_nodes(model))
         if not has_batchnorm and not self.correct_layers:
-            return _Plan([], [], {}, None, [])
+            return _Plan([], [], {}, None)
         batchnorm_pairs = pair_batchnorms(model, self.reference)
         layer_pairs, refused = [], {}
         if self.correct_layers:
@@ -347,7 +346,7 @@ class MatchReferencePass(Pass):
                 raise ModelError(f"--candidate {self.choose}: not a candidate for this model (its candidates: "
                                  f"{', '.join(candidates)})")
         evaluation_batch = input_batch_size(model, self.reference) if has_batchnorm or layer_pairs else None
-        return _Plan(batchnorm_pairs, layer_pairs, refused, logits, candidates, evaluation_batch)
+        return _Plan(batchnorm_pairs, layer_pairs, refused, logits, evaluation_batch)
 
     def _layer_pairs(self, model: onnx.ModelProto) -> tuple:
         """``(pairs, refused)``: the layers without BN paired with the reference's, those that can be
