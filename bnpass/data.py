@@ -96,10 +96,11 @@ def label_key(keys, taken) -> Optional[str]:
 
 
 def are_class_indices(labels: np.ndarray) -> bool:
-    """The one rule for labels: class indices are whole numbers, integers or floats with integer values
-    (``3.0``, as a float tensor of targets holds them)."""
+    """The one rule for labels: class indices are whole numbers, integers or finite floats with integer
+    values (``3.0``, as a float tensor of targets holds them; ``inf`` rounds to itself but is no class)."""
     return bool(np.issubdtype(labels.dtype, np.integer) or (
-        np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))))
+        np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
+        and np.all(labels == np.round(labels))))
 
 
 def class_indices(labels: np.ndarray, count: int) -> bool:
@@ -112,7 +113,8 @@ def as_class_indices(labels: np.ndarray, where: str) -> np.ndarray:
     if np.issubdtype(labels.dtype, np.integer):
         return labels
     if not are_class_indices(labels):
-        raise DataError(f"{where}: labels must be class indices (integers), got {labels.dtype}")
+        raise DataError(f"{where}: labels must be class indices (whole numbers), got {labels.dtype} values that "
+                        "are not (fractions, infinities or NaN)")
     return labels.astype(np.int64)
 
 

@@ -133,10 +133,12 @@ def test_mcnemar_p_value_is_the_two_sided_binomial_tail(for_a, for_b, expected):
 
 
 def test_label_accuracy_takes_whole_number_labels_and_names_the_batch_of_others():
-    """The labels rule is bnpass.data.are_class_indices: 2.0 is class 2; 0.5 is a DataError naming the batch."""
+    """The labels rule is bnpass.data.are_class_indices: 2.0 is class 2; 0.5 or inf is a DataError naming the batch."""
     scores = np.eye(3, dtype=np.float32)  # sample i predicts class i
     meter = LabelAccuracy()
     hits = meter.add([scores], np.array([0.0, 1.0, 0.0]), batch=0)
     assert hits.tolist() == [True, True, False] and meter.correct == 2 and meter.label_counts == {0: 2, 1: 1}
-    with pytest.raises(DataError, match=r"^batch 7: labels must be class indices \(integers\), got float64$"):
-        LabelAccuracy().add([scores], np.array([0.5, 1.0, 2.0]), batch=7)
+    for labels in ([0.5, 1.0, 2.0], [np.inf, 1.0, 2.0]):
+        with pytest.raises(DataError, match=r"^batch 7: labels must be class indices \(whole numbers\), got float64 "
+                                            r"values that are not \(fractions, infinities or NaN\)$"):
+            LabelAccuracy().add([scores], np.array(labels), batch=7)

@@ -92,9 +92,10 @@ def test_a_loaders_dict_batches_take_the_same_names(tmp_path):
 
 def test_loader_labels_follow_the_one_labels_rule():
     """(inputs, labels) items: labels are whole numbers (bnpass.data.are_class_indices), so float 3.0 is class 3;
-    0.5 is no class index, and such targets are left out, not refused."""
+    0.5 and inf (which rounds to itself) are no class indices, and such targets are left out, not refused."""
     images, classes = digits(count=4)
     samples = list(IterableSource([(images, classes.astype(np.float32))], SPECS))
     assert [int(sample[LABELS]) for sample in samples] == classes.tolist()
-    samples = list(IterableSource([(images, np.array([0.5, 1.0, 2.0, 3.0]))], SPECS))
-    assert len(samples) == 4 and not any(LABELS in sample for sample in samples)
+    for targets in ([0.5, 1.0, 2.0, 3.0], [np.inf, 1.0, 2.0, 3.0], [-np.inf, 1.0, 2.0, 3.0]):
+        samples = list(IterableSource([(images, np.array(targets))], SPECS))
+        assert len(samples) == 4 and not any(LABELS in sample for sample in samples), targets
