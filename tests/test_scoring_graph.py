@@ -269,8 +269,9 @@ def test_copies_onnxruntime_would_merge_back_refused():
 
 
 def test_scoring_runs_one_merged_session_and_a_refused_merge_scores_the_same(monkeypatch):
-    """score_models scores in one merged session on the CPU; where the merge is refused it runs one session per
-    model, and every count and figure is the same (the merged outputs are bit for bit the separate ones)."""
+    """score_models scores in one merged session on the CPU; where the merge is refused, or onnxruntime refuses to
+    load the merged model, it runs one session per model, and every count and figure is the same (the merged
+    outputs are bit for bit the separate ones)."""
     from bnpass.data import LABELS
     from bnpass.passes import candidates, scoring_graph
 
@@ -295,10 +296,19 @@ def test_scoring_runs_one_merged_session_and_a_refused_merge_scores_the_same(mon
 
     monkeypatch.setattr(candidates, "merge_models", refuse)
     separate = candidates.score_models(reference, given, models, feeds, ["CPUExecutionProvider"])
-    assert runners == ["BatchRunner", "_EachRunner"]
-    assert merged.samples == separate.samples == 96 and merged.labelled and merged.discordant == separate.discordant
-    for name in merged.agreement:
-        assert vars(merged.agreement[name].outputs[next(iter(merged.agreement[name].outputs))]) == vars(
-            separate.agreement[name].outputs[next(iter(separate.agreement[name].outputs))])
-    assert {name: vars(meter) for name, meter in merged.accuracy.items()} == {
-        name: vars(meter) for name, meter in separate.accuracy.items()}
+
+    def unloadable(models):  # a merge onnxruntime refuses to load: also scored one session per model
+        merged, names = scoring_graph.merge_models(models)
+        merged.graph.node.append(helper.make_node("NoSuchOperator", [merged.graph.input[0].name], ["unused"]))
+        return merged, names
+
+    monkeypatch.setattr(candidates, "merge_models", unloadable)
+    refused = candidates.score_models(reference, given, models, feeds, ["CPUExecutionProvider"])
+    assert runners == ["BatchRunner", "_EachRunner", "_EachRunner"]
+    for other in (separate, refused):
+        assert merged.samples == other.samples == 96 and merged.labelled and merged.discordant == other.discordant
+        for name in merged.agreement:
+            assert vars(merged.agreement[name].outputs[next(iter(merged.agreement[name].outputs))]) == vars(
+                other.agreement[name].outputs[next(iter(other.agreement[name].outputs))])
+        assert {name: vars(meter) for name, meter in merged.accuracy.items()} == {
+            name: vars(meter) for name, meter in other.accuracy.items()}

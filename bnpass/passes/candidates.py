@@ -41,7 +41,7 @@ import numpy as np
 
 from ..agreement import AgreementMeter, LabelAccuracy, is_classifier_shaped
 from ..data import LABELS
-from ..errors import DataError
+from ..errors import DataError, SessionError
 from ..feeding import batch_length, feed_each
 from ..runtime import CPU, BatchRunner, create_session
 from .scoring_graph import MergeRefused, merge_models
@@ -147,9 +147,13 @@ class ScoringSessions:
                 logger.debug("scoring in one session per model: %s", why)
         if merged is not None:
             order = [name for names in self.names.values() for name in names]
-            self.runner = BatchRunner(create_session(merged, providers, **options), order)
-            del merged
-            return
+            try:
+                self.runner = BatchRunner(create_session(merged, providers, **options), order)
+                return
+            except SessionError as why:  # each model alone is what the user gave: its own error, if any, says it
+                logger.debug("scoring in one session per model: onnxruntime refused the merged model: %s", why)
+            finally:
+                del merged
         self.names = {name: [output.name for output in model.graph.output] for name, model in models.items()}
         runners = {name: BatchRunner(create_session(model, providers, **options), self.names[name])
                    for name, model in models.items()}
