@@ -239,7 +239,11 @@ def fold_pairs_bnpass(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def fold_pairs_onnx_ir(model: ir.Model) -> None:
     """In place on ``model`` (an onnx-ir pass is in place)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    from onnx_ir.passes.common import (
+        AddInitializersToInputsPass,
+        RemoveInitializersFromInputsPass,
+        RemoveUnusedNodesPass,
+    )
 
     graph, names = model.graph, _taken_names(model.graph)
     for bn in [node for node in graph if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")]:
@@ -263,13 +267,10 @@ def fold_pairs_onnx_ir(model: ir.Model) -> None:
         output.name, kept.name = None, name
         if output.type is not None:  # a graph output's declaration is its value's: else it is lost
             kept.type, kept.shape = output.type, output.shape
-    RemoveUnusedNodesPass()(model)
-    if model.ir_version < 4:  # RemoveUnusedNodesPass keeps an initializer listed as a graph input
-        dead = [value for value in graph.inputs if value.is_initializer() and not value.uses()
-                and not value.is_graph_output()]
-        for value in dead:
-            graph.inputs.remove(value)
-            graph.initializers.pop(value.name)
+    cleanup = [RemoveUnusedNodesPass()]  # it keeps an initializer listed as a graph input
+    if model.ir_version < 4:  # where every initializer is one: delist, clean up, list again
+        cleanup = [RemoveInitializersFromInputsPass(), *cleanup, AddInitializersToInputsPass()]
+    ir.passes.Sequential(*cleanup)(model)
 
 
 def _taken_names(graph: ir.Graph) -> set:
@@ -304,9 +305,7 @@ def _ir_set_constant_input(model: ir.Model, names: set, node, position: int, arr
         return
     new = ir.Value(name=_fresh_name(names, hint), shape=ir.Shape(array.shape),
                    type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array))
-    model.graph.register_initializer(new)
-    if model.ir_version < 4:
-        model.graph.inputs.append(new)
+    model.graph.register_initializer(new)  # listed as a graph input in IR-3 by the clean-up
     if position >= len(node.inputs):
         node.resize_inputs(position + 1)
     node.replace_input_with(position, new)
