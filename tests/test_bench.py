@@ -74,13 +74,14 @@ def test_measure_forms_reports_each_forms_error_against_numpy_and_the_cpu():
     assert re.search(r"^\| pooling \| CPU \| off \| 20 pooling \| [\d.e+-]+ \| [\d.e+-]+ \|$", network, flags=re.M)
 
 
-def test_measure_onnx_ir_runs_every_trap_fold_step_and_probe_on_both():
-    """tools/measure_onnx_ir.py (the README's onnx-ir figures) runs; the >2 GiB trap is skipped here. bnpass
-    passes every trap, onnx-ir the five the README lists; both writes fold the ResNet-style network's 20 BNs
-    exactly; every conversion step is timed; bnpass's pass contract catches each broken pass."""
+def test_measure_onnx_ir_runs_every_trap_fold_and_probe_on_both():
+    """tools/measure_onnx_ir.py (the README's onnx-ir figures) runs; the >2 GiB trap and the conversion cost (a
+    fresh process per step: a measurement, not a behaviour) are skipped here. bnpass passes every trap, onnx-ir
+    the five the README lists; both writes fold the ResNet-style network's 20 BNs exactly; bnpass's pass
+    contract catches each broken pass."""
     pytest.importorskip("onnx_ir")  # a tool's dependency, not bnpass's
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "measure_onnx_ir.py"), "--skip-large", "--models",
-                           "resnet", "--repeats", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "measure_onnx_ir.py"), "--skip-large", "--skip-cost",
+                           "--models", "resnet"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     traps = re.findall(r"^\| ([^|]+) \| (onnx-ir|bnpass) \| (pass|FAIL) \|", out, flags=re.M)
@@ -94,8 +95,6 @@ def test_measure_onnx_ir_runs_every_trap_fold_step_and_probe_on_both():
                      r"checker passes; the bnpass write equals the fold pass's output byte for byte: True$",
                      out, flags=re.M)
     assert fold and max(float(diff) for diff in fold.groups()) < 1e-5, out
-    steps = re.findall(r"^\| resnet \| .+ \| [\d.]+ \| [\d.]+ \| [\d.-]+ \| [\d.-]+ \|$", out, flags=re.M)
-    assert len(steps) == 15, out
     probes = re.findall(r"^\| ([^|]+) \| (\w+(?: error)?) \| (\w+(?: error)?) \|$", out, flags=re.M)
     assert [bnpass for _, _, bnpass in probes] == ["no error", *["PassContractError"] * 4, "ModelError", "ModelError",
                                                   "no error"], out

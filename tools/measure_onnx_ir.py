@@ -711,6 +711,8 @@ def main() -> None:
                         help="models of the fold and conversion figures (chain: the 108 MiB model); "
                              "resnet is always built (the byte-for-byte trap reads it)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each conversion step (the median is shown)")
+    parser.add_argument("--skip-cost", action="store_true",
+                        help="skip the conversion cost (each step in a fresh process: most of a --skip-large run)")
     # one conversion step in its own process (conversion_table runs the script so)
     parser.add_argument("--step", nargs=2, metavar=("NAME", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -762,14 +764,15 @@ def main() -> None:
               f"{size['protobuf_modules']} of {size['modules']} modules ({size['all_lines']} lines of code) read or "
               "write ONNX protobuf messages directly")
 
-        print(f"\n## Conversion cost: median of {args.repeats} runs, each step in a fresh process; peak resident "
-              "memory of the first run over the RSS before it\n")
-        table = conversion_table(models, args.repeats)
-        print_table(("model", "step", "median s", "min s", "peak MiB", "x model"),
-                    [(label, name, f"{median:.4f}", f"{best:.4f}", f"{peak:.1f}", f"{peak / size:.2f}")
-                     for label, size, name, median, best, peak in table])
-        print("\nmodel sizes (MiB): " + ", ".join(f"{label} {os.path.getsize(p) / 2**20:.1f}"
-                                                  for label, p in models.items()))
+        if not args.skip_cost:
+            print(f"\n## Conversion cost: median of {args.repeats} runs, each step in a fresh process; peak "
+                  "resident memory of the first run over the RSS before it\n")
+            table = conversion_table(models, args.repeats)
+            print_table(("model", "step", "median s", "min s", "peak MiB", "x model"),
+                        [(label, name, f"{median:.4f}", f"{best:.4f}", f"{peak:.1f}", f"{peak / size:.2f}")
+                         for label, size, name, median, best, peak in table])
+            print("\nmodel sizes (MiB): " + ", ".join(f"{label} {os.path.getsize(p) / 2**20:.1f}"
+                                                      for label, p in models.items()))
 
         print("\n## Pass infrastructure: each rule probed with a broken pass on a ModelProto\n")
         print_table(("probe", "onnx_ir.passes (FunctionalPass, Sequential)", "bnpass.passes.base (Pass, Sequential)"),
