@@ -231,7 +231,7 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     if not is_dequantize(dequantize) or not dequantize.input:
         return None
     quantize = index.producers.get(dequantize.input[0])
-    if (not is_quantize(quantize) or index.use_count(quantize.output[0]) != 1
+    if (not is_quantize(quantize) or index.sole_reader(quantize.output[0]) is not dequantize
             or index.constant(quantize.output[0]) is not None):
         return None
     return ActivationPair(quantize, dequantize)
@@ -239,26 +239,21 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
 
 def activation_pair_after(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     """The activation pair that is the one reader of ``name`` (``layer -> Q -> DQ``), else None."""
-    readers = index.consumers.get(name, [])
-    if len(readers) != 1 or index.use_count(name) != 1 or not is_quantize(readers[0]):
+    quantize = index.sole_reader(name)
+    if not is_quantize(quantize):
         return None
-    pair_readers = index.consumers.get(readers[0].output[0], [])
-    if len(pair_readers) != 1:
-        return None
-    pair = activation_pair(pair_readers[0].output[0], index)
-    return pair if pair is not None and pair.quantize is readers[0] else None
+    dequantize = index.sole_reader(quantize.output[0])
+    pair = activation_pair(dequantize.output[0], index) if dequantize is not None else None
+    return pair if pair is not None and pair.quantize is quantize else None
 
 
 def _quantized_again(bn, pair: ActivationPair, layer, index: GraphIndex) -> None:
     """Removing ``pair`` is right only where the BN's output is quantized again (``BN -> Q`` or
     ``BN -> Relu -> Q``, as a quantizer writes for a model whose BN was folded first): the folded
     layer's output is then rounded by the quantizer's own pair for the folded model."""
-    y = bn.output[0]
-    readers = index.consumers.get(y, [])
-    after = readers[0] if len(readers) == 1 and index.use_count(y) == 1 else None
+    after = index.sole_reader(bn.output[0])
     if after is not None and after.op_type == "Relu" and after.domain in DEFAULT_DOMAINS:
-        relu_readers = index.consumers.get(after.output[0], [])
-        after = relu_readers[0] if len(relu_readers) == 1 and index.use_count(after.output[0]) == 1 else None
+        after = index.sole_reader(after.output[0])
     if is_quantize(after):
         return
     raise CannotFold(f"its input passes through the activation quantization {pair.label} after "
@@ -528,11 +523,10 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
-    for name in (bn.input[0], x):  # each intermediate read once (x: the pair's input, when there is one)
-        if index.use_count(name) != 1:
-            _raise_shared(name, index.producers[name], index)
-    if path.add is not None and index.use_count(path.layer.output[0]) != 1:
-        _raise_shared(path.layer.output[0], path.layer, index)
+    intermediates = [bn.input[0], x]  # x: the pair's input, when there is one
+    if path.add is not None:
+        intermediates.append(path.layer.output[0])
+    _check_read_once(intermediates, index)
     _check_activation_pairs(bn, path, index, context)
     return path
 
@@ -567,10 +561,12 @@ def _check_activation_pairs(bn, path: _BackwardPath, index: GraphIndex, context:
                          f"{path.pair_after_layer.label} and another in Add '{node_label(path.add)}' after it")
 
 
-def _raise_shared(name: str, producer, index: GraphIndex) -> None:
-    if name in index.graph_outputs:
-        raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also a graph output")
-    raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
+def _check_read_once(names: list, index: GraphIndex) -> None:
+    """Each of ``names`` (the tensors on the way from the layer to the BN) is read by one node only."""
+    for name in names:
+        if index.use_count(name) != 1:
+            also = "also a graph output" if name in index.graph_outputs else "also read by other nodes"
+            raise CannotFold(f"'{name}', the output of {node_label(index.producers[name])}, is {also}")
 
 
 def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, _AddConstant,
@@ -610,16 +606,15 @@ def add_constant(name: str, index: GraphIndex) -> Optional[_AddConstant]:
     if constant is not None:
         return _AddConstant(constant.value)
     dequantize = index.producers.get(name)
-    if not is_dequantize(dequantize) or activation_pair(name, index) is not None:
+    if not is_dequantize(dequantize) or index.use_count(name) != 1 or activation_pair(name, index) is not None:
         return None
     try:
         quantized = read_quantized(dequantize, index, reader=f"the constant '{name}'")
-        if (quantized.layout.kind != PER_TENSOR or quantized.quantize is not None or not quantized.storage.integer
-                or index.use_count(name) != 1):
-            return None
-        return _AddConstant(quantized.dequantized(), quantized)
     except CannotFold:
         return None
+    if quantized.layout.kind != PER_TENSOR or quantized.quantize is not None or not quantized.storage.integer:
+        return None
+    return _AddConstant(quantized.dequantized(), quantized)
 
 
 def requantized_constant(quantized: QuantizedWeight, value: np.ndarray, what: str) -> tuple:
