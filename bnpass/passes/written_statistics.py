@@ -145,16 +145,15 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
 
 
 def _stored_statistic(bn, position: int, editor: GraphEditor) -> Optional[np.ndarray]:
-    """The stored running mean (``position`` 3) or variance (4) of ``bn``, None when fed at run time.
+    """The stored running mean (``position`` 3) or variance (4) of ``bn``, None when fed at run time:
+    what the fold reads (:func:`~bnpass.passes.fold_batchnorm.batchnorm_parameter`), a float constant
+    or ``DequantizeLinear`` of constants.
 
     A statistic behind ``DequantizeLinear`` of constants (onnxruntime's quantizer leaves them float;
     others may not) is read dequantized, in the DequantizeLinear's output type; the new one is
     written as a float initializer of that type in its place (the DequantizeLinear, then unread,
     goes): a re-estimated statistic re-rounded to the old grid would no longer be the estimate.
     """
-    constant = editor.index.constant(bn.input[position])
-    if constant is not None:
-        return constant.value
     try:
         return batchnorm_parameter(bn, position, editor.index)
     except CannotFold:
