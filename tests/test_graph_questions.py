@@ -1,4 +1,5 @@
-"""The combined questions :class:`bnpass.graph.GraphIndex` answers in one call, on small hand-made graphs."""
+"""The combined questions :class:`bnpass.graph.GraphIndex` answers in one call, and the whole operations
+:class:`bnpass.rewrite.GraphEditor` makes in one call, on small hand-made graphs."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def test_sole_reader_is_none_when_anything_else_reads_the_name():
         index = _index(model)
         assert index.sole_reader("a") is None, case
         assert not any(index.is_private_to("a", node) for node in model.graph.node), case
+
+
+def test_insert_on_outputs_puts_each_node_between_a_tensor_and_its_readers():
+    from bnpass.rewrite import GraphEditor
+
+    model = _model([helper.make_node("Relu", ["x"], ["a"], name="relu"),
+                    helper.make_node("Neg", ["a"], ["b"], name="neg"),
+                    helper.make_node("Abs", ["b"], ["y"], name="abs")])
+    editor = GraphEditor(model)
+    editor.insert_on_outputs([("a", helper.make_node("Identity", ["a.inner"], ["a"], name="on_a")),
+                              ("b", helper.make_node("Sigmoid", ["b.inner"], ["b"], name="on_b"))])
+    assert [(node.name, list(node.input), list(node.output)) for node in model.graph.node] == [
+        ("relu", ["x"], ["a.inner"]), ("on_a", ["a.inner"], ["a"]), ("neg", ["a"], ["b.inner"]),
+        ("on_b", ["b.inner"], ["b"]), ("abs", ["b"], ["y"])]
+    assert editor.index.producers["a"].name == "on_a" and editor.index.sole_reader("a.inner").name == "on_a"
+    onnx.checker.check_model(model, full_check=True)
