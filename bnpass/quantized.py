@@ -200,6 +200,25 @@ def quantize_like_runtime(values: np.ndarray, scale_full: np.ndarray, zero_point
     return np.clip(rounded, int(storage.low), int(storage.high))
 
 
+def on_runtime_grid(values: np.ndarray, expected: np.ndarray, scale_full: np.ndarray,
+                    zero_point_full: Optional[np.ndarray], storage: StorageType) -> Optional[np.ndarray]:
+    """``values`` from which ``QuantizeLinear`` computes ``expected`` (:func:`quantize_like_runtime`): a
+    value it rounds one step off (a tie that scaling moved) is set to its exact grid point,
+    ``(expected - zp) * scale``; None when a value is further off, or the grid point does not do."""
+    computed = quantize_like_runtime(values, scale_full, zero_point_full, storage)
+    if np.any(np.abs(computed - expected) > 1):
+        return None
+    differs = computed != expected
+    if not differs.any():
+        return values
+    zero_wide = np.zeros(values.shape, np.int64) if zero_point_full is None else zero_point_full.astype(np.int64)
+    grid = ((expected - zero_wide) * scale_full.astype(np.float32).astype(np.float64)).astype(values.dtype)
+    values = np.where(differs, grid, values)
+    if np.any(quantize_like_runtime(values, scale_full, zero_point_full, storage) != expected):
+        return None
+    return values
+
+
 INT32 = STORAGE_TYPES[np.dtype(np.int32)]
 
 

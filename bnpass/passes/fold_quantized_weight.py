@@ -357,13 +357,10 @@ def fold_quantized_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
         stored = _fold_run_time_weight(weight, scale, out_axis, quantize_scale, zero_point, new_layout)
         return QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, stored=stored, axis=axis,
                                per_channel=layout.kind == PER_TENSOR, quantize_scale=quantize_scale)
-    mirror = scale < 0
     stored = None
-    if mirror.any():
-        stored, overflowing = qmath.mirror_channels(weight.stored, weight.zero_point_full(zero_point, new_layout),
-                                                    mirror, axis=out_axis, storage=weight.storage)
-        if stored is None:
-            raise _mirror_overflow(label, mirror, weight.storage, overflowing)
+    if np.any(scale < 0):
+        stored = _mirrored(weight.stored, weight.zero_point_full(zero_point, new_layout), scale, out_axis,
+                           weight.storage, label)
     return QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, stored=stored, axis=axis,
                            per_channel=layout.kind == PER_TENSOR)
 
@@ -376,11 +373,18 @@ def _folded_scale(q_scale: np.ndarray, layout: Layout, magnitude: np.ndarray, ou
     return folded
 
 
-def _mirror_overflow(label: str, mirror: np.ndarray, storage: StorageType, overflowing) -> CannotFold:
-    return CannotFold(f"the BN scale is negative for channel(s) {few(np.flatnonzero(mirror))}; keeping the "
-                      f"{label} scale positive means mirroring those channels' integers around the zero point, "
-                      f"which overflows {storage.name} [{storage.low:g}, {storage.high:g}] in channel(s) "
-                      f"{few(overflowing)}")
+def _mirrored(stored: np.ndarray, zero_point_full: Optional[np.ndarray], scale: np.ndarray, out_axis: int,
+              storage: StorageType, label: str) -> np.ndarray:
+    """``stored`` with the channels whose factor in ``scale`` is negative mirrored around the zero point
+    (:func:`~bnpass.quantized.mirror_channels`), so that every scale stays positive; raises
+    :class:`CannotFold` when a mirrored value overflows the storage type."""
+    mirrored, overflowing = qmath.mirror_channels(stored, zero_point_full, scale < 0, axis=out_axis, storage=storage)
+    if mirrored is None:
+        raise CannotFold(f"the BN scale is negative for channel(s) {few(np.flatnonzero(scale < 0))}; keeping the "
+                         f"{label} scale positive means mirroring those channels' integers around the zero point, "
+                         f"which overflows {storage.name} [{storage.low:g}, {storage.high:g}] in channel(s) "
+                         f"{few(overflowing)}")
+    return mirrored
 
 
 def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: int, quantize_scale: np.ndarray,
@@ -393,24 +397,10 @@ def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
     folded = cast_finite(weight.stored.astype(np.float64) * scale.reshape(along), weight.stored.dtype,
                          f"the folded input of {label}")
     zero_full = weight.zero_point_full(zero_point, layout)
-    zero_wide = np.zeros(shape, np.int64) if zero_full is None else zero_full.astype(np.int64)
-    mirror = np.broadcast_to((scale < 0).reshape(along), shape)
-    original = weight.integers()
-    expected = np.where(mirror, 2 * zero_wide - original, original)
-    fits = weight.storage.fits(expected)
-    if not fits.all():
-        overflowing = np.flatnonzero(np.moveaxis(~fits, out_axis, 0).reshape(scale.size, -1).any(axis=1))
-        raise _mirror_overflow(label, scale < 0, weight.storage, overflowing)
-    scale_full = layout.expand(quantize_scale, shape)
-    computed = qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage)
-    if np.any(np.abs(computed - expected) > 1):
+    expected = _mirrored(weight.integers(), zero_full, scale, out_axis, weight.storage, label)
+    folded = qmath.on_runtime_grid(folded, expected, layout.expand(quantize_scale, shape), zero_full, weight.storage)
+    if folded is None:
         raise CannotFold(f"{label} would compute other integers from the folded weight")
-    differs = computed != expected
-    if differs.any():  # a rounding tie moved by one by the scaling: put those values on their exact grid point
-        grid = ((expected - zero_wide) * scale_full.astype(np.float32).astype(np.float64)).astype(folded.dtype)
-        folded = np.where(differs, grid, folded)
-        if np.any(qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage) != expected):
-            raise CannotFold(f"{label} would compute other integers from the folded weight")
     return folded
 
 
