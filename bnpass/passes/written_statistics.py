@@ -113,7 +113,7 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
     editor = GraphEditor(model)
     bns = batchnorm_nodes(model)
     first = first_batchnorms(model, editor.index)  # node wrappers, compared while both lists are alive
-    shifts = []
+    diagnosed = []  # (bn, entry) of the first BNs written: what they say of the data is told once the edits are done
     for tap, (mean, var, count) in zip(taps, results):
         bn = bns[tap.position]
         old_mean, old_var = (_stored_statistic(bn, position, editor) for position in (3, 4))
@@ -134,13 +134,14 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
                                       f"{label}.running_var")
         written.stats[node_label(bn)] = entry
         if diagnose and any(bn is node for node in first) and entry.written:
-            shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
+            diagnosed.append((bn, entry))
+    editor.remove_dead()
+    written.modified = any(entry.written for entry in written.stats.values())
+    shifts = [input_shift(bn, entry.old_mean, entry.old_var, entry.mean, entry.var) for bn, entry in diagnosed]
     warning = preprocessing_warning(shifts, images=preprocessing)
     if warning:
         logger.warning("%s", warning)
         written.warnings.append(warning)
-    editor.remove_dead()
-    written.modified = any(entry.written for entry in written.stats.values())
     return written
 
 
