@@ -402,7 +402,8 @@ def backward_fold_refusal(bn: onnx.NodeProto, editor: GraphEditor) -> str:
     it is (a bias-less MatMul would need a new Add), or "" when it can."""
     context = _Context(editor, "keep")
     try:
-        plan = check_backward_fold(bn, check_batchnorm(bn, editor.index, context.opset), editor.index, context)
+        affine = check_batchnorm(bn, editor.index, context.opset)
+        plan = check_backward_fold(bn, affine, editor.index, context)
     except CannotFold as reason:
         return str(reason)
     if not LAYERS[plan.layer.op_type].bias_slot and plan.add is None:
