@@ -7,7 +7,9 @@ and ``zero_point`` laid out in one of three ways (:class:`Layout`): one number f
 ``block_size`` consecutive indices along ``axis`` (the tensor's rank, that axis reduced to
 ``ceil(n / block_size)``). What ``q`` may hold is one :class:`StorageType` per numpy dtype in
 :data:`STORAGE_TYPES`: int8/uint8/int16/uint16/int32, int4/uint4 (``ml_dtypes`` arrays, as
-``onnx.numpy_helper`` reads and writes them, two to a byte) and float8 E4M3FN/E5M2.
+``onnx.numpy_helper`` reads and writes them, two to a byte) and float8 E4M3FN/E5M2. One tensor so
+stored, with its scale, zero point and layout, is a :class:`QuantizedTensor`, which gives its integers
+and its dequantized values.
 
 Folding a per-output-channel factor ``f[c]`` into such a tensor (a BN after the layer) is exact in
 the scale alone::
@@ -105,6 +107,40 @@ class Layout:
         if self.kind == PER_AXIS:
             return f"per-axis along axis {self.axis}"
         return f"blocked along axis {self.axis} (blocks of {self.block_size})"
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor as ``DequantizeLinear`` reads it: ``stored`` values (integers, or float8 values) with
+    ``q_scale`` and ``zero_point`` (None: none) laid out by ``layout``, of ``storage`` type, dequantized to
+    ``dtype``; or, quantized at run time (``quantize_scale`` set), the float W that ``QuantizeLinear``
+    quantizes at that scale, with the same layout and zero point."""
+
+    stored: np.ndarray
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    layout: Layout
+    storage: StorageType
+    dtype: np.dtype
+    quantize_scale: Optional[np.ndarray] = None
+
+    @property
+    def shape(self):
+        return self.stored.shape
+
+    def integers(self) -> np.ndarray:
+        """The quantized values DequantizeLinear reads (computed as QuantizeLinear would, at run time)."""
+        if self.quantize_scale is None:
+            return self.stored
+        return quantize_like_runtime(self.stored, self.layout.expand(self.quantize_scale, self.shape),
+                                     self.zero_point_full(self.zero_point), self.storage)
+
+    def dequantized(self) -> np.ndarray:
+        """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
+        return dequantize(self.integers(), self.q_scale, self.zero_point, self.layout).astype(self.dtype)
+
+    def zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
+        return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
 
 
 def _is_float(value) -> bool:

@@ -80,41 +80,17 @@ DOMAINS = {
 }
 
 
-@dataclass
-class QuantizedWeight:
-    """A weight (or bias) made by ``DequantizeLinear``: ``stored`` holds the constant integers (or
-    float8 values) it reads, or, when ``quantize`` is set, the float constant W that QuantizeLinear
-    quantizes at run time with ``quantize_scale``."""
+@dataclass(kw_only=True)
+class QuantizedWeight(qmath.QuantizedTensor):
+    """A weight (or bias) made by ``DequantizeLinear``: the quantized tensor it reads
+    (:class:`bnpass.quantized.QuantizedTensor`: ``stored`` holds the constant integers, or float8
+    values, or, when ``quantize`` is set, the float constant W that QuantizeLinear quantizes at run time
+    with ``quantize_scale``), and where it comes from in the graph."""
 
     dequantize: onnx.NodeProto
-    stored: np.ndarray
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    layout: Layout
-    storage: StorageType
-    dtype: np.dtype            # the DequantizeLinear output type
     domain: DequantizeDomain
     opset: int                 # the model's opset of the DequantizeLinear's domain
     quantize: Optional[onnx.NodeProto] = None
-    quantize_scale: Optional[np.ndarray] = None
-
-    @property
-    def shape(self):
-        return self.stored.shape
-
-    def integers(self) -> np.ndarray:
-        """The quantized values DequantizeLinear reads (computed as QuantizeLinear would, at run time)."""
-        if self.quantize is None:
-            return self.stored
-        return qmath.quantize_like_runtime(self.stored, self.layout.expand(self.quantize_scale, self.shape),
-                                           self.zero_point_full(self.zero_point), self.storage)
-
-    def dequantized(self) -> np.ndarray:
-        """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
-        return qmath.dequantize(self.integers(), self.q_scale, self.zero_point, self.layout).astype(self.dtype)
-
-    def zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
-        return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
 
 
 @dataclass
