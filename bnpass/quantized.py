@@ -143,6 +143,29 @@ class QuantizedTensor:
         return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
 
 
+@dataclass
+class QuantizedUpdate:
+    """What folding a per-channel factor changes in a :class:`QuantizedTensor`: the scale, the zero
+    point, the stored values (None: unchanged; quantized at run time: the new float W, and
+    ``quantize_scale`` QuantizeLinear's scale), and ``axis``, the axis a per-tensor scale now runs
+    along (None: the layout stays). ``per_channel``: a per-tensor scale became per-axis."""
+
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    stored: Optional[np.ndarray]
+    axis: Optional[int]
+    per_channel: bool = False
+    quantize_scale: Optional[np.ndarray] = None
+
+    def channel_scale(self, channels: int) -> Optional[np.ndarray]:
+        """The weight scale of each output channel, or None when a channel has several (blocked)."""
+        if self.q_scale.size == 1:
+            return np.broadcast_to(self.q_scale.reshape(-1), (channels,))
+        if self.q_scale.ndim == 1 and self.q_scale.size == channels:
+            return self.q_scale
+        return None
+
+
 def _is_float(value) -> bool:
     dtype = np.asarray(value).dtype
     return np.issubdtype(dtype, np.floating) or dtype in (np.dtype(ml_dtypes.float8_e4m3fn),

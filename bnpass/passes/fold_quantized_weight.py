@@ -43,7 +43,7 @@ import onnx
 from .. import quantized as qmath
 from ..graph import GraphIndex, node_label
 from ..protos import DEFAULT_DOMAINS, attribute
-from ..quantized import BLOCKED, PER_AXIS, PER_TENSOR, STORAGE_TYPES, Layout, StorageType
+from ..quantized import BLOCKED, PER_AXIS, PER_TENSOR, STORAGE_TYPES, Layout, QuantizedUpdate, StorageType
 from ..rewrite import GraphEditor
 from .fold_reasons import CannotFold, cast_finite, few
 
@@ -91,28 +91,6 @@ class QuantizedWeight(qmath.QuantizedTensor):
     domain: DequantizeDomain
     opset: int                 # the model's opset of the DequantizeLinear's domain
     quantize: Optional[onnx.NodeProto] = None
-
-
-@dataclass
-class QuantizedUpdate:
-    """New inputs for the weight's DequantizeLinear (and QuantizeLinear): the scale, the zero point,
-    the stored values (None: unchanged; the run-time form: the new float W), the per-axis ``axis``
-    attribute to set (None: the attributes stay). ``per_channel``: a per-tensor scale became per-axis."""
-
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    stored: Optional[np.ndarray]
-    axis: Optional[int]
-    per_channel: bool = False
-    quantize_scale: Optional[np.ndarray] = None
-
-    def channel_scale(self, channels: int) -> Optional[np.ndarray]:
-        """The weight scale of each output channel, or None when a channel has several (blocked)."""
-        if self.q_scale.size == 1:
-            return np.broadcast_to(self.q_scale.reshape(-1), (channels,))
-        if self.q_scale.ndim == 1 and self.q_scale.size == channels:
-            return self.q_scale
-        return None
 
 
 @dataclass
