@@ -178,6 +178,11 @@ class GraphIndex:
         count += name in self.subgraph_reads
         return count
 
+    def first_shared(self, names) -> Optional[str]:
+        """The first of ``names`` not read exactly once (by one node, or one graph output or subgraph use),
+        None when each is: where a chain of tensors stops being private to the nodes along it."""
+        return next((name for name in names if self.use_count(name) != 1), None)
+
     def sole_reader(self, name: str) -> Optional[onnx.NodeProto]:
         """The one node that reads ``name``, once, when nothing else reads it (no other node, graph
         output or subgraph); else None."""

@@ -68,3 +68,14 @@ def test_insert_on_outputs_puts_each_node_between_a_tensor_and_its_readers():
         ("on_b", ["b.inner"], ["b"]), ("abs", ["b"], ["y"])]
     assert editor.index.producers["a"].name == "on_a" and editor.index.sole_reader("a.inner").name == "on_a"
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_first_shared_is_where_a_chain_stops_being_read_once():
+    model = _model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+                    helper.make_node("Abs", ["b"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"]),
+                    helper.make_node("Sigmoid", ["x"], ["unread"])])
+    index = _index(model)
+    assert index.first_shared(["a", "c"]) is None
+    assert index.first_shared(["a", "b", "c"]) == "b"  # Abs and Add read it
+    assert index.first_shared(["c", "unread", "b"]) == "unread"  # read by nothing
+    assert _index(_model(model.graph.node, ("y", "a"))).first_shared(["a", "c"]) == "a"  # also a graph output

@@ -527,7 +527,10 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
     intermediates = [bn.input[0], x]  # x: the pair's input, when there is one
     if path.add is not None:
         intermediates.append(path.layer.output[0])
-    _check_read_once(intermediates, index)
+    shared = index.first_shared(intermediates)
+    if shared is not None:
+        also = "also a graph output" if shared in index.graph_outputs else "also read by other nodes"
+        raise CannotFold(f"'{shared}', the output of {node_label(index.producers[shared])}, is {also}")
     _check_activation_pairs(bn, path, index, context)
     return path
 
@@ -560,14 +563,6 @@ def _check_activation_pairs(bn, path: _BackwardPath, index: GraphIndex, context:
     if LAYERS[layer.op_type].bias_slot and len(layer.input) > 2 and layer.input[2]:
         raise CannotFold(f"{layer.op_type} '{node_label(layer)}' has a bias before the activation quantization "
                          f"{path.pair_after_layer.label} and another in Add '{node_label(path.add)}' after it")
-
-
-def _check_read_once(names: list, index: GraphIndex) -> None:
-    """Each of ``names`` (the tensors on the way from the layer to the BN) is read by one node only."""
-    for name in names:
-        if index.use_count(name) != 1:
-            also = "also a graph output" if name in index.graph_outputs else "also read by other nodes"
-            raise CannotFold(f"'{name}', the output of {node_label(index.producers[name])}, is {also}")
 
 
 def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, _AddConstant,
