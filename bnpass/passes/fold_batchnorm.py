@@ -450,13 +450,10 @@ def batchnorm_parameter(bn: onnx.NodeProto, position: int, index: GraphIndex) ->
     :class:`CannotFold` with the reason when it is neither."""
     name = bn.input[position]
     what = f"its {PARAM_NAMES[position - 1]} '{name}'"
-    value = _float_constant(name, what, index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if is_dequantize(dequantize) and activation_pair(name, index) is None:
-        return read_quantized(dequantize, index, reader=what).dequantized()
-    raise CannotFold(f"{what} is not a constant")
+    value = _stored_operand(name, what, index) if activation_pair(name, index) is None else None
+    if value is None:
+        raise CannotFold(f"{what} is not a constant")
+    return value.dequantized() if isinstance(value, QuantizedWeight) else value
 
 
 # --- backward: into the layer producing the BN's input --------------------------------------------
@@ -810,18 +807,26 @@ def _float_constant(name: str, what: str, index: GraphIndex) -> Optional[np.ndar
     return constant.value
 
 
+def _stored_operand(name: str, what: str, index: GraphIndex) -> np.ndarray | QuantizedWeight | None:
+    """What input ``name`` holds when it is stored: a float constant's value, or the quantized tensor
+    its DequantizeLinear makes (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`, which raises
+    what cannot be read); None when it is neither. ``what`` names it in messages."""
+    value = _float_constant(name, what, index)
+    if value is not None:
+        return value
+    dequantize = index.producers.get(name)
+    return read_quantized(dequantize, index, reader=what) if is_dequantize(dequantize) else None
+
+
 def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | QuantizedWeight:
     """The weight of a layer a BN folds backward into: a float constant, or a quantized tensor
     (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`)."""
     op, label, name = layer.op_type, node_label(layer), layer.input[1]
-    value = _float_constant(name, f"the weight of {op} '{label}'", index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if not is_dequantize(dequantize):
+    weight = _stored_operand(name, f"the weight of {op} '{label}'", index)
+    if weight is None:
         raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
-    weight = read_quantized(dequantize, index, reader=f"the weight of {op} '{label}'")
-    if weight.quantize is not None and not index.is_private_to(dequantize.output[0], layer):
+    if (isinstance(weight, QuantizedWeight) and weight.quantize is not None
+            and not index.is_private_to(weight.dequantize.output[0], layer)):
         raise CannotFold(f"the weight of {op} '{label}' is quantized at run time by QuantizeLinear "
                          f"'{node_label(weight.quantize)}', whose DequantizeLinear is also read by other nodes")
     return weight
@@ -837,13 +842,10 @@ def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
     if len(layer.input) < 3 or not layer.input[2]:
         return None
     name, label = layer.input[2], node_label(layer)
-    value = _float_constant(name, f"the bias of '{label}'", index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if is_dequantize(dequantize):
-        return read_quantized(dequantize, index, reader=f"the bias of '{label}'").dequantized()
-    raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
+    value = _stored_operand(name, f"the bias of '{label}'", index)
+    if value is None:
+        raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
+    return value.dequantized() if isinstance(value, QuantizedWeight) else value
 
 
 # ------------------------------------------------------------------------------------------------
