@@ -465,7 +465,8 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
     path = _backward_layer(bn, index, context)
     layer, add, add_position, add_value = path.layer, path.add, path.add_position, path.add_value
     weight = _layer_weight(layer, index, context)
-    bias = _layer_bias(layer, index)
+    stored_bias = _layer_bias(layer, index)  # a quantized bias: its int32 DequantizeLinear may stay one
+    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
     total_bias = _bias_before_batchnorm(layer, weight, bias, add, add_position, add_value, scale.size)
     new_weight = _fold_backward_weight(layer, weight, scale, keep_per_tensor=context.keep_per_tensor)
@@ -480,7 +481,8 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
         new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
     bias_plan = BiasPlan()
     if spec.bias_slot:  # an int32 bias DequantizeLinear stays one, re-quantized
-        bias_plan = plan_quantized_bias(layer, index, exact_bias,
+        bias_plan = plan_quantized_bias(layer, stored_bias if isinstance(stored_bias, QuantizedWeight) else None,
+                                        index, exact_bias,
                                         new_weight if isinstance(new_weight, QuantizedUpdate) else None, scale.size)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
                          quantized_weight=weight if isinstance(weight, QuantizedWeight) else None,
@@ -685,7 +687,8 @@ def check_forward_fold(bn, affine, index: GraphIndex, context: _Context) -> _For
     scale, shift = affine
     layer = _forward_layer(bn, index)
     weight = _forward_weight(layer, index)
-    bias = _layer_bias(layer, index)
+    stored_bias = _layer_bias(layer, index)
+    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
     new_weight, new_bias = LAYERS[layer.op_type].fold_input(layer, weight, bias, scale, shift,
                                                             data=bn.input[0], context=context)
     op, label = layer.op_type, node_label(layer)
@@ -832,20 +835,17 @@ def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | Q
     return weight
 
 
-def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
-    """The layer's bias (Conv/ConvTranspose B, Gemm C) as a float constant, None when absent.
-
-    A quantized bias (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`) is dequantized
-    (exactly, in float64) and returned in the DequantizeLinear's output type; one that cannot be
-    read raises the reason it cannot.
-    """
+def _layer_bias(layer, index: GraphIndex) -> np.ndarray | QuantizedWeight | None:
+    """The layer's bias (Conv/ConvTranspose B, Gemm C) as stored: a float constant, or a quantized tensor
+    (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`, which raises the reason one cannot be
+    read); None when absent."""
     if len(layer.input) < 3 or not layer.input[2]:
         return None
     name, label = layer.input[2], node_label(layer)
     value = _stored_operand(name, f"the bias of '{label}'", index)
     if value is None:
         raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
-    return value.dequantized() if isinstance(value, QuantizedWeight) else value
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

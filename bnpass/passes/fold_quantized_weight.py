@@ -398,16 +398,12 @@ class BiasPlan:
     why_float: str = ""
 
 
-def plan_quantized_bias(layer, index: GraphIndex, bias: np.ndarray, weight: Optional[QuantizedUpdate],
-                        channels: int) -> BiasPlan:
-    """The folded float64 ``bias`` re-quantized in the layer's int32 bias DequantizeLinear, when it has one."""
-    if len(layer.input) < 3 or not layer.input[2]:
+def plan_quantized_bias(layer, source: Optional[QuantizedWeight], index: GraphIndex, bias: np.ndarray,
+                        weight: Optional[QuantizedUpdate], channels: int) -> BiasPlan:
+    """The folded float64 ``bias`` re-quantized in the layer's int32 bias DequantizeLinear, when it has one
+    (``source``, its quantized tensor as the fold read it; None when the bias is not quantized)."""
+    if source is None:
         return BiasPlan()
-    dequantize = index.producers.get(layer.input[2])
-    if not is_dequantize(dequantize):
-        return BiasPlan()
-    label = _label(layer)
-    source = read_quantized(dequantize, index, reader=f"the bias of {label}")
     if source.quantize is not None:
         return BiasPlan(why_float=f"its bias is quantized at run time by {_label(source.quantize)}")
     if source.storage is not STORAGE_TYPES[np.dtype(np.int32)]:
@@ -434,7 +430,7 @@ def plan_quantized_bias(layer, index: GraphIndex, bias: np.ndarray, weight: Opti
     if source.zero_point is not None:
         zero_point = np.zeros(source.zero_point.shape if per_tensor else (channels,), source.zero_point.dtype)
     return BiasPlan(quantized=QuantizedBiasUpdate(
-        dequantize=dequantize, stored=values, q_scale=_reshaped(bias_scale, source.q_scale) if per_tensor
+        dequantize=source.dequantize, stored=values, q_scale=_reshaped(bias_scale, source.q_scale) if per_tensor
         else bias_scale, zero_point=zero_point, axis=None if per_tensor else 0))
 
 
