@@ -122,7 +122,7 @@ class QuantizedTensor:
     layout: Layout
     storage: StorageType
     dtype: np.dtype
-    quantize_scale: Optional[np.ndarray] = None
+    quantize_scale: Optional[np.ndarray]  # None: ``stored`` holds the integers
 
     @property
     def shape(self):

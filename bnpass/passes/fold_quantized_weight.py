@@ -80,7 +80,7 @@ DOMAINS = {
 }
 
 
-@dataclass(kw_only=True)
+@dataclass
 class QuantizedWeight(qmath.QuantizedTensor):
     """A weight (or bias) made by ``DequantizeLinear``: the quantized tensor it reads
     (:class:`bnpass.quantized.QuantizedTensor`: ``stored`` holds the constant integers, or float8
@@ -153,7 +153,7 @@ def _read_quantized(dequantize, index: GraphIndex, reader: str) -> QuantizedWeig
         raise CannotFold(f"{label} has a non-zero {storage.name} zero point")
     return QuantizedWeight(dequantize=dequantize, stored=stored, q_scale=q_scale, zero_point=zero_point,
                            layout=layout, storage=storage, dtype=_output_dtype(dequantize, q_scale),
-                           domain=domain, opset=opset)
+                           quantize_scale=None, domain=domain, opset=opset)
 
 
 def _read_run_time_quantized(dequantize, quantize, index: GraphIndex, q_scale, zero_point,
