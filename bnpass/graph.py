@@ -178,16 +178,22 @@ class GraphIndex:
         count += name in self.subgraph_reads
         return count
 
+    def first_shared(self, names) -> Optional[str]:
+        """The first of ``names`` not read exactly once (by one node, or one graph output or subgraph use),
+        None when each is: where a chain of tensors stops being private to the nodes along it."""
+        return next((name for name in names if self.use_count(name) != 1), None)
+
+    def sole_reader(self, name: str) -> Optional[onnx.NodeProto]:
+        """The one node that reads ``name``, once, when nothing else reads it (no other node, graph
+        output or subgraph); else None."""
+        users = self.consumers.get(name, ())
+        if len(users) != 1 or name in self.graph_outputs or name in self.subgraph_reads:
+            return None
+        return users[0]
+
     def is_private_to(self, name: str, node: onnx.NodeProto) -> bool:
         """True when ``node`` is the only reader of ``name``, and reads it once."""
-        users = self.consumers.get(name, ())
-        return (
-            len(users) == 1
-            and users[0] is node
-            and list(node.input).count(name) == 1
-            and name not in self.graph_outputs
-            and name not in self.subgraph_reads
-        )
+        return self.sole_reader(name) is node
 
     def is_overridable_input(self, name: str) -> bool:
         """An initializer listed as a graph input in IR >= 4: a default the caller may replace."""

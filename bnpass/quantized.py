@@ -7,7 +7,9 @@ and ``zero_point`` laid out in one of three ways (:class:`Layout`): one number f
 ``block_size`` consecutive indices along ``axis`` (the tensor's rank, that axis reduced to
 ``ceil(n / block_size)``). What ``q`` may hold is one :class:`StorageType` per numpy dtype in
 :data:`STORAGE_TYPES`: int8/uint8/int16/uint16/int32, int4/uint4 (``ml_dtypes`` arrays, as
-``onnx.numpy_helper`` reads and writes them, two to a byte) and float8 E4M3FN/E5M2.
+``onnx.numpy_helper`` reads and writes them, two to a byte) and float8 E4M3FN/E5M2. One tensor so
+stored, with its scale, zero point and layout, is a :class:`QuantizedTensor`, which gives its integers
+and its dequantized values.
 
 Folding a per-output-channel factor ``f[c]`` into such a tensor (a BN after the layer) is exact in
 the scale alone::
@@ -107,6 +109,63 @@ class Layout:
         return f"blocked along axis {self.axis} (blocks of {self.block_size})"
 
 
+@dataclass
+class QuantizedTensor:
+    """A tensor as ``DequantizeLinear`` reads it: ``stored`` values (integers, or float8 values) with
+    ``q_scale`` and ``zero_point`` (None: none) laid out by ``layout``, of ``storage`` type, dequantized to
+    ``dtype``; or, quantized at run time (``quantize_scale`` set), the float W that ``QuantizeLinear``
+    quantizes at that scale, with the same layout and zero point."""
+
+    stored: np.ndarray
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    layout: Layout
+    storage: StorageType
+    dtype: np.dtype
+    quantize_scale: Optional[np.ndarray]  # None: ``stored`` holds the integers
+
+    @property
+    def shape(self):
+        return self.stored.shape
+
+    def integers(self) -> np.ndarray:
+        """The quantized values DequantizeLinear reads (computed as QuantizeLinear would, at run time)."""
+        if self.quantize_scale is None:
+            return self.stored
+        return quantize_like_runtime(self.stored, self.layout.expand(self.quantize_scale, self.shape),
+                                     self.zero_point_full(self.zero_point), self.storage)
+
+    def dequantized(self) -> np.ndarray:
+        """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
+        return dequantize(self.integers(), self.q_scale, self.zero_point, self.layout).astype(self.dtype)
+
+    def zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
+        return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
+
+
+@dataclass
+class QuantizedUpdate:
+    """What folding a per-channel factor changes in a :class:`QuantizedTensor`: the scale, the zero
+    point, the stored values (None: unchanged; quantized at run time: the new float W, and
+    ``quantize_scale`` QuantizeLinear's scale), and ``axis``, the axis a per-tensor scale now runs
+    along (None: the layout stays). ``per_channel``: a per-tensor scale became per-axis."""
+
+    q_scale: np.ndarray
+    zero_point: Optional[np.ndarray]
+    stored: Optional[np.ndarray]
+    axis: Optional[int]
+    per_channel: bool = False
+    quantize_scale: Optional[np.ndarray] = None
+
+    def channel_scale(self, channels: int) -> Optional[np.ndarray]:
+        """The weight scale of each output channel, or None when a channel has several (blocked)."""
+        if self.q_scale.size == 1:
+            return np.broadcast_to(self.q_scale.reshape(-1), (channels,))
+        if self.q_scale.ndim == 1 and self.q_scale.size == channels:
+            return self.q_scale
+        return None
+
+
 def _is_float(value) -> bool:
     dtype = np.asarray(value).dtype
     return np.issubdtype(dtype, np.floating) or dtype in (np.dtype(ml_dtypes.float8_e4m3fn),
@@ -198,6 +257,25 @@ def quantize_like_runtime(values: np.ndarray, scale_full: np.ndarray, zero_point
     if zero_point_full is not None:
         rounded = rounded + zero_point_full.astype(np.int64)
     return np.clip(rounded, int(storage.low), int(storage.high))
+
+
+def on_runtime_grid(values: np.ndarray, expected: np.ndarray, scale_full: np.ndarray,
+                    zero_point_full: Optional[np.ndarray], storage: StorageType) -> Optional[np.ndarray]:
+    """``values`` from which ``QuantizeLinear`` computes ``expected`` (:func:`quantize_like_runtime`): a
+    value it rounds one step off (a tie that scaling moved) is set to its exact grid point,
+    ``(expected - zp) * scale``; None when a value is further off, or the grid point does not do."""
+    computed = quantize_like_runtime(values, scale_full, zero_point_full, storage)
+    if np.any(np.abs(computed - expected) > 1):
+        return None
+    differs = computed != expected
+    if not differs.any():
+        return values
+    zero_wide = np.zeros(values.shape, np.int64) if zero_point_full is None else zero_point_full.astype(np.int64)
+    grid = ((expected - zero_wide) * scale_full.astype(np.float32).astype(np.float64)).astype(values.dtype)
+    values = np.where(differs, grid, values)
+    if np.any(quantize_like_runtime(values, scale_full, zero_point_full, storage) != expected):
+        return None
+    return values
 
 
 INT32 = STORAGE_TYPES[np.dtype(np.int32)]

@@ -254,13 +254,18 @@ class GraphEditor:
         self.index.register_node(stored)
         return stored
 
-    def insert_nodes(self, inserts: list) -> None:
-        """Insert each ``(after, node)`` of ``inserts``: a copy of ``node`` right after ``after`` (several
-        after one node: in the order given), keeping topological order; one sweep of the node list.
-        The node list is rebuilt: node messages taken from the graph before are not the graph's after."""
+    def insert_on_outputs(self, inserts: list) -> None:
+        """Put each ``node`` of ``inserts`` (``(name, node)`` pairs) on tensor ``name``: the node making
+        ``name`` makes ``node.input[0]`` (a fresh name) instead, and a copy of ``node``, which makes
+        ``name``, goes right after it (several after one node: in the order given), so what read
+        ``name`` reads ``node``'s output. One sweep of the node list, which is rebuilt: node messages
+        taken from the graph before are not the graph's after, and the index is made again on next use
+        (so the renames are not told to this one)."""
         following: dict = {}
-        for after, node in inserts:
-            following.setdefault(id(after), []).append(node)
+        for name, node in inserts:
+            producer = self.index.producers[name]
+            producer.output[list(producer.output).index(name)] = node.input[0]
+            following.setdefault(id(producer), []).append(node)
         if not following:
             return
         self.flush()

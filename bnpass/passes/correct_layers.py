@@ -211,20 +211,17 @@ def insert_identity_batchnorms(model: onnx.ModelProto, layers: list) -> Augmente
     ``bnpass_correction/<layer>``."""
     copy = copy_model(model)  # nothing stored is overwritten: one copy of each weight either way
     editor = GraphEditor(copy)
-    index = editor.index
     inserts = []
     for layer in layers:
-        producer = index.producers[layer.point]
         inner = editor.fresh_name(f"{layer.point}.uncorrected")
-        editor.set_output(producer, list(producer.output).index(layer.point), inner)
         channels = layer.channels
         parameters = [np.ones(channels), np.zeros(channels), np.zeros(channels), np.full(channels, 1 - EPSILON)]
         inputs = [inner] + [editor.add_initializer(value.astype(layer.dtype), f"{PREFIX}/{layer.label}.{what}")
                             for value, what in zip(parameters, ("scale", "B", "mean", "var"))]
         bn = onnx.helper.make_node("BatchNormalization", inputs, [layer.point],
                                    name=editor.fresh_name(f"{PREFIX}/{layer.label}"), epsilon=EPSILON)
-        inserts.append((producer, bn))
-    editor.insert_nodes(inserts)
+        inserts.append((layer.point, bn))
+    editor.insert_on_outputs(inserts)
     inserted = {layer.label: bn.name for layer, (_, bn) in zip(layers, inserts)}
     label_of = {name: label for label, name in inserted.items()}
     sites, position = [], 0

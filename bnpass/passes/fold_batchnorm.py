@@ -231,7 +231,7 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     if not is_dequantize(dequantize) or not dequantize.input:
         return None
     quantize = index.producers.get(dequantize.input[0])
-    if (not is_quantize(quantize) or index.use_count(quantize.output[0]) != 1
+    if (not is_quantize(quantize) or index.sole_reader(quantize.output[0]) is not dequantize
             or index.constant(quantize.output[0]) is not None):
         return None
     return ActivationPair(quantize, dequantize)
@@ -239,26 +239,21 @@ def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
 
 def activation_pair_after(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     """The activation pair that is the one reader of ``name`` (``layer -> Q -> DQ``), else None."""
-    readers = index.consumers.get(name, [])
-    if len(readers) != 1 or index.use_count(name) != 1 or not is_quantize(readers[0]):
+    quantize = index.sole_reader(name)
+    if not is_quantize(quantize):
         return None
-    pair_readers = index.consumers.get(readers[0].output[0], [])
-    if len(pair_readers) != 1:
-        return None
-    pair = activation_pair(pair_readers[0].output[0], index)
-    return pair if pair is not None and pair.quantize is readers[0] else None
+    dequantize = index.sole_reader(quantize.output[0])
+    pair = activation_pair(dequantize.output[0], index) if dequantize is not None else None
+    return pair if pair is not None and pair.quantize is quantize else None
 
 
 def _quantized_again(bn, pair: ActivationPair, layer, index: GraphIndex) -> None:
     """Removing ``pair`` is right only where the BN's output is quantized again (``BN -> Q`` or
     ``BN -> Relu -> Q``, as a quantizer writes for a model whose BN was folded first): the folded
     layer's output is then rounded by the quantizer's own pair for the folded model."""
-    y = bn.output[0]
-    readers = index.consumers.get(y, [])
-    after = readers[0] if len(readers) == 1 and index.use_count(y) == 1 else None
+    after = index.sole_reader(bn.output[0])
     if after is not None and after.op_type == "Relu" and after.domain in DEFAULT_DOMAINS:
-        relu_readers = index.consumers.get(after.output[0], [])
-        after = relu_readers[0] if len(relu_readers) == 1 and index.use_count(after.output[0]) == 1 else None
+        after = index.sole_reader(after.output[0])
     if is_quantize(after):
         return
     raise CannotFold(f"its input passes through the activation quantization {pair.label} after "
@@ -407,7 +402,8 @@ def backward_fold_refusal(bn: onnx.NodeProto, editor: GraphEditor) -> str:
     it is (a bias-less MatMul would need a new Add), or "" when it can."""
     context = _Context(editor, "keep")
     try:
-        plan = check_backward_fold(bn, check_batchnorm(bn, editor.index, context.opset), editor.index, context)
+        affine = check_batchnorm(bn, editor.index, context.opset)
+        plan = check_backward_fold(bn, affine, editor.index, context)
     except CannotFold as reason:
         return str(reason)
     if not LAYERS[plan.layer.op_type].bias_slot and plan.add is None:
@@ -454,13 +450,10 @@ def batchnorm_parameter(bn: onnx.NodeProto, position: int, index: GraphIndex) ->
     :class:`CannotFold` with the reason when it is neither."""
     name = bn.input[position]
     what = f"its {PARAM_NAMES[position - 1]} '{name}'"
-    value = _float_constant(name, what, index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if is_dequantize(dequantize) and activation_pair(name, index) is None:
-        return read_quantized(dequantize, index, reader=what).dequantized()
-    raise CannotFold(f"{what} is not a constant")
+    value = _stored_operand(name, what, index) if activation_pair(name, index) is None else None
+    if value is None:
+        raise CannotFold(f"{what} is not a constant")
+    return value.dequantized() if isinstance(value, QuantizedWeight) else value
 
 
 # --- backward: into the layer producing the BN's input --------------------------------------------
@@ -472,7 +465,8 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
     path = _backward_layer(bn, index, context)
     layer, add, add_position, add_value = path.layer, path.add, path.add_position, path.add_value
     weight = _layer_weight(layer, index, context)
-    bias = _layer_bias(layer, index)
+    stored_bias = _layer_bias(layer, index)  # a quantized bias: its int32 DequantizeLinear may stay one
+    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
     total_bias = _bias_before_batchnorm(layer, weight, bias, add, add_position, add_value, scale.size)
     new_weight = _fold_backward_weight(layer, weight, scale, keep_per_tensor=context.keep_per_tensor)
@@ -487,7 +481,8 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
         new_bias = new_bias.reshape(add_value.shape)  # keep the Add's constant shape: (C,) or (1, C)
     bias_plan = BiasPlan()
     if spec.bias_slot:  # an int32 bias DequantizeLinear stays one, re-quantized
-        bias_plan = plan_quantized_bias(layer, index, exact_bias,
+        bias_plan = plan_quantized_bias(layer, stored_bias if isinstance(stored_bias, QuantizedWeight) else None,
+                                        index, exact_bias,
                                         new_weight if isinstance(new_weight, QuantizedUpdate) else None, scale.size)
     return _BackwardFold(bn=bn, layer=layer, weight=new_weight,
                          quantized_weight=weight if isinstance(weight, QuantizedWeight) else None,
@@ -528,11 +523,13 @@ def _backward_layer(bn, index: GraphIndex, context: _Context) -> _BackwardPath:
     elif producer.op_type not in FOLDABLE_PRODUCERS:
         raise CannotFold(f"its input comes from {producer.op_type} '{node_label(producer)}' "
                          "(folds only into Conv, ConvTranspose, Gemm or MatMul, or their output plus a constant)")
-    for name in (bn.input[0], x):  # each intermediate read once (x: the pair's input, when there is one)
-        if index.use_count(name) != 1:
-            _raise_shared(name, index.producers[name], index)
-    if path.add is not None and index.use_count(path.layer.output[0]) != 1:
-        _raise_shared(path.layer.output[0], path.layer, index)
+    intermediates = [bn.input[0], x]  # x: the pair's input, when there is one
+    if path.add is not None:
+        intermediates.append(path.layer.output[0])
+    shared = index.first_shared(intermediates)
+    if shared is not None:
+        also = "also a graph output" if shared in index.graph_outputs else "also read by other nodes"
+        raise CannotFold(f"'{shared}', the output of {node_label(index.producers[shared])}, is {also}")
     _check_activation_pairs(bn, path, index, context)
     return path
 
@@ -565,12 +562,6 @@ def _check_activation_pairs(bn, path: _BackwardPath, index: GraphIndex, context:
     if LAYERS[layer.op_type].bias_slot and len(layer.input) > 2 and layer.input[2]:
         raise CannotFold(f"{layer.op_type} '{node_label(layer)}' has a bias before the activation quantization "
                          f"{path.pair_after_layer.label} and another in Add '{node_label(path.add)}' after it")
-
-
-def _raise_shared(name: str, producer, index: GraphIndex) -> None:
-    if name in index.graph_outputs:
-        raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also a graph output")
-    raise CannotFold(f"'{name}', the output of {node_label(producer)}, is also read by other nodes")
 
 
 def _match_bias_add(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProto, int, _AddConstant,
@@ -610,16 +601,15 @@ def add_constant(name: str, index: GraphIndex) -> Optional[_AddConstant]:
     if constant is not None:
         return _AddConstant(constant.value)
     dequantize = index.producers.get(name)
-    if not is_dequantize(dequantize) or activation_pair(name, index) is not None:
+    if not is_dequantize(dequantize) or index.use_count(name) != 1 or activation_pair(name, index) is not None:
         return None
     try:
         quantized = read_quantized(dequantize, index, reader=f"the constant '{name}'")
-        if (quantized.layout.kind != PER_TENSOR or quantized.quantize is not None or not quantized.storage.integer
-                or index.use_count(name) != 1):
-            return None
-        return _AddConstant(quantized.dequantized(), quantized)
     except CannotFold:
         return None
+    if quantized.layout.kind != PER_TENSOR or quantized.quantize is not None or not quantized.storage.integer:
+        return None
+    return _AddConstant(quantized.dequantized(), quantized)
 
 
 def requantized_constant(quantized: QuantizedWeight, value: np.ndarray, what: str) -> tuple:
@@ -697,7 +687,8 @@ def check_forward_fold(bn, affine, index: GraphIndex, context: _Context) -> _For
     scale, shift = affine
     layer = _forward_layer(bn, index)
     weight = _forward_weight(layer, index)
-    bias = _layer_bias(layer, index)
+    stored_bias = _layer_bias(layer, index)
+    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
     new_weight, new_bias = LAYERS[layer.op_type].fold_input(layer, weight, bias, scale, shift,
                                                             data=bn.input[0], context=context)
     op, label = layer.op_type, node_label(layer)
@@ -819,40 +810,42 @@ def _float_constant(name: str, what: str, index: GraphIndex) -> Optional[np.ndar
     return constant.value
 
 
+def _stored_operand(name: str, what: str, index: GraphIndex) -> np.ndarray | QuantizedWeight | None:
+    """What input ``name`` holds when it is stored: a float constant's value, or the quantized tensor
+    its DequantizeLinear makes (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`, which raises
+    what cannot be read); None when it is neither. ``what`` names it in messages."""
+    value = _float_constant(name, what, index)
+    if value is not None:
+        return value
+    dequantize = index.producers.get(name)
+    return read_quantized(dequantize, index, reader=what) if is_dequantize(dequantize) else None
+
+
 def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | QuantizedWeight:
     """The weight of a layer a BN folds backward into: a float constant, or a quantized tensor
     (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`)."""
     op, label, name = layer.op_type, node_label(layer), layer.input[1]
-    value = _float_constant(name, f"the weight of {op} '{label}'", index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if not is_dequantize(dequantize):
+    weight = _stored_operand(name, f"the weight of {op} '{label}'", index)
+    if weight is None:
         raise CannotFold(f"the weight '{name}' of {op} '{label}' is not a constant")
-    weight = read_quantized(dequantize, index, reader=f"the weight of {op} '{label}'")
-    if weight.quantize is not None and not index.is_private_to(dequantize.output[0], layer):
+    if (isinstance(weight, QuantizedWeight) and weight.quantize is not None
+            and not index.is_private_to(weight.dequantize.output[0], layer)):
         raise CannotFold(f"the weight of {op} '{label}' is quantized at run time by QuantizeLinear "
                          f"'{node_label(weight.quantize)}', whose DequantizeLinear is also read by other nodes")
     return weight
 
 
-def _layer_bias(layer, index: GraphIndex) -> Optional[np.ndarray]:
-    """The layer's bias (Conv/ConvTranspose B, Gemm C) as a float constant, None when absent.
-
-    A quantized bias (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`) is dequantized
-    (exactly, in float64) and returned in the DequantizeLinear's output type; one that cannot be
-    read raises the reason it cannot.
-    """
+def _layer_bias(layer, index: GraphIndex) -> np.ndarray | QuantizedWeight | None:
+    """The layer's bias (Conv/ConvTranspose B, Gemm C) as stored: a float constant, or a quantized tensor
+    (:func:`~bnpass.passes.fold_quantized_weight.read_quantized`, which raises the reason one cannot be
+    read); None when absent."""
     if len(layer.input) < 3 or not layer.input[2]:
         return None
     name, label = layer.input[2], node_label(layer)
-    value = _float_constant(name, f"the bias of '{label}'", index)
-    if value is not None:
-        return value
-    dequantize = index.producers.get(name)
-    if is_dequantize(dequantize):
-        return read_quantized(dequantize, index, reader=f"the bias of '{label}'").dequantized()
-    raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
+    value = _stored_operand(name, f"the bias of '{label}'", index)
+    if value is None:
+        raise CannotFold(f"the bias '{name}' of '{label}' is not a constant")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------

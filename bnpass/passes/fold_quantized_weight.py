@@ -43,7 +43,7 @@ import onnx
 from .. import quantized as qmath
 from ..graph import GraphIndex, node_label
 from ..protos import DEFAULT_DOMAINS, attribute
-from ..quantized import BLOCKED, PER_AXIS, PER_TENSOR, STORAGE_TYPES, Layout, StorageType
+from ..quantized import BLOCKED, PER_AXIS, PER_TENSOR, STORAGE_TYPES, Layout, QuantizedUpdate, StorageType
 from ..rewrite import GraphEditor
 from .fold_reasons import CannotFold, cast_finite, few
 
@@ -81,62 +81,16 @@ DOMAINS = {
 
 
 @dataclass
-class QuantizedWeight:
-    """A weight (or bias) made by ``DequantizeLinear``: ``stored`` holds the constant integers (or
-    float8 values) it reads, or, when ``quantize`` is set, the float constant W that QuantizeLinear
-    quantizes at run time with ``quantize_scale``."""
+class QuantizedWeight(qmath.QuantizedTensor):
+    """A weight (or bias) made by ``DequantizeLinear``: the quantized tensor it reads
+    (:class:`bnpass.quantized.QuantizedTensor`: ``stored`` holds the constant integers, or float8
+    values, or, when ``quantize`` is set, the float constant W that QuantizeLinear quantizes at run time
+    with ``quantize_scale``), and where it comes from in the graph."""
 
     dequantize: onnx.NodeProto
-    stored: np.ndarray
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    layout: Layout
-    storage: StorageType
-    dtype: np.dtype            # the DequantizeLinear output type
     domain: DequantizeDomain
     opset: int                 # the model's opset of the DequantizeLinear's domain
     quantize: Optional[onnx.NodeProto] = None
-    quantize_scale: Optional[np.ndarray] = None
-
-    @property
-    def shape(self):
-        return self.stored.shape
-
-    def integers(self) -> np.ndarray:
-        """The quantized values DequantizeLinear reads (computed as QuantizeLinear would, at run time)."""
-        if self.quantize is None:
-            return self.stored
-        return qmath.quantize_like_runtime(self.stored, self.layout.expand(self.quantize_scale, self.shape),
-                                           self.zero_point_full(self.zero_point), self.storage)
-
-    def dequantized(self) -> np.ndarray:
-        """``(q - zero_point) * q_scale``, exact in float64, cast once to the output type."""
-        return qmath.dequantize(self.integers(), self.q_scale, self.zero_point, self.layout).astype(self.dtype)
-
-    def zero_point_full(self, zero_point, layout: Optional[Layout] = None) -> Optional[np.ndarray]:
-        return None if zero_point is None else (layout or self.layout).expand(zero_point, self.shape)
-
-
-@dataclass
-class QuantizedUpdate:
-    """New inputs for the weight's DequantizeLinear (and QuantizeLinear): the scale, the zero point,
-    the stored values (None: unchanged; the run-time form: the new float W), the per-axis ``axis``
-    attribute to set (None: the attributes stay). ``per_channel``: a per-tensor scale became per-axis."""
-
-    q_scale: np.ndarray
-    zero_point: Optional[np.ndarray]
-    stored: Optional[np.ndarray]
-    axis: Optional[int]
-    per_channel: bool = False
-    quantize_scale: Optional[np.ndarray] = None
-
-    def channel_scale(self, channels: int) -> Optional[np.ndarray]:
-        """The weight scale of each output channel, or None when a channel has several (blocked)."""
-        if self.q_scale.size == 1:
-            return np.broadcast_to(self.q_scale.reshape(-1), (channels,))
-        if self.q_scale.ndim == 1 and self.q_scale.size == channels:
-            return self.q_scale
-        return None
 
 
 @dataclass
@@ -199,7 +153,7 @@ def _read_quantized(dequantize, index: GraphIndex, reader: str) -> QuantizedWeig
         raise CannotFold(f"{label} has a non-zero {storage.name} zero point")
     return QuantizedWeight(dequantize=dequantize, stored=stored, q_scale=q_scale, zero_point=zero_point,
                            layout=layout, storage=storage, dtype=_output_dtype(dequantize, q_scale),
-                           domain=domain, opset=opset)
+                           quantize_scale=None, domain=domain, opset=opset)
 
 
 def _read_run_time_quantized(dequantize, quantize, index: GraphIndex, q_scale, zero_point,
@@ -357,13 +311,10 @@ def fold_quantized_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
         stored = _fold_run_time_weight(weight, scale, out_axis, quantize_scale, zero_point, new_layout)
         return QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, stored=stored, axis=axis,
                                per_channel=layout.kind == PER_TENSOR, quantize_scale=quantize_scale)
-    mirror = scale < 0
     stored = None
-    if mirror.any():
-        stored, overflowing = qmath.mirror_channels(weight.stored, weight.zero_point_full(zero_point, new_layout),
-                                                    mirror, axis=out_axis, storage=weight.storage)
-        if stored is None:
-            raise _mirror_overflow(label, mirror, weight.storage, overflowing)
+    if np.any(scale < 0):
+        stored = _mirrored(weight.stored, weight.zero_point_full(zero_point, new_layout), scale, out_axis,
+                           weight.storage, label)
     return QuantizedUpdate(q_scale=q_scale, zero_point=zero_point, stored=stored, axis=axis,
                            per_channel=layout.kind == PER_TENSOR)
 
@@ -376,11 +327,18 @@ def _folded_scale(q_scale: np.ndarray, layout: Layout, magnitude: np.ndarray, ou
     return folded
 
 
-def _mirror_overflow(label: str, mirror: np.ndarray, storage: StorageType, overflowing) -> CannotFold:
-    return CannotFold(f"the BN scale is negative for channel(s) {few(np.flatnonzero(mirror))}; keeping the "
-                      f"{label} scale positive means mirroring those channels' integers around the zero point, "
-                      f"which overflows {storage.name} [{storage.low:g}, {storage.high:g}] in channel(s) "
-                      f"{few(overflowing)}")
+def _mirrored(stored: np.ndarray, zero_point_full: Optional[np.ndarray], scale: np.ndarray, out_axis: int,
+              storage: StorageType, label: str) -> np.ndarray:
+    """``stored`` with the channels whose factor in ``scale`` is negative mirrored around the zero point
+    (:func:`~bnpass.quantized.mirror_channels`), so that every scale stays positive; raises
+    :class:`CannotFold` when a mirrored value overflows the storage type."""
+    mirrored, overflowing = qmath.mirror_channels(stored, zero_point_full, scale < 0, axis=out_axis, storage=storage)
+    if mirrored is None:
+        raise CannotFold(f"the BN scale is negative for channel(s) {few(np.flatnonzero(scale < 0))}; keeping the "
+                         f"{label} scale positive means mirroring those channels' integers around the zero point, "
+                         f"which overflows {storage.name} [{storage.low:g}, {storage.high:g}] in channel(s) "
+                         f"{few(overflowing)}")
+    return mirrored
 
 
 def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: int, quantize_scale: np.ndarray,
@@ -393,24 +351,10 @@ def _fold_run_time_weight(weight: QuantizedWeight, scale: np.ndarray, out_axis: 
     folded = cast_finite(weight.stored.astype(np.float64) * scale.reshape(along), weight.stored.dtype,
                          f"the folded input of {label}")
     zero_full = weight.zero_point_full(zero_point, layout)
-    zero_wide = np.zeros(shape, np.int64) if zero_full is None else zero_full.astype(np.int64)
-    mirror = np.broadcast_to((scale < 0).reshape(along), shape)
-    original = weight.integers()
-    expected = np.where(mirror, 2 * zero_wide - original, original)
-    fits = weight.storage.fits(expected)
-    if not fits.all():
-        overflowing = np.flatnonzero(np.moveaxis(~fits, out_axis, 0).reshape(scale.size, -1).any(axis=1))
-        raise _mirror_overflow(label, scale < 0, weight.storage, overflowing)
-    scale_full = layout.expand(quantize_scale, shape)
-    computed = qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage)
-    if np.any(np.abs(computed - expected) > 1):
+    expected = _mirrored(weight.integers(), zero_full, scale, out_axis, weight.storage, label)
+    folded = qmath.on_runtime_grid(folded, expected, layout.expand(quantize_scale, shape), zero_full, weight.storage)
+    if folded is None:
         raise CannotFold(f"{label} would compute other integers from the folded weight")
-    differs = computed != expected
-    if differs.any():  # a rounding tie moved by one by the scaling: put those values on their exact grid point
-        grid = ((expected - zero_wide) * scale_full.astype(np.float32).astype(np.float64)).astype(folded.dtype)
-        folded = np.where(differs, grid, folded)
-        if np.any(qmath.quantize_like_runtime(folded, scale_full, zero_full, weight.storage) != expected):
-            raise CannotFold(f"{label} would compute other integers from the folded weight")
     return folded
 
 
@@ -454,16 +398,12 @@ class BiasPlan:
     why_float: str = ""
 
 
-def plan_quantized_bias(layer, index: GraphIndex, bias: np.ndarray, weight: Optional[QuantizedUpdate],
-                        channels: int) -> BiasPlan:
-    """The folded float64 ``bias`` re-quantized in the layer's int32 bias DequantizeLinear, when it has one."""
-    if len(layer.input) < 3 or not layer.input[2]:
+def plan_quantized_bias(layer, source: Optional[QuantizedWeight], index: GraphIndex, bias: np.ndarray,
+                        weight: Optional[QuantizedUpdate], channels: int) -> BiasPlan:
+    """The folded float64 ``bias`` re-quantized in the layer's int32 bias DequantizeLinear, when it has one
+    (``source``, its quantized tensor as the fold read it; None when the bias is not quantized)."""
+    if source is None:
         return BiasPlan()
-    dequantize = index.producers.get(layer.input[2])
-    if not is_dequantize(dequantize):
-        return BiasPlan()
-    label = _label(layer)
-    source = read_quantized(dequantize, index, reader=f"the bias of {label}")
     if source.quantize is not None:
         return BiasPlan(why_float=f"its bias is quantized at run time by {_label(source.quantize)}")
     if source.storage is not STORAGE_TYPES[np.dtype(np.int32)]:
@@ -490,7 +430,7 @@ def plan_quantized_bias(layer, index: GraphIndex, bias: np.ndarray, weight: Opti
     if source.zero_point is not None:
         zero_point = np.zeros(source.zero_point.shape if per_tensor else (channels,), source.zero_point.dtype)
     return BiasPlan(quantized=QuantizedBiasUpdate(
-        dequantize=dequantize, stored=values, q_scale=_reshaped(bias_scale, source.q_scale) if per_tensor
+        dequantize=source.dequantize, stored=values, q_scale=_reshaped(bias_scale, source.q_scale) if per_tensor
         else bias_scale, zero_point=zero_point, axis=None if per_tensor else 0))
 
 

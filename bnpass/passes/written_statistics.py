@@ -113,7 +113,7 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
     editor = GraphEditor(model)
     bns = batchnorm_nodes(model)
     first = first_batchnorms(model, editor.index)  # node wrappers, compared while both lists are alive
-    shifts = []
+    diagnosed = []  # (bn, entry) of the first BNs written: what they say of the data is told once the edits are done
     for tap, (mean, var, count) in zip(taps, results):
         bn = bns[tap.position]
         old_mean, old_var = (_stored_statistic(bn, position, editor) for position in (3, 4))
@@ -134,27 +134,27 @@ def write_statistics(model: onnx.ModelProto, taps: list, results: list, *, prepr
                                       f"{label}.running_var")
         written.stats[node_label(bn)] = entry
         if diagnose and any(bn is node for node in first) and entry.written:
-            shifts.append(input_shift(bn, entry.old_mean, entry.old_var, mean, var))
+            diagnosed.append((bn, entry))
+    editor.remove_dead()
+    written.modified = any(entry.written for entry in written.stats.values())
+    shifts = [input_shift(bn, entry.old_mean, entry.old_var, entry.mean, entry.var) for bn, entry in diagnosed]
     warning = preprocessing_warning(shifts, images=preprocessing)
     if warning:
         logger.warning("%s", warning)
         written.warnings.append(warning)
-    editor.remove_dead()
-    written.modified = any(entry.written for entry in written.stats.values())
     return written
 
 
 def _stored_statistic(bn, position: int, editor: GraphEditor) -> Optional[np.ndarray]:
-    """The stored running mean (``position`` 3) or variance (4) of ``bn``, None when fed at run time.
+    """The stored running mean (``position`` 3) or variance (4) of ``bn``, None when fed at run time:
+    what the fold reads (:func:`~bnpass.passes.fold_batchnorm.batchnorm_parameter`), a float constant
+    or ``DequantizeLinear`` of constants.
 
     A statistic behind ``DequantizeLinear`` of constants (onnxruntime's quantizer leaves them float;
     others may not) is read dequantized, in the DequantizeLinear's output type; the new one is
     written as a float initializer of that type in its place (the DequantizeLinear, then unread,
     goes): a re-estimated statistic re-rounded to the old grid would no longer be the estimate.
     """
-    constant = editor.index.constant(bn.input[position])
-    if constant is not None:
-        return constant.value
     try:
         return batchnorm_parameter(bn, position, editor.index)
     except CannotFold:
