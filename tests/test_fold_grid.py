@@ -386,6 +386,22 @@ def test_skips_producer_output_that_is_a_graph_output(producer):
     assert_stays(model, f"'{producer}_out', the output of {producer}, is also a graph output")
 
 
+@pytest.mark.parametrize("position", [1, 2, 3, 4], ids=["scale", "B", "input_mean", "input_var"])
+def test_folds_bn_param_quantized_at_run_time(position):
+    """A BN param that is QuantizeLinear -> DequantizeLinear of a constant is a constant quantized at run time,
+    not an activation: it is read as onnxruntime computes it, and the fold matches the unfolded model."""
+    model = build_producer_bn_model("conv", opset=13)
+    bn = node_by_name(model, BN_NODE_NAME)
+    model.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.02, np.float32), "param_scale"),
+                                    onnx.numpy_helper.from_array(np.array(0, np.int8), "param_zero_point")])
+    model.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", [bn.input[position], "param_scale",
+                                                                        "param_zero_point"], ["param_q"], name="q"))
+    model.graph.node.insert(1, onnx.helper.make_node("DequantizeLinear", ["param_q", "param_scale",
+                                                                          "param_zero_point"], ["param"], name="dq"))
+    bn.input[position] = "param"
+    fold_and_verify(model)
+
+
 @pytest.mark.parametrize("runtime_param,label", [("scale", "scale"), ("bias", "B"), ("mean", "input_mean"),
                                                  ("var", "input_var")])
 def test_skips_bn_with_param_fed_at_run_time(runtime_param, label):

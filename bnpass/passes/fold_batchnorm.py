@@ -226,13 +226,13 @@ class ActivationPair:
 
 def activation_pair(name: str, index: GraphIndex) -> Optional[ActivationPair]:
     """The activation pair whose DequantizeLinear makes ``name``, None when ``name`` is not made so
-    (a DequantizeLinear of a constant is a quantized weight, not an activation)."""
+    (a QuantizeLinear of a constant is a weight quantized at run time, not an activation)."""
     dequantize = index.producers.get(name)
     if not is_dequantize(dequantize) or not dequantize.input:
         return None
     quantize = index.producers.get(dequantize.input[0])
     if (not is_quantize(quantize) or index.sole_reader(quantize.output[0]) is not dequantize
-            or index.constant(quantize.output[0]) is not None):
+            or index.constant(quantize.input[0]) is not None):
         return None
     return ActivationPair(quantize, dequantize)
 
