@@ -137,7 +137,7 @@ def _read_quantized(dequantize, index: GraphIndex, reader: str) -> QuantizedWeig
     domain = DOMAINS[dequantize.domain]
     opset = _domain_opset(index.model, dequantize.domain)
     inputs = list(dequantize.input) + [""] * (3 - len(dequantize.input))
-    q_scale, zero_point = _scale_and_zero_point(dequantize, inputs, index, reader)
+    q_scale, zero_point = _scale_and_zero_point(dequantize, inputs, index)
     stored = index.constant(inputs[0])
     quantize = None
     if stored is None:
@@ -169,7 +169,7 @@ def _read_run_time_quantized(dequantize, quantize, index: GraphIndex, q_scale, z
         raise CannotFold(f"{q_label} quantizes a {weight.dtype} constant, not a float one")
     if not index.is_private_to(quantize.output[0], dequantize):
         raise CannotFold(f"the output of {q_label} is also read by other nodes than {label}")
-    quantize_scale, quantize_zero_point = _scale_and_zero_point(quantize, inputs, index, reader)
+    quantize_scale, quantize_zero_point = _scale_and_zero_point(quantize, inputs, index)
     output_type = attribute(quantize, "output_dtype", 0)
     storage_dtype = (quantize_zero_point.dtype if quantize_zero_point is not None
                      else onnx.helper.tensor_dtype_to_np_dtype(output_type) if output_type else np.dtype(np.uint8))
@@ -191,7 +191,7 @@ def _read_run_time_quantized(dequantize, quantize, index: GraphIndex, q_scale, z
                            opset=opset, quantize=quantize, quantize_scale=quantize_scale)
 
 
-def _scale_and_zero_point(node, inputs: list, index: GraphIndex, reader: str) -> tuple:
+def _scale_and_zero_point(node, inputs: list, index: GraphIndex) -> tuple:
     label = _label(node)
     scale = index.constant(inputs[1]) if inputs[1] else None
     if scale is None:
