@@ -453,7 +453,7 @@ def batchnorm_parameter(bn: onnx.NodeProto, position: int, index: GraphIndex) ->
     value = _stored_operand(name, what, index) if activation_pair(name, index) is None else None
     if value is None:
         raise CannotFold(f"{what} is not a constant")
-    return value.dequantized() if isinstance(value, QuantizedWeight) else value
+    return _values(value)
 
 
 # --- backward: into the layer producing the BN's input --------------------------------------------
@@ -466,7 +466,7 @@ def check_backward_fold(bn, affine, index: GraphIndex, context: _Context) -> _Ba
     layer, add, add_position, add_value = path.layer, path.add, path.add_position, path.add_value
     weight = _layer_weight(layer, index, context)
     stored_bias = _layer_bias(layer, index)  # a quantized bias: its int32 DequantizeLinear may stay one
-    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
+    bias = _values(stored_bias)
     _check_output_channels(layer, weight.shape, bias, scale.size, context)
     total_bias = _bias_before_batchnorm(layer, weight, bias, add, add_position, add_value, scale.size)
     new_weight = _fold_backward_weight(layer, weight, scale, keep_per_tensor=context.keep_per_tensor)
@@ -688,7 +688,7 @@ def check_forward_fold(bn, affine, index: GraphIndex, context: _Context) -> _For
     layer = _forward_layer(bn, index)
     weight = _forward_weight(layer, index)
     stored_bias = _layer_bias(layer, index)
-    bias = stored_bias.dequantized() if isinstance(stored_bias, QuantizedWeight) else stored_bias
+    bias = _values(stored_bias)
     new_weight, new_bias = LAYERS[layer.op_type].fold_input(layer, weight, bias, scale, shift,
                                                             data=bn.input[0], context=context)
     op, label = layer.op_type, node_label(layer)
@@ -819,6 +819,12 @@ def _stored_operand(name: str, what: str, index: GraphIndex) -> np.ndarray | Qua
         return value
     dequantize = index.producers.get(name)
     return read_quantized(dequantize, index, reader=what) if is_dequantize(dequantize) else None
+
+
+def _values(stored: np.ndarray | QuantizedWeight | None) -> Optional[np.ndarray]:
+    """What a stored operand (:func:`_stored_operand`) computes: a quantized tensor dequantized (exactly,
+    in its DequantizeLinear's output type), a float constant as it is."""
+    return stored.dequantized() if isinstance(stored, QuantizedWeight) else stored
 
 
 def _layer_weight(layer, index: GraphIndex, context: _Context) -> np.ndarray | QuantizedWeight:
